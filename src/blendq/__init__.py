@@ -1,0 +1,39 @@
+"""blendq: low-precision training with alpha-blending (Liu & Mattina, IJCAI 2019)."""
+
+from .functional import binarize, blend, ppq
+from .policy import QuantPolicy
+from .schedules import Schedule, constant, cubic, exponential, linear
+from .transform import (
+    AlphaController,
+    alpha_view,
+    convert,
+    format_summary,
+    full_precision,
+    prepare,
+    quantized,
+    set_alpha,
+    summary,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlphaController",
+    "QuantPolicy",
+    "Schedule",
+    "alpha_view",
+    "binarize",
+    "blend",
+    "constant",
+    "convert",
+    "cubic",
+    "exponential",
+    "format_summary",
+    "full_precision",
+    "linear",
+    "ppq",
+    "prepare",
+    "quantized",
+    "set_alpha",
+    "summary",
+]

@@ -1,0 +1,192 @@
+"""Tensor math of alpha-blending: grids, PPQ, binarization, blending.
+
+Pure functions on tensors, no state. Everything else in blendq calls these.
+
+Notation (paper, §3): a tensor ``x`` is approximated by ``scale * codes``
+where ``codes`` are integers on a grid ``Q`` and ``scale`` (γ) is a positive
+float, per tensor or per slice along one axis.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["grid", "ppq", "binarize", "quantize", "blend", "straight_through"]
+
+_ZERO_SCALE = 1.0  # scale given to an all-zero tensor or slice: any positive value is exact
+
+
+def grid(bits: int, signed: bool = True) -> tuple[int, int]:
+    """Return ``(qmin, qmax)`` of the integer grid.
+
+    Signed grids are narrow (symmetric): 8 bits -> [-127, 127], 4 bits -> [-7, 7]
+    (DESIGN §2.1). Unsigned grids are [0, 2^bits - 1]. One signed bit is {-1, +1}.
+    """
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
+    if not signed:
+        return 0, 2**bits - 1
+    if bits == 1:
+        return -1, 1
+    qmax = 2 ** (bits - 1) - 1
+    return -qmax, qmax
+
+
+def _reduce_dims(x: Tensor, axis: int | None) -> tuple[int, ...]:
+    """Dimensions to reduce over: all (per tensor) or all but ``axis`` (per slice)."""
+    if axis is None:
+        return tuple(range(x.dim()))
+    axis = axis % x.dim()
+    return tuple(d for d in range(x.dim()) if d != axis)
+
+
+def _check_finite(x: Tensor) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("input holds NaN or inf; a finite tensor is required to quantize")
+
+
+def _check_axis(x: Tensor, axis: int | None) -> None:
+    if axis is not None and not -x.dim() <= axis < max(x.dim(), 1):
+        raise ValueError(f"axis must be None or in [-{x.dim()}, {x.dim() - 1}], got {axis}")
+
+
+def ppq(
+    x: Tensor,
+    bits: int,
+    axis: int | None = None,
+    signed: bool = True,
+    max_iter: int = 20,
+    scale: Tensor | float | None = None,
+    fixed: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Progressive projection quantization (paper Algorithm 2).
+
+    Alternates ``codes = clamp(round(x / scale))`` (eq. 8) and
+    ``scale = <x, codes> / <codes, codes>`` (eq. 9). Each half-step minimises
+    ``||x - scale * codes||^2`` over its own variable, so the error never rises.
+
+    Args:
+        x: floating tensor (computed in float32 at least).
+        bits: grid width, 2..8 signed, 1..8 unsigned (1-bit signed: use :func:`binarize`).
+        axis: ``None`` for one scale per tensor, else one scale per slice along ``axis``
+            (``axis=0`` on a weight: per output channel).
+        signed: narrow signed grid, else unsigned ``[0, 2^bits - 1]``.
+        max_iter: most (eq. 8, eq. 9) iterations.
+        scale: optional starting scale (broadcastable); entries ``<= 0`` start from
+            ``max|x| / qmax`` as in Algorithm 2.
+        fixed: run exactly ``max_iter`` iterations with no host-device
+            synchronisation (no convergence test, no finiteness check).
+
+    Returns:
+        ``(codes, scale)``: codes hold integer values in ``x``'s float dtype;
+        ``scale`` is positive with size 1 on every reduced dimension, so
+        ``x ≈ scale * codes`` broadcasts. Every returned pair satisfies
+        ``scale == <x, codes> / <codes, codes>`` (or the start scale where codes are 0).
+
+    Raises:
+        ValueError: bits out of range, bad axis, or NaN/inf in ``x`` (unless ``fixed``).
+    """
+    if signed and bits == 1:
+        raise ValueError("ppq needs bits in 2..8 for a signed grid; use binarize() for 1 bit")
+    qmin, qmax = grid(bits, signed)
+    _check_axis(x, axis)
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if not fixed:
+        _check_finite(x)
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    dims = _reduce_dims(xf, axis)
+    peak = xf.abs() if signed else xf.clamp(min=0)
+    start = peak.amax(dim=dims, keepdim=True) / qmax if dims else peak / qmax
+    start = torch.where(start > 0, start, torch.full_like(start, _ZERO_SCALE))
+    if scale is not None:
+        given = torch.as_tensor(scale, dtype=xf.dtype, device=xf.device).expand_as(start)
+        start = torch.where(given > 0, given, start)
+    gamma = start
+    for _ in range(max_iter):
+        codes = torch.clamp(torch.round(xf / gamma), qmin, qmax)  # eq. 8
+        num = (xf * codes).sum(dim=dims, keepdim=True) if dims else xf * codes
+        den = (codes * codes).sum(dim=dims, keepdim=True) if dims else codes * codes
+        new = torch.where(den > 0, num / den.clamp(min=1), gamma)  # eq. 9
+        if not fixed and torch.equal(new, gamma):
+            break
+        gamma = new
+    return codes, new
+
+
+def binarize(
+    x: Tensor, axis: int | None = None, scaled: bool = True, fixed: bool = False
+) -> tuple[Tensor, Tensor]:
+    """One-bit projection: ``codes = sign(x)`` with 0 -> +1.
+
+    With ``scaled`` the scale is the least-squares one, ``mean|x|`` (what PPQ's
+    eq. 9 gives on the grid {-1, +1}); else 1. An all-zero slice gets scale 1.
+    """
+    _check_axis(x, axis)
+    if not fixed:
+        _check_finite(x)
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    codes = torch.where(xf >= 0, 1.0, -1.0).to(xf.dtype)
+    dims = _reduce_dims(xf, axis)
+    if not scaled:
+        shape = [1 if d in dims else s for d, s in enumerate(xf.shape)]
+        return codes, torch.ones(shape, dtype=xf.dtype, device=xf.device)
+    gamma = xf.abs().mean(dim=dims, keepdim=True) if dims else xf.abs()
+    gamma = torch.where(gamma > 0, gamma, torch.full_like(gamma, _ZERO_SCALE))
+    return codes, gamma
+
+
+def quantize(x: Tensor, scale: Tensor, bits: int, signed: bool = True) -> Tensor:
+    """Codes of ``x`` on the grid at a given scale: ``clamp(round(x / scale))`` (eq. 8).
+
+    One bit signed is ``sign`` with 0 -> +1, whatever the scale.
+    """
+    qmin, qmax = grid(bits, signed)
+    if signed and bits == 1:
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+    return torch.clamp(torch.round(x / scale), qmin, qmax)
+
+
+def blend(w: Tensor, wq: Tensor, alpha: Tensor | float) -> Tensor:
+    """Alpha-blending (paper eq. 4): ``(1 - alpha) * w + alpha * wq``.
+
+    ``wq`` is detached, so ``d/dw = (1 - alpha)`` exactly (eq. 5) and no gradient
+    flows through the projection: no straight-through estimator. ``torch.lerp``
+    returns ``w`` bit for bit at ``alpha = 0`` and ``wq`` at ``alpha = 1``.
+    """
+    if not torch.is_tensor(alpha):
+        alpha = torch.tensor(float(alpha), dtype=w.dtype, device=w.device)
+    return torch.lerp(w, wq.detach().to(w.dtype), alpha.to(w.dtype))
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward ``value``; backward the incoming gradient to ``x``, masked to [lo, hi]."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, value: Tensor, lo: Tensor | None, hi: Tensor | None) -> Tensor:
+        if lo is not None:
+            ctx.save_for_backward((x >= lo) & (x <= hi))
+        ctx.masked = lo is not None
+        return value.detach().clone() if value is x else value.detach()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if ctx.masked:
+            (mask,) = ctx.saved_tensors
+            grad = grad * mask
+        return grad, None, None, None
+
+
+def straight_through(
+    x: Tensor, value: Tensor, lo: Tensor | float | None = None, hi: Tensor | float | None = None
+) -> Tensor:
+    """Return ``value`` in the forward pass and pass the gradient to ``x`` unchanged
+    (the straight-through estimator), zeroed where ``x`` lies outside ``[lo, hi]``.
+
+    The forward value is ``value`` bit for bit (no ``x + (v - x).detach()`` rounding).
+    """
+    if lo is not None:
+        lo = torch.as_tensor(lo, dtype=x.dtype, device=x.device)
+        hi = torch.as_tensor(hi, dtype=x.dtype, device=x.device)
+    return _StraightThrough.apply(x, value, lo, hi)

@@ -1,0 +1,230 @@
+"""Weight and activation quantizers: which projection, which method, what state.
+
+A quantizer turns a float tensor and the layer's α into the tensor the layer
+computes with. ``method="ab"`` blends (paper eq. 4, gradient ``(1 - α)``, no
+STE); ``method="ste"`` gives the same forward value with a straight-through
+gradient. Everything else is equal between the two, so they compare fairly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+
+__all__ = ["WeightSpec", "ActSpec", "WeightQuantizer", "ActQuantizer", "METHODS"]
+
+METHODS = ("ab", "ste")
+
+
+def _check_bits(name: str, bits: int) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+        raise ValueError(f"{name} must be an integer in 1..8, got {bits!r}")
+
+
+def _check_method(name: str, method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"{name} must be one of {METHODS}, got {method!r}")
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """How a layer's weight is quantized.
+
+    bits: 1..8 (1: sign); per_channel: one scale per output channel;
+    method: ``ab`` or ``ste``; binary_scale: 1-bit uses the least-squares scale
+    ``mean|w|`` (DESIGN §2.0); quant_every: recompute codes every this many steps
+    (set by the controller); max_iter: PPQ iterations.
+    """
+
+    bits: int = 8
+    per_channel: bool = False
+    method: str = "ab"
+    binary_scale: bool = True
+    quant_every: int = 1
+    max_iter: int = 20
+
+    def __post_init__(self) -> None:
+        _check_bits("w_bits", self.bits)
+        _check_method("method", self.method)
+        if self.quant_every < 1:
+            raise ValueError(f"quant_every must be >= 1, got {self.quant_every}")
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """How a layer's input activation is quantized.
+
+    bits: 1..8; signed: ``True``/``False``, or ``None`` to decide from the first
+    training batch (unsigned if it holds no negative value); method: ``ab``/``ste``;
+    momentum: EMA of the scale (paper: 0.99); max_iter: PPQ iterations per batch
+    (fixed count, warm-started from the EMA scale, no host synchronisation).
+    """
+
+    bits: int = 8
+    signed: bool | None = None
+    method: str = "ste"
+    momentum: float = 0.99
+    max_iter: int = 3
+
+    def __post_init__(self) -> None:
+        _check_bits("a_bits", self.bits)
+        _check_method("act_method", self.method)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+
+
+def _mix(x: Tensor, xq: Tensor, alpha: Tensor, method: str, lo=None, hi=None) -> Tensor:
+    """The tensor a layer computes with: blended (ab) or straight-through (ste)."""
+    if method == "ab":
+        return F.blend(x, xq, alpha)
+    value = torch.lerp(x.detach(), xq.to(x.dtype), alpha.to(x.dtype))
+    return F.straight_through(x, value, lo, hi)
+
+
+class WeightQuantizer(nn.Module):
+    """Projects a weight with PPQ (or sign) and caches ``codes`` and ``scale``.
+
+    In training the codes are recomputed when the controller marks them stale
+    (every ``quant_every`` steps; always when ``quant_every == 1``); in eval
+    they are recomputed whenever the weight changed since the last projection
+    (tracked with the tensor's version counter) into a separate cache, so
+    evaluation and ``convert`` always see ``P(w)`` of the current weight and
+    evaluating never changes what training computes next.
+    """
+
+    def __init__(self, spec: WeightSpec, name: str = "") -> None:
+        super().__init__()
+        self.spec = spec
+        self.name = name
+        self.stale = True
+        self._eval: tuple | None = None  # (weight key, codes, scale) for eval mode
+        self.register_buffer("codes", torch.empty(0), persistent=True)
+        self.register_buffer("scale", torch.empty(0), persistent=True)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"bits={s.bits}, per_channel={s.per_channel}, method={s.method}"
+
+    @torch.no_grad()
+    def project(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """``(codes, scale)`` of ``w`` for this spec: a pure function of ``w``."""
+        s = self.spec
+        axis = 0 if s.per_channel else None
+        try:
+            if s.bits == 1:
+                codes, scale = F.binarize(w, axis=axis, scaled=s.binary_scale)
+            else:
+                codes, scale = F.ppq(w, s.bits, axis=axis, max_iter=s.max_iter)
+        except ValueError as err:
+            raise ValueError(f"layer {self.name or '<unnamed>'}: weight {err}") from None
+        return codes.to(w.dtype), scale.to(w.dtype)
+
+    def quantized(self, w: Tensor) -> Tensor:
+        """``scale * codes`` for ``w``: the cached training projection, or in eval
+        the projection of the current weight (kept apart from the training cache)."""
+        if self.training:
+            if self.codes.shape != w.shape or self.stale or self.spec.quant_every == 1:
+                self.codes, self.scale = self.project(w)
+                self.stale = False
+            return self.scale * self.codes
+        key = (w.data_ptr(), w._version, w.dtype)
+        if self._eval is None or self._eval[0] != key:
+            self._eval = (key, *self.project(w))
+        _, codes, scale = self._eval
+        return scale * codes
+
+    def eval_projection(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """The ``(codes, scale)`` that evaluation uses for ``w`` (what ``convert`` stores)."""
+        was = self.training
+        self.eval()
+        self.quantized(w)
+        self.train(was)
+        return self._eval[1], self._eval[2]
+
+    def forward(self, w: Tensor, alpha: Tensor) -> Tensor:
+        return _mix(w, self.quantized(w), alpha, self.spec.method)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Cached codes may be empty or shaped differently: take them as they come.
+        for key in ("codes", "scale"):
+            if prefix + key in state_dict:
+                setattr(self, key, torch.empty_like(state_dict[prefix + key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.stale = self.codes.numel() == 0  # a resumed run goes on with the saved codes
+        self._eval = None
+
+
+class ActQuantizer(nn.Module):
+    """Quantizes a layer's input with a per-tensor scale tracked by EMA.
+
+    Training: PPQ on the batch (warm-started from the EMA scale), then
+    ``ema = m·ema + (1 - m)·batch_scale``; the batch is quantized with the
+    updated EMA scale. Eval: the EMA scale is frozen (a never-trained
+    quantizer uses the batch scale without storing it).
+    """
+
+    def __init__(self, spec: ActSpec, name: str = "") -> None:
+        super().__init__()
+        self.spec = spec
+        self.name = name
+        # Python mirror of the ``signed`` buffer (-1: unknown), so forward never syncs.
+        self._signed = -1 if spec.signed is None else int(spec.signed)
+        self.register_buffer("signed", torch.tensor(self._signed, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.spec.bits}, method={self.spec.method}"
+
+    @property
+    def is_signed(self) -> bool:
+        return self._signed != 0
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._signed = int(self.signed)
+
+    def _batch_scale(self, x: Tensor, signed: bool) -> Tensor:
+        if self.spec.bits == 1 and signed:
+            return F.binarize(x, fixed=True)[1].reshape(())
+        warm = torch.where(self.initialized, self.scale, torch.zeros_like(self.scale))
+        _, scale = F.ppq(
+            x, self.spec.bits, signed=signed, max_iter=self.spec.max_iter, scale=warm, fixed=True
+        )
+        return scale.reshape(())
+
+    def forward(self, x: Tensor, alpha: Tensor) -> Tensor:
+        signed = self._signed
+        if signed < 0:  # grid not known yet: decide it from this batch (kept in training)
+            signed = int(bool((x < 0).any()))
+            if self.training:
+                self._signed = signed
+                self.signed.fill_(signed)
+        signed = bool(signed)
+        if self.training:
+            with torch.no_grad():
+                batch = self._batch_scale(x.detach(), signed).to(self.scale.dtype)
+                m = self.spec.momentum
+                ema = torch.where(self.initialized, m * self.scale + (1 - m) * batch, batch)
+                self.scale.copy_(ema)
+                self.initialized.fill_(True)
+            scale = self.scale
+        elif bool(self.initialized):
+            scale = self.scale
+        else:
+            scale = self._batch_scale(x.detach(), signed)
+        scale = scale.to(x.dtype)
+        xq = scale * F.quantize(x.detach(), scale, self.spec.bits, signed)
+        lo, hi = self._ste_range(scale, signed)
+        return _mix(x, xq, alpha, self.spec.method, lo, hi)
+
+    def _ste_range(self, scale: Tensor, signed: bool) -> tuple[Tensor | float, Tensor | float]:
+        """Where a straight-through gradient passes: the grid's reach, ±1 for sign."""
+        if self.spec.bits == 1 and signed:
+            return -1.0, 1.0  # BinaryNet's hardtanh-shaped estimator
+        qmin, qmax = F.grid(self.spec.bits, signed)
+        return scale * (qmin - 0.5), scale * (qmax + 0.5)

@@ -1,0 +1,241 @@
+"""Model surgery: ``prepare``, α control, evaluation views, ``convert``, summary."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .converted import QUANT_MAP, QuantMixin
+from .layers import BLEND_MAP, BlendMixin
+from .policy import QuantPolicy
+from .schedules import Schedule
+
+__all__ = [
+    "prepare",
+    "set_alpha",
+    "get_alpha",
+    "AlphaController",
+    "alpha_view",
+    "full_precision",
+    "quantized",
+    "convert",
+    "summary",
+    "format_summary",
+    "blend_layers",
+]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``name`` inside ``model``; returns the (possibly new) root."""
+    if not name:
+        return new
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+    return model
+
+
+def prepare(model: nn.Module, policy: QuantPolicy) -> nn.Module:
+    """Swap every layer the policy quantizes for its blended twin, in place.
+
+    The blended layers share the original Parameters (an optimizer built before
+    still works) and start at α = 0, where they compute what the float layers
+    computed, bit for bit. Returns the model (a new object only when the model
+    itself is a single Linear/Conv layer).
+    """
+    if any(isinstance(m, BlendMixin | QuantMixin) for m in model.modules()):
+        raise ValueError("model is already prepared or converted; prepare a float model")
+    for plan in policy.resolve(model):
+        module = model.get_submodule(plan.name)
+        blended = BLEND_MAP[type(module)].from_float(
+            module, plan.w_spec, plan.a_spec, name=plan.name or type(module).__name__
+        )
+        model = _replace(model, plan.name, blended)
+    return model
+
+
+def blend_layers(model: nn.Module) -> Iterator[tuple[str, BlendMixin]]:
+    """``(name, layer)`` of every blended layer."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, BlendMixin))
+
+
+def _require_blend(model: nn.Module) -> list[BlendMixin]:
+    layers = [m for _, m in blend_layers(model)]
+    if not layers:
+        raise ValueError("model has no blended layers; call blendq.prepare(model, policy) first")
+    return layers
+
+
+def set_alpha(model: nn.Module, alpha: float) -> None:
+    """Set α (0 = full precision, 1 = quantized) in every blended layer."""
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    for layer in _require_blend(model):
+        layer.alpha.fill_(alpha)
+
+
+def get_alpha(model: nn.Module) -> float:
+    """The smallest α over the blended layers."""
+    return min(float(m.alpha) for m in _require_blend(model))
+
+
+class AlphaController:
+    """Applies a schedule at each global step: α, and stale weight codes every ``f`` steps.
+
+    Call ``controller.step(step)`` before the forward pass of ``step``; it holds
+    no counter of its own, so a resumed run passes the step it resumes at.
+    """
+
+    def __init__(self, model: nn.Module, schedule: Schedule) -> None:
+        self.layers = _require_blend(model)
+        self.schedule = schedule
+        self.alpha = 0.0
+
+    def step(self, step: int) -> float:
+        alpha = self.schedule(step)
+        if alpha != self.alpha or step == 0:
+            for layer in self.layers:
+                layer.alpha.fill_(alpha)
+            self.alpha = alpha
+        for layer in self.layers:
+            if step % layer.w_quant.spec.quant_every == 0:
+                layer.w_quant.stale = True
+        return alpha
+
+
+@contextlib.contextmanager
+def alpha_view(model: nn.Module, alpha: float | None = None) -> Iterator[nn.Module]:
+    """Evaluate at ``alpha`` (``None``: the current blend) in eval mode, then put back
+    α and train/eval modes. Training state (EMA scales, cached codes) is untouched."""
+    layers = _require_blend(model)
+    saved_alpha = [m.alpha.clone() for m in layers]
+    saved_modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        if alpha is not None:
+            set_alpha(model, alpha)
+        with torch.no_grad():
+            yield model
+    finally:
+        for m, a in zip(layers, saved_alpha, strict=True):
+            m.alpha.copy_(a)
+        for m, mode in saved_modes:
+            m.training = mode
+
+
+def full_precision(model: nn.Module):
+    """View at α = 0: the full-precision weights (Figure 4's first curve)."""
+    return alpha_view(model, 0.0)
+
+
+def quantized(model: nn.Module):
+    """View at α = 1: the quantized model (Figure 4's second curve)."""
+    return alpha_view(model, 1.0)
+
+
+def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Freeze a model at α = 1 into integer codes (int8 storage) and float scales.
+
+    The result computes exactly what the model computes in eval mode at α = 1.
+
+    Raises:
+        ValueError: a layer's α is below 1, an activation scale was never
+            calibrated, or the model has no blended layers.
+    """
+    layers = list(blend_layers(model))
+    if not layers:
+        raise ValueError("model has no blended layers; call blendq.prepare(model, policy) first")
+    for name, layer in layers:
+        if float(layer.alpha) < 1.0:
+            raise ValueError(
+                f"layer {name} has alpha={float(layer.alpha):.4g}; convert needs "
+                "alpha = 1 (finish the alpha schedule or call set_alpha(model, 1.0))"
+            )
+        if layer.a_quant is not None and not bool(layer.a_quant.initialized):
+            raise ValueError(
+                f"layer {name}: activation scale never calibrated; run training "
+                "(or forward passes in train mode) before convert"
+            )
+    if not inplace:
+        model = copy.deepcopy(model)
+    for name, layer in list(blend_layers(model)):
+        model = _replace(model, name, QUANT_MAP[type(layer)].from_blend(layer))
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    name: str
+    type: str
+    w_bits: int | None
+    a_bits: int | None
+    granularity: str
+    method: str
+    alpha: float | None
+    params: int
+
+
+def summary(model: nn.Module) -> list[LayerRow]:
+    """One row per Linear/Conv layer: quantized (blended or converted) or float."""
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, BlendMixin):
+            w, a = m.w_quant.spec, m.a_quant
+            gran = "channel" if w.per_channel else "layer"
+            method = w.method + ("" if a is None else f"/{a.spec.method}")
+            params = sum(p.numel() for p in m.parameters(recurse=False))
+            rows.append(
+                LayerRow(
+                    name,
+                    type(m).__name__,
+                    w.bits,
+                    a and a.spec.bits,
+                    gran,
+                    method,
+                    float(m.alpha),
+                    params,
+                )
+            )
+        elif isinstance(m, QuantMixin):
+            gran = "channel" if m.per_channel else "layer"
+            params = m.weight_codes.numel() + (0 if m.bias is None else m.bias.numel())
+            rows.append(
+                LayerRow(name, type(m).__name__, m.w_bits, m.a_bits, gran, "int", 1.0, params)
+            )
+        elif type(m) in BLEND_MAP:
+            params = sum(p.numel() for p in m.parameters(recurse=False))
+            rows.append(LayerRow(name, type(m).__name__, None, None, "-", "float", None, params))
+    return rows
+
+
+def format_summary(model: nn.Module) -> str:
+    """:func:`summary` as a fixed-width text table."""
+    head = ("layer", "type", "w_bits", "a_bits", "scale", "method", "alpha", "params")
+    body = [
+        (
+            r.name or "<root>",
+            r.type,
+            _s(r.w_bits, "fp32"),
+            _s(r.a_bits, "fp32"),
+            r.granularity,
+            r.method,
+            _s(r.alpha and round(r.alpha, 4), "-"),
+            f"{r.params:,}",
+        )
+        for r in summary(model)
+    ]
+    widths = [max(len(str(row[i])) for row in [head, *body]) for i in range(len(head))]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True))
+        for row in [head, *body]
+    ]
+    return "\n".join(lines)
+
+
+def _s(value, none: str) -> str:
+    return none if value is None else str(value)

@@ -1,0 +1,177 @@
+"""Properties of PPQ, binarize and blend (paper Algorithm 2, eq. 4-5)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blendq import binarize, blend, ppq
+from blendq.functional import grid, quantize, straight_through
+
+shapes = st.lists(st.integers(1, 6), min_size=1, max_size=4)
+
+
+def _tensor(shape, log_scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64) * 10.0**log_scale
+
+
+def _error(x, codes, scale):
+    return float(((x - scale * codes) ** 2).sum())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=shapes,
+    bits=st.integers(2, 8),
+    log_scale=st.integers(-4, 4),
+    signed=st.booleans(),
+    seed=st.integers(0, 10**6),
+)
+def test_codes_on_grid_and_scale_positive(shape, bits, log_scale, signed, seed):
+    x = _tensor(shape, log_scale, seed)
+    codes, scale = ppq(x, bits, signed=signed)
+    qmin, qmax = grid(bits, signed)
+    assert torch.equal(codes, codes.round())
+    assert codes.min() >= qmin and codes.max() <= qmax
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    assert (x - scale * codes).shape == x.shape
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=shapes,
+    bits=st.integers(2, 8),
+    log_scale=st.integers(-3, 3),
+    signed=st.booleans(),
+    seed=st.integers(0, 10**6),
+)
+def test_error_never_rises_across_iterations(shape, bits, log_scale, signed, seed):
+    x = _tensor(shape, log_scale, seed)
+    errors = [_error(x, *ppq(x, bits, signed=signed, max_iter=k, fixed=True)) for k in range(1, 8)]
+    for before, after in zip(errors, errors[1:], strict=False):
+        assert after <= before * (1 + 1e-12) + 1e-300
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, bits=st.integers(2, 8), seed=st.integers(0, 10**6))
+def test_converged_scale_is_least_squares(shape, bits, seed):
+    x = _tensor(shape, 0, seed)
+    codes, scale = ppq(x, bits, max_iter=100)
+    if (codes != 0).any():
+        expected = (x * codes).sum() / (codes * codes).sum()
+        torch.testing.assert_close(scale.reshape(()), expected, rtol=1e-12, atol=0)
+        # converged: the codes are the rounding of x at the returned scale
+        assert torch.equal(codes, quantize(x, scale, bits))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=2, max_size=4),
+    bits=st.integers(2, 8),
+    axis=st.integers(0, 1),
+    seed=st.integers(0, 10**6),
+)
+def test_per_channel_equals_loop_of_per_tensor(shape, bits, axis, seed):
+    x = _tensor(shape, 0, seed)
+    codes, scale = ppq(x, bits, axis=axis)
+    for i in range(x.shape[axis]):
+        c_i, s_i = ppq(x.select(axis, i), bits)
+        assert torch.equal(codes.select(axis, i), c_i)
+        torch.testing.assert_close(
+            scale.select(axis, i).reshape(()), s_i.reshape(()), rtol=1e-12, atol=0
+        )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=shapes, bits=st.integers(2, 8), log_scale=st.integers(-3, 3), seed=st.integers(0, 10**6)
+)
+def test_idempotent_on_grid_points(shape, bits, log_scale, seed):
+    x = _tensor(shape, log_scale, seed)
+    codes, scale = ppq(x, bits)
+    codes2, scale2 = ppq(scale * codes, bits)
+    assert torch.equal(codes2 * scale2, codes * scale) or torch.allclose(
+        codes2 * scale2, codes * scale, rtol=1e-12, atol=0
+    )
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+@pytest.mark.parametrize("signed", [True, False])
+def test_all_zero_tensor_or_channel(axis, signed):
+    x = torch.randn(3, 4)
+    x[1] = 0
+    codes, scale = ppq(x, 4, axis=axis, signed=signed)
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    if axis == 0:
+        assert (codes[1] == 0).all()
+    codes, scale = ppq(torch.zeros(5), 8)
+    assert (codes == 0).all() and float(scale) > 0
+    codes, scale = binarize(torch.zeros(2, 3), axis=0)
+    assert (codes == 1).all() and (scale > 0).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_raises(bad):
+    x = torch.randn(10)
+    x[3] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        ppq(x, 8)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        binarize(x)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="bits must be an integer in 1..8, got 9"):
+        ppq(torch.randn(4), 9)
+    with pytest.raises(ValueError, match="binarize"):
+        ppq(torch.randn(4), 1)
+    with pytest.raises(ValueError, match="axis"):
+        ppq(torch.randn(4), 4, axis=2)
+
+
+def test_fixed_mode_matches_converged_after_enough_iterations():
+    x = torch.randn(64, 32)
+    c1, s1 = ppq(x, 4, axis=0, max_iter=50)
+    c2, s2 = ppq(x, 4, axis=0, max_iter=50, fixed=True)
+    assert torch.equal(c1, c2) and torch.equal(s1, s2)
+
+
+def test_starting_scale_is_used():
+    x = torch.randn(100)
+    _, s_default = ppq(x, 4, max_iter=1, fixed=True)
+    _, s_given = ppq(x, 4, max_iter=1, fixed=True, scale=0.05)
+    codes = quantize(x, torch.tensor(0.05), 4)
+    assert torch.allclose(s_given, (x * codes).sum() / (codes * codes).sum())
+    assert not torch.equal(s_default, s_given)
+
+
+def test_binarize_sign_and_least_squares_scale():
+    x = torch.tensor([[0.0, -2.0, 1.0], [3.0, -1.0, 0.5]])
+    codes, scale = binarize(x, axis=0)
+    assert torch.equal(codes, torch.tensor([[1.0, -1.0, 1.0], [1.0, -1.0, 1.0]]))
+    torch.testing.assert_close(scale.flatten(), torch.tensor([1.0, 1.5]))
+    _, unit = binarize(x, scaled=False)
+    assert float(unit) == 1.0
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.75, 1.0])
+def test_blend_gradient_is_one_minus_alpha(alpha):
+    w = torch.randn(20, requires_grad=True)
+    wq = torch.round(w.detach())
+    out = blend(w, wq, alpha)
+    if alpha == 0.0:
+        assert torch.equal(out, w)
+    if alpha == 1.0:
+        assert torch.equal(out, wq)
+    out.sum().backward()
+    torch.testing.assert_close(w.grad, torch.full_like(w, 1 - alpha))
+
+
+def test_straight_through_forward_exact_and_masked_gradient():
+    x = torch.tensor([-3.0, -0.5, 0.2, 2.0], requires_grad=True)
+    v = torch.round(x.detach())
+    out = straight_through(x, v, -1.0, 1.0)
+    assert torch.equal(out, v)
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.0, 1.0, 1.0, 0.0]))

@@ -1,0 +1,200 @@
+"""prepare / set_alpha / views / convert: exact where it should be exact."""
+
+import copy
+
+import pytest
+import torch
+from conftest import small_cnn
+from torch import nn
+
+import blendq
+from blendq.converted import QuantMixin
+from blendq.layers import BlendConv1d, BlendConv2d, BlendLinear
+
+
+def _calibrate(model, x, steps=3):
+    model.train()
+    for _ in range(steps):
+        model(x)
+    model.eval()
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("a_bits", [None, 8, 4, 1])
+def test_alpha_zero_is_float_model_bit_for_bit(cnn, images, per_channel, a_bits):
+    reference = copy.deepcopy(cnn).eval()
+    model = blendq.prepare(
+        cnn, blendq.QuantPolicy(w_bits=4, a_bits=a_bits, per_channel=per_channel, act_method="ab")
+    )
+    _calibrate(model, images)
+    reference.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if k in reference.state_dict()}
+    )
+    blendq.set_alpha(model, 0.0)
+    torch.testing.assert_close(model(images), reference(images), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("w_bits", [1, 4, 8])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_alpha_one_is_model_with_dequantized_weights(cnn, images, w_bits, per_channel):
+    reference = copy.deepcopy(cnn).eval()
+    model = blendq.prepare(
+        cnn, blendq.QuantPolicy(w_bits=w_bits, a_bits=None, per_channel=per_channel)
+    ).eval()
+    blendq.set_alpha(model, 1.0)
+    out = model(images)
+    for (_name, layer), ref in zip(
+        blendq.transform.blend_layers(model),
+        [m for m in reference.modules() if type(m) in (nn.Conv2d, nn.Linear)],
+        strict=True,
+    ):
+        codes, scale = layer.w_quant.eval_projection(layer.weight)
+        ref.weight.data = scale * codes
+    torch.testing.assert_close(out, reference(images), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.9])
+@pytest.mark.parametrize("w_bits", [1, 4])
+def test_weight_gradient_is_one_minus_alpha_times_blended_gradient(alpha, w_bits):
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 3)
+    model = blendq.prepare(nn.Sequential(layer), blendq.QuantPolicy(w_bits=w_bits, a_bits=None))
+    blendq.set_alpha(model, alpha)
+    x = torch.randn(5, 6)
+    model(x).square().sum().backward()
+    # gradient with respect to the blended weight w' itself
+    w_blend = model[0].blended_weight().detach().requires_grad_(True)
+    torch.nn.functional.linear(x, w_blend, layer.bias).square().sum().backward()
+    torch.testing.assert_close(layer.weight.grad, (1 - alpha) * w_blend.grad)
+
+
+def test_prepare_reuses_parameters_and_keeps_optimizer(cnn):
+    params = list(cnn.parameters())
+    opt = torch.optim.SGD(cnn.parameters(), lr=0.1)
+    model = blendq.prepare(cnn, blendq.QuantPolicy())
+    assert all(a is b for a, b in zip(params, model.parameters(), strict=True))
+    assert isinstance(model[0], BlendConv2d) and isinstance(model[-1], BlendLinear)
+    before = model[0].weight.detach().clone()
+    model.train()
+    blendq.set_alpha(model, 0.5)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    assert not torch.equal(before, model[0].weight)
+
+
+def test_blended_layers_keep_torch_signature():
+    conv = BlendConv2d(3, 4, 3, stride=2, padding=1, groups=1, bias=False)
+    assert conv.stride == (2, 2) and conv.bias is None
+    assert BlendConv1d(2, 2, 3, groups=2).groups == 2
+    assert BlendLinear(3, 4, bias=True).weight.shape == (4, 3)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("w_bits, a_bits", [(8, 8), (4, 8), (4, 4), (1, 1), (2, None)])
+def test_convert_reproduces_alpha_one_exactly(cnn, images, per_channel, w_bits, a_bits):
+    model = blendq.prepare(
+        cnn, blendq.QuantPolicy(w_bits=w_bits, a_bits=a_bits, per_channel=per_channel)
+    )
+    _calibrate(model, images)
+    blendq.set_alpha(model, 1.0)
+    expected = model(images)
+    converted = blendq.convert(model)
+    torch.testing.assert_close(converted(images), expected, atol=0, rtol=0)
+    state = converted.state_dict()
+    codes = [v for k, v in state.items() if k.endswith("weight_codes")]
+    assert len(codes) == 4 and all(c.dtype == torch.int8 for c in codes)
+    assert not any(
+        k.endswith(".weight") and v.dtype.is_floating_point and v.dim() > 1
+        for k, v in state.items()
+    )
+    assert all(v.dtype == torch.float32 for k, v in state.items() if k.endswith("_scale"))
+    assert sum(isinstance(m, QuantMixin) for m in converted.modules()) == 4
+
+
+def test_convert_refuses_alpha_below_one(cnn, images):
+    model = blendq.prepare(cnn, blendq.QuantPolicy(a_bits=None))
+    blendq.set_alpha(model, 0.99)
+    with pytest.raises(ValueError, match=r"alpha=0.99; convert needs alpha = 1"):
+        blendq.convert(model)
+    with pytest.raises(ValueError, match="no blended layers"):
+        blendq.convert(small_cnn())
+
+
+def test_convert_refuses_uncalibrated_activations(cnn):
+    model = blendq.prepare(cnn, blendq.QuantPolicy(a_bits=8))
+    blendq.set_alpha(model, 1.0)
+    with pytest.raises(ValueError, match="never calibrated"):
+        blendq.convert(model)
+
+
+def test_views_do_not_disturb_training_state(cnn, images):
+    model = blendq.prepare(cnn, blendq.QuantPolicy(w_bits=4, a_bits=8, quant_every=5))
+    model.train()
+    blendq.set_alpha(model, 0.3)
+    model(images)
+    state = copy.deepcopy(model.state_dict())
+    with blendq.full_precision(model) as m:
+        assert not m.training and blendq.transform.get_alpha(m) == 0.0
+        m(images)
+    with blendq.quantized(model):
+        model(images * 3)
+    assert model.training and all(m.training for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state)
+
+
+def test_alpha_controller_sets_alpha_and_marks_codes_stale(cnn):
+    model = blendq.prepare(cnn, blendq.QuantPolicy(w_bits=4, a_bits=None, quant_every=3))
+    ctl = blendq.AlphaController(model, blendq.cubic(0, 10))
+    model.train()
+    x = torch.randn(2, 3, 8, 8)
+    ctl.step(0)
+    model(x)
+    codes0 = model[0].w_quant.codes.clone()
+    with torch.no_grad():
+        model[0].weight.mul_(-1)
+    ctl.step(1)
+    model(x)
+    assert torch.equal(model[0].w_quant.codes, codes0)  # step 1: cached codes reused
+    ctl.step(3)
+    model(x)
+    assert not torch.equal(model[0].w_quant.codes, codes0)  # step 3: refreshed
+    assert ctl.step(10) == 1.0 and float(model[0].alpha) == 1.0
+
+
+def test_nan_weight_error_names_the_layer(cnn, images):
+    model = blendq.prepare(cnn, blendq.QuantPolicy(a_bits=None))
+    with torch.no_grad():
+        model[3].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layer 3: weight"):
+        model(images)
+
+
+def test_summary_lists_layers(cnn):
+    model = blendq.prepare(cnn, blendq.QuantPolicy(w_bits=4, a_bits=8, first_layer=8, skip=("10",)))
+    rows = blendq.summary(model)
+    assert [r.name for r in rows] == ["0", "3", "6", "10"]
+    assert rows[0].w_bits == 8 and rows[1].w_bits == 4 and rows[3].method == "float"
+    text = blendq.format_summary(model)
+    assert "w_bits" in text and "BlendConv2d" in text
+
+
+def test_prepare_twice_is_an_error(cnn):
+    model = blendq.prepare(cnn, blendq.QuantPolicy())
+    with pytest.raises(ValueError, match="already prepared"):
+        blendq.prepare(model, blendq.QuantPolicy())
+
+
+def test_state_dict_round_trip_keeps_alpha_ema_and_codes(cnn, images):
+    policy = blendq.QuantPolicy(w_bits=4, a_bits=8, quant_every=4)
+    model = blendq.prepare(cnn, policy)
+    _calibrate(model, images)
+    blendq.set_alpha(model, 0.7)
+    fresh = blendq.prepare(small_cnn(), policy)
+    fresh.load_state_dict(model.state_dict())
+    assert float(fresh[0].alpha) == pytest.approx(0.7)
+    assert torch.equal(fresh[0].a_quant.scale, model[0].a_quant.scale)
+    assert torch.equal(fresh[0].w_quant.codes, model[0].w_quant.codes)
+    assert fresh[0].a_quant.is_signed == model[0].a_quant.is_signed
+    model.eval(), fresh.eval()
+    torch.testing.assert_close(fresh(images), model(images), atol=0, rtol=0)
