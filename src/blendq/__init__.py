@@ -12,6 +12,7 @@ from .transform import (
     prepare,
     quantized,
     set_alpha,
+    size_bytes,
     summary,
 )
 
@@ -35,5 +36,6 @@ __all__ = [
     "prepare",
     "quantized",
     "set_alpha",
+    "size_bytes",
     "summary",
 ]

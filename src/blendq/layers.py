@@ -27,7 +27,7 @@ class BlendMixin:
 
     def _setup(self, w_spec: WeightSpec | None, a_spec: ActSpec | None) -> None:
         self.register_buffer("alpha", torch.zeros(()))
-        self.w_quant = WeightQuantizer(w_spec or WeightSpec())
+        self.w_quant = WeightQuantizer(w_spec or WeightSpec(), self.weight)
         self.a_quant = ActQuantizer(a_spec) if a_spec is not None else None
 
     @classmethod
@@ -47,6 +47,9 @@ class BlendMixin:
         if new.a_quant is not None:
             new.a_quant.name = name
         new.w_quant.train(module.training)
+        if new.a_quant is not None:
+            new.a_quant.train(module.training)
+            new.a_quant.to(module.weight.device)
         return new
 
     def to_float(self) -> nn.Module:

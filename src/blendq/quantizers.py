@@ -96,14 +96,18 @@ class WeightQuantizer(nn.Module):
     evaluating never changes what training computes next.
     """
 
-    def __init__(self, spec: WeightSpec, name: str = "") -> None:
+    def __init__(self, spec: WeightSpec, weight: Tensor, name: str = "") -> None:
         super().__init__()
         self.spec = spec
         self.name = name
-        self.stale = True
+        self.stale = True  # training cache out of date (a Python flag: no sync in forward)
         self._eval: tuple | None = None  # (weight key, codes, scale) for eval mode
-        self.register_buffer("codes", torch.empty(0), persistent=True)
-        self.register_buffer("scale", torch.empty(0), persistent=True)
+        # Fixed-shape buffers updated in place, so DDP and optimizers see stable tensors.
+        scale_shape = [weight.shape[0] if spec.per_channel else 1] + [1] * (weight.dim() - 1)
+        self.register_buffer("codes", torch.zeros_like(weight, requires_grad=False))
+        self.register_buffer("scale", torch.ones(scale_shape, dtype=weight.dtype,
+                                                 device=weight.device))
+        self.register_buffer("ready", torch.zeros((), dtype=torch.bool, device=weight.device))
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -127,8 +131,11 @@ class WeightQuantizer(nn.Module):
         """``scale * codes`` for ``w``: the cached training projection, or in eval
         the projection of the current weight (kept apart from the training cache)."""
         if self.training:
-            if self.codes.shape != w.shape or self.stale or self.spec.quant_every == 1:
-                self.codes, self.scale = self.project(w)
+            if self.stale or self.spec.quant_every == 1:
+                codes, scale = self.project(w)
+                self.codes.copy_(codes)
+                self.scale.copy_(scale)
+                self.ready.fill_(True)
                 self.stale = False
             return self.scale * self.codes
         key = (w.data_ptr(), w._version, w.dtype)
@@ -148,13 +155,9 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: Tensor, alpha: Tensor) -> Tensor:
         return _mix(w, self.quantized(w), alpha, self.spec.method)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Cached codes may be empty or shaped differently: take them as they come.
-        for key in ("codes", "scale"):
-            if prefix + key in state_dict:
-                setattr(self, key, torch.empty_like(state_dict[prefix + key]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.stale = self.codes.numel() == 0  # a resumed run goes on with the saved codes
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.stale = not bool(self.ready)  # a resumed run goes on with the saved codes
         self._eval = None
 
 

@@ -213,6 +213,30 @@ def summary(model: nn.Module) -> list[LayerRow]:
     return rows
 
 
+def size_bytes(model: nn.Module) -> int:
+    """Deployed size: quantized weights packed at their bit width (``ceil(bits·n/8)``)
+    plus float32 scales, and every other parameter and BN statistic in float32."""
+    total = 0
+    packed = set()
+    for m in model.modules():
+        if isinstance(m, BlendMixin):
+            bits, w, n_scales = m.w_quant.spec.bits, m.weight, m.w_quant.scale.numel()
+        elif isinstance(m, QuantMixin):
+            bits, w, n_scales = m.w_bits, m.weight_codes, m.weight_scale.numel()
+        else:
+            continue
+        total += -(-bits * w.numel() // 8) + 4 * n_scales
+        packed.add(id(w))
+    for p in model.parameters():
+        total += 0 if id(p) in packed else 4 * p.numel()
+    for name, b in model.named_buffers():
+        if name.rsplit(".", 1)[-1] in ("running_mean", "running_var", "act_scale"):
+            total += 4 * b.numel()
+        elif name.endswith("a_quant.scale"):
+            total += 4
+    return total
+
+
 def format_summary(model: nn.Module) -> str:
     """:func:`summary` as a fixed-width text table."""
     head = ("layer", "type", "w_bits", "a_bits", "scale", "method", "alpha", "params")

@@ -1,0 +1,333 @@
+"""The ``blendq`` command line: demo, train, eval, compare, toy, plot, recipes.
+
+Bad input (bits out of range, unknown model, missing data, incompatible flags)
+prints one ``blendq: error: ...`` line and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+class UsageError(Exception):
+    pass
+
+
+def _bits(text: str) -> int | None:
+    if text.lower() in ("none", "fp32", "float"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be an integer in 1..8 or 'none', "
+                                         f"got {text!r}") from None
+
+
+def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by train and compare; each overrides the recipe (``--config``)."""
+    p.add_argument("--config", help="a TOML recipe file or a bundled recipe name")
+    p.add_argument("--model", help="model name (see `blendq recipes --models`)")
+    p.add_argument("--data", help="digits, fashion-mnist, cifar10, or a dataset directory")
+    p.add_argument("--data-root", help="directory of fashion-mnist/cifar10 files")
+    p.add_argument("--w-bits", type=_bits, help="weight bits, 1..8")
+    p.add_argument("--a-bits", type=_bits, help="activation bits, 1..8, or 'none'")
+    p.add_argument("--per-channel", action="store_true",
+                   help="one weight scale per output channel")
+    p.add_argument("--method", choices=("ab", "ste"), help="weight method")
+    p.add_argument("--act-method", choices=("ab", "ste"), help="activation method")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=("sgd", "adam"))
+    p.add_argument("--alpha-window", type=float, nargs=2, metavar=("T0", "T1"),
+                   help="α ramp window: fractions of the run if both <= 1, else steps")
+    p.add_argument("--alpha-every", type=int, help="update α every f steps")
+    p.add_argument("--quant-every", type=int, help="recompute weight codes every n steps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--amp", choices=("auto", "bf16", "off"))
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--train-subset", type=int, help="train on the first N training images")
+    p.add_argument("--test-subset", type=int, help="evaluate on the first N test images")
+    p.add_argument("--init-from", help="float run (directory or checkpoint) to start from")
+    p.add_argument("--set", action="append", metavar="KEY=JSON",
+                   help="any config key, e.g. --set 'first_layer=[8,8]'")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+_FLAG_KEYS = ("model", "data", "data_root", "w_bits", "a_bits", "per_channel", "method",
+              "act_method", "epochs", "batch_size", "lr", "optimizer", "alpha_window",
+              "alpha_every", "quant_every", "seed", "device", "amp", "compile", "train_subset",
+              "test_subset", "init_from")
+
+
+def _config(args, **forced):
+    from .engine.config import TrainConfig, load_recipe
+
+    config = getattr(args, "config", None)
+    values = load_recipe(config) if config else {}
+    for key in _FLAG_KEYS:  # flags not given are absent (argument_default=SUPPRESS)
+        if hasattr(args, key):
+            values[key] = getattr(args, key)
+    for item in getattr(args, "set", []):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set needs KEY=VALUE, got {item!r}")
+        try:
+            values[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key.strip()] = raw
+    values.update(forced)
+    return TrainConfig.from_dict(values)
+
+
+def cmd_train(args) -> int:
+    from .engine import train
+
+    fp32, resume = getattr(args, "fp32", False), getattr(args, "resume", False)
+    if fp32 and any(hasattr(args, k) for k in ("w_bits", "a_bits", "method", "per_channel")):
+        raise UsageError("--fp32 trains without quantization; drop --w-bits/--a-bits/"
+                         "--method/--per-channel")
+    cfg = _config(args, **({"quantize": False} if fp32 else {}))
+    out = Path(getattr(args, "out", None) or f"runs/{cfg.model}-{Path(cfg.data).name}")
+    if resume and not (out / "checkpoint.pt").exists():
+        raise UsageError(f"--resume: no checkpoint.pt in {out}; pass the --out of the run")
+    result = train(cfg, out, resume=resume, progress=not getattr(args, "quiet", False))
+    last = result.history[-1]
+    print(f"run {out}: " + ", ".join(f"{k}={v:.2f}" for k, v in last.items() if "acc" in k))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .engine.trainer import evaluate_run
+
+    result = evaluate_run(args.run, args.test_subset, progress=not args.quiet)
+    for key, value in result.items():
+        print(f"{key:14s} {value:.4f}")
+    return 0
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _run_compare(base, out: Path, seeds: list[int], float_epochs: int | None,
+                 progress: bool) -> dict:
+    """fp32, then STE and AB from the fp32 weights with the same recipe, per seed."""
+    from .engine import train
+    from .transform import size_bytes
+
+    rows = {"fp32": [], "ste": [], "ab": []}
+    histories, sizes, times = {}, {}, {}
+    for seed in seeds:
+        fp_cfg = base.replace(quantize=False, seed=seed, epochs=float_epochs or base.epochs,
+                              init_from=None)
+        t0 = time.perf_counter()
+        fp = train(fp_cfg, out / f"fp32-s{seed}", progress=progress)
+        times.setdefault("fp32", []).append(time.perf_counter() - t0)
+        rows["fp32"].append(fp.history[-1]["test_acc"])
+        print(f"  seed {seed} fp32: {rows['fp32'][-1]:.2f}%", flush=True)
+        sizes["fp32"] = size_bytes(fp.model)
+        histories.setdefault("fp32", fp.history)
+        for method in ("ste", "ab"):
+            cfg = base.replace(method=method, seed=seed, init_from=str(out / f"fp32-s{seed}"))
+            t0 = time.perf_counter()
+            run = train(cfg, out / f"{method}-s{seed}", progress=progress)
+            times.setdefault(method, []).append(time.perf_counter() - t0)
+            rows[method].append(run.history[-1]["q_test_acc"])
+            print(f"  seed {seed} {method}: {rows[method][-1]:.2f}%", flush=True)
+            sizes[method] = size_bytes(run.model)
+            histories.setdefault(method, run.history)
+    return {"acc": rows, "size": sizes, "histories": histories, "time": times}
+
+
+def _print_compare(base, result: dict, seeds: list[int]) -> str:
+    bits = f"W{base.w_bits}A{base.a_bits or 32}" + (" per-channel" if base.per_channel else "")
+    lines = [f"{'model':7s} {'bits':18s} {'test top-1 (%)':>16s} {'size':>10s} {'time/run':>9s}"]
+    for name in ("fp32", "ste", "ab"):
+        label = "W32A32" if name == "fp32" else bits
+        lines.append(f"{name.upper():7s} {label:18s} {_mean_std(result['acc'][name]):>16s} "
+                     f"{result['size'][name] / 1024:>8.1f}KB "
+                     f"{statistics.mean(result['time'][name]):>8.1f}s")
+    delta = [a - s for a, s in zip(result["acc"]["ab"], result["acc"]["ste"], strict=True)]
+    lines.append(f"AB - STE: {_mean_std(delta)} points over seeds {seeds}")
+    return "\n".join(lines)
+
+
+def _write_compare(out: Path, base, result: dict, seeds: list[int], table: str) -> None:
+    from .plots import plot_run, plot_runs
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"config": base.to_dict(), "seeds": seeds, "acc": result["acc"],
+               "size_bytes": result["size"], "time_s": result["time"]}
+    (out / "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "compare.txt").write_text(table + "\n")
+    plot_runs(result["histories"], out / "compare.png", f"{base.model} on {base.data}")
+    plot_run(result["histories"]["ab"], out / "ab_curves.png", "AB run: Figure 4 views and α")
+
+
+def cmd_compare(args) -> int:
+    cfg = _config(args)
+    seeds = getattr(args, "seeds", None) or [cfg.seed]
+    out = Path(getattr(args, "out", None) or f"runs/compare-{cfg.model}")
+    result = _run_compare(cfg, out, seeds, getattr(args, "float_epochs", None),
+                          progress=not getattr(args, "quiet", False))
+    table = _print_compare(cfg, result, seeds)
+    _write_compare(out, cfg, result, seeds, table)
+    print(table)
+    print(f"written: {out}/compare.txt, compare.json, compare.png, ab_curves.png")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job on the bundled digits: fp32, then STE and AB at the same budget."""
+    from .engine.config import TrainConfig
+
+    t0 = time.perf_counter()
+    cfg = TrainConfig(model="digits_cnn", data="digits", w_bits=args.w_bits, a_bits=args.a_bits,
+                      per_channel=False, epochs=args.epochs, lr=1e-3, alpha_window=(0.0, 0.5))
+    seeds = list(range(args.seeds))
+    out = Path(args.out)
+    print(f"blendq demo: digits_cnn on scikit-learn digits (1,437 train / 360 test images), "
+          f"fp32 for {args.float_epochs} epochs, then STE and AB for {args.epochs} epochs "
+          f"each at W{args.w_bits}A{args.a_bits}, seeds {seeds}", flush=True)
+    result = _run_compare(cfg, out, seeds, args.float_epochs, progress=False)
+    table = _print_compare(cfg, result, seeds)
+    _write_compare(out, cfg, result, seeds, table)
+    from .plots import plot_toy
+    from .toy import toy_problem
+
+    plot_toy(toy_problem(), out / "toy.png")
+    print(table)
+    print(f"converted model: {out}/ab-s0/converted.pt; plots: {out}/compare.png, "
+          f"{out}/ab_curves.png, {out}/toy.png ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def cmd_toy(args) -> int:
+    from .toy import toy_problem
+
+    trace = toy_problem(lr=args.lr, steps=args.steps)
+    print(f"{'step':>4s} {'alpha':>8s} {'w':>10s} {'w_q':>5s} {'loss':>10s}")
+    for t in trace:
+        print(f"{t.step:4d} {t.alpha:8.4f} {t.w:10.6f} {t.wq:5.0f} {t.loss:10.6f}")
+    if args.out:
+        from .plots import plot_toy
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        print(f"plot: {plot_toy(trace, args.out)}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plots import plot_run
+
+    run = Path(args.run)
+    metrics = run / "metrics.jsonl"
+    if not metrics.exists():
+        raise UsageError(f"{metrics} not found: pass a run directory written by blendq train")
+    history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    out = Path(args.out) if args.out else run / "curves.png"
+    print(f"plot: {plot_run(history, out, run.name)}")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from .engine.config import load_recipe, recipe_names
+    from .models import MODELS
+
+    if args.models:
+        print("\n".join(MODELS))
+        return 0
+    for name in recipe_names():
+        values = load_recipe(name)
+        print(f"{name:34s} {values.get('description', '')}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="blendq", description="Low-precision training with alpha-blending.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = sub.add_parser("demo", help="fp32 vs STE vs AB on the bundled digits (< 3 min)")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--w-bits", type=int, default=2)
+    demo.add_argument("--a-bits", type=int, default=4)
+    demo.add_argument("--epochs", type=int, default=10, help="quantization epochs")
+    demo.add_argument("--float-epochs", type=int, default=20)
+    demo.add_argument("--seeds", type=int, default=3, help="number of seeds")
+    demo.set_defaults(func=cmd_demo)
+
+    tr = sub.add_parser("train", help="train one recipe", argument_default=argparse.SUPPRESS)
+    _add_recipe_flags(tr)
+    tr.add_argument("--fp32", action="store_true", help="train without quantization")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a run: blended, fp and quantized views")
+    ev.add_argument("run", help="run directory or checkpoint")
+    ev.add_argument("--test-subset", type=int)
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    cmp = sub.add_parser("compare", help="fp32, STE and AB with the same recipe, one table",
+                         argument_default=argparse.SUPPRESS)
+    _add_recipe_flags(cmp)
+    cmp.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the recipe's)")
+    cmp.add_argument("--float-epochs", type=int, help="epochs of the fp32 phase")
+    cmp.set_defaults(func=cmd_compare)
+
+    toy = sub.add_parser("toy", help="the paper's toy problem (Figure 3)")
+    toy.add_argument("--out", help="PNG file for the trajectory plot")
+    toy.add_argument("--lr", type=float, default=0.3)
+    toy.add_argument("--steps", type=int, default=20)
+    toy.set_defaults(func=cmd_toy)
+
+    pl = sub.add_parser("plot", help="plot a run's curves (Figure 4 views and α)")
+    pl.add_argument("run")
+    pl.add_argument("--out")
+    pl.set_defaults(func=cmd_plot)
+
+    rc = sub.add_parser("recipes", help="list bundled recipes (or --models)")
+    rc.add_argument("--models", action="store_true")
+    rc.set_defaults(func=cmd_recipes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DataError
+    from .engine.checkpoint import CheckpointError
+
+    try:
+        args = _parser().parse_args(argv)
+        return args.func(args)
+    except (UsageError, ValueError, DataError, CheckpointError, FileNotFoundError,
+            RuntimeError) as err:
+        if os.environ.get("BLENDQ_DEBUG"):
+            raise
+        print(f"blendq: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("blendq: interrupted (the last epoch's checkpoint is intact; use --resume)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

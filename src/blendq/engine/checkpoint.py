@@ -1,0 +1,69 @@
+"""Checkpoints you can trust: atomic writes, safe loads, clear errors.
+
+Written to a temporary file in the same directory, flushed and fsynced, then
+renamed over the old one (``os.replace`` is atomic), so a crash at any moment
+leaves the previous good checkpoint in place. Loaded with
+``torch.load(weights_only=True)``: no code from the file is ever executed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "FORMAT"]
+
+FORMAT = "blendq-checkpoint-v1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupt or not a blendq checkpoint."""
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
+    """Atomically write ``state`` (tensors, numbers, strings, lists, dicts) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint`; never executes code from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, bad pickle, forbidden global
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read "
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a blendq checkpoint (expected format {FORMAT!r})")
+    return state

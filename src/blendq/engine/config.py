@@ -1,0 +1,185 @@
+"""Training configuration: one frozen dataclass, loadable from TOML recipes.
+
+A recipe may name a ``base`` recipe and list only what differs (variants as
+deltas). Bundled recipes live in ``blendq/recipes/``; ``--config NAME`` finds
+them by name, ``--config PATH`` reads a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..policy import QuantPolicy
+from ..schedules import Schedule, cubic, exponential, linear
+
+__all__ = ["TrainConfig", "load_recipe", "recipe_names", "RECIPE_DIR"]
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+_OPTIMIZERS = ("sgd", "adam")
+_LR_SCHEDULES = ("cosine", "step", "constant", "onecycle")
+_ALPHA_SCHEDULES = ("cubic", "linear", "exponential")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on; written to ``config.json`` in the run directory.
+
+    ``alpha_window``: ``[T0, T1]`` of the α ramp (eq. 6) — fractions of the total
+    steps when both are <= 1, else steps. ``method="ste"``
+    quantizes at once from ``T0`` (α jumps to 1 there); ``quantize=False`` trains fp32.
+    """
+
+    model: str = "digits_cnn"
+    model_args: dict = field(default_factory=dict)
+    data: str = "digits"
+    data_root: str | None = None
+    image_size: int | None = None
+    quantize: bool = True
+    w_bits: int = 4
+    a_bits: int | None = 8
+    per_channel: bool = False
+    method: str = "ab"
+    act_method: str = "ste"
+    binary_scale: bool = True
+    first_layer: Any = None
+    depthwise: Any = None
+    last_layer: Any = None
+    overrides: dict = field(default_factory=dict)
+    skip: tuple = ()
+    alpha_schedule: str = "cubic"
+    alpha_window: tuple = (0.0, 0.75)
+    alpha_every: int = 1
+    alpha_rate: float = 1e-3
+    quant_every: int = 1
+    clip_latent: bool = False
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    lr_step_epochs: int = 30
+    lr_gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: str = "auto"
+    compile: bool = False
+    train_subset: int | None = None
+    test_subset: int | None = None
+    init_from: str | None = None
+    eval_views: bool = True
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "skip", tuple(self.skip))
+        object.__setattr__(self, "alpha_window", tuple(self.alpha_window))
+        _choice("optimizer", self.optimizer, _OPTIMIZERS)
+        _choice("lr_schedule", self.lr_schedule, _LR_SCHEDULES)
+        _choice("alpha_schedule", self.alpha_schedule, _ALPHA_SCHEDULES)
+        _choice("amp", self.amp, ("auto", "bf16", "off"))
+        _choice("channels_last", str(self.channels_last), ("auto", "on", "off"))
+        for name in ("epochs", "batch_size", "alpha_every", "quant_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if len(self.alpha_window) != 2 or not 0 <= self.alpha_window[0] <= self.alpha_window[1]:
+            raise ValueError(f"alpha_window must be [T0, T1] with 0 <= T0 <= T1, "
+                             f"got {list(self.alpha_window)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.quantize:
+            self.policy()  # validates bits, methods, rules
+
+    def policy(self) -> QuantPolicy:
+        return QuantPolicy(
+            w_bits=self.w_bits, a_bits=self.a_bits, per_channel=self.per_channel,
+            method=self.method, act_method=self.act_method, binary_scale=self.binary_scale,
+            first_layer=_tuple(self.first_layer), depthwise=_tuple(self.depthwise),
+            last_layer=_tuple(self.last_layer),
+            overrides={k: _tuple(v) for k, v in self.overrides.items()},
+            skip=self.skip, quant_every=self.quant_every)
+
+    def window_steps(self, total_steps: int) -> tuple[int, int]:
+        t0, t1 = self.alpha_window
+        if t1 <= 1:  # fractions of the run
+            return round(t0 * total_steps), round(t1 * total_steps)
+        return int(t0), int(t1)
+
+    def alpha(self, total_steps: int) -> Schedule:
+        """The α schedule of this run (STE: a jump to 1 at ``T0``)."""
+        t0, t1 = self.window_steps(total_steps)
+        if self.method == "ste":
+            return cubic(t0, t0)
+        if self.alpha_schedule == "exponential":
+            return exponential(self.alpha_rate, t0, self.alpha_every)
+        make = cubic if self.alpha_schedule == "cubic" else linear
+        return make(t0, t1, self.alpha_every)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known - {"base", "description", "target"})
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def _tuple(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+def _find_recipe(name: str | Path, relative_to: Path | None = None) -> Path:
+    path = Path(name)
+    candidates = [path, RECIPE_DIR / f"{name}.toml"]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / path)
+        candidates.insert(1, relative_to / f"{name}.toml")
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ValueError(f"config {str(name)!r} not found: give a TOML file or one of the bundled "
+                     f"recipes: {', '.join(recipe_names())}")
+
+
+def load_recipe(name: str | Path, _seen: tuple = ()) -> dict:
+    """The merged key/values of a recipe and its ``base`` chain (base first)."""
+    path = _find_recipe(name)
+    if path in _seen:
+        raise ValueError(f"recipe {path} includes itself through 'base'")
+    values = _read_toml(path)
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    merged = load_recipe(_find_recipe(base, path.parent), (*_seen, path))
+    merged.update(values)
+    return merged

@@ -1,0 +1,348 @@
+"""The training loop: data, model, policy, α controller, evaluation views, checkpoints.
+
+``train(config, out_dir)`` runs one recipe end to end and returns its history.
+Every epoch it evaluates the blended model and, for quantized runs, the
+full-precision view (α = 0) and the quantized view (α = 1): Figure 4's curves.
+Under ``torchrun`` it trains with DistributedDataParallel (gloo on CPU, NCCL on
+GPU); α comes from the global step and EMA scales are broadcast from rank 0, so
+ranks agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import __version__
+from ..data import DataSpec, TensorLoader, load_dataset
+from ..models import build_model
+from ..transform import AlphaController, alpha_view, blend_layers, convert, prepare
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .progress import Progress, write_metrics
+
+__all__ = ["train", "evaluate", "evaluate_run", "build", "RunResult", "load_run_model",
+           "CHECKPOINT"]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class RunResult:
+    history: list[dict]
+    model: nn.Module
+    out_dir: Path
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: torch.device) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return _Dist(dist.get_rank(), dist.get_world_size())
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def _subset(x, y, n: int | None):
+    return (x, y) if n is None or n >= len(y) else (x[:n], y[:n])
+
+
+def make_loaders(cfg: TrainConfig, data: DataSpec, d: _Dist):
+    if data.folder is not None:
+        from ..imagefolder import FolderLoader, ImageFolder
+
+        size = cfg.image_size or data.image_size
+        train_ds = ImageFolder(data.folder / "train", size, train=True, seed=cfg.seed)
+        test_ds = ImageFolder(data.folder / "val", size, train=False)
+        return (FolderLoader(train_ds, cfg.batch_size, True, cfg.seed, d.rank, d.world_size,
+                             cfg.workers, drop_last=True),
+                FolderLoader(test_ds, cfg.batch_size, False, 0, d.rank, d.world_size,
+                             cfg.workers))
+    tx, ty = _subset(data.train_images, data.train_labels, cfg.train_subset)
+    vx, vy = _subset(data.test_images, data.test_labels, cfg.test_subset)
+    train = TensorLoader(tx, ty, cfg.batch_size, shuffle=True, augment=data.augment,
+                         seed=cfg.seed, rank=d.rank, world_size=d.world_size,
+                         drop_last=len(ty) // d.world_size > cfg.batch_size)
+    test = TensorLoader(vx, vy, max(cfg.batch_size, 256), rank=d.rank, world_size=d.world_size)
+    return train, test
+
+
+def build(cfg: TrainConfig, data: DataSpec) -> nn.Module:
+    """The model of a config: built, float weights loaded from ``init_from``, prepared."""
+    image_size = cfg.image_size or data.image_size
+    model = build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes,
+                        image_size=image_size, **cfg.model_args)
+    if cfg.init_from:
+        state = load_checkpoint(_checkpoint_path(cfg.init_from))["model"]
+        if any(k.endswith("w_quant.codes") for k in state):
+            raise ValueError(f"init_from={cfg.init_from} holds a quantized model; start from a "
+                             "float (quantize=false) run")
+        model.load_state_dict(state)
+    if cfg.quantize:
+        model = prepare(model, cfg.policy())
+    return model
+
+
+def _checkpoint_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path / CHECKPOINT if path.is_dir() else path
+
+
+def _lr_factor(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier: a pure function of the step (nothing to save)."""
+    warm = cfg.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    if cfg.lr_schedule == "step":
+        return cfg.lr_gamma ** (step // (cfg.lr_step_epochs * steps_per_epoch))
+    if cfg.lr_schedule == "onecycle":  # linear up over 25 %, cosine down to 0
+        peak = 0.25 * total
+        if step < peak:
+            return 0.04 + 0.96 * step / peak
+        return 0.5 * (1 + math.cos(math.pi * (step - peak) / max(total - peak, 1)))
+    progress = (step - warm) / max(total - warm, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    use = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    if not use:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, cfg: TrainConfig,
+             desc: str = "eval", progress: bool = False) -> dict:
+    """Loss and top-1 accuracy (%) over a loader, summed across ranks."""
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    for x, y in Progress(loader, len(loader), desc, progress):
+        x, y = x.to(device), y.to(device)
+        with _autocast(cfg, device):
+            logits = model(x).float()
+        totals += torch.tensor([nn.functional.cross_entropy(logits, y, reduction="sum").item(),
+                                (logits.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    loss, correct, count = totals.tolist()
+    return {"loss": loss / max(count, 1), "acc": 100.0 * correct / max(count, 1)}
+
+
+def _evaluate_views(model: nn.Module, loader, device, cfg: TrainConfig, progress: bool) -> dict:
+    if not cfg.quantize:
+        with alpha_view_or_eval(model):
+            r = evaluate(model, loader, device, cfg, "eval", progress)
+        return {"test_loss": r["loss"], "test_acc": r["acc"]}
+    out = {}
+    views = [("", None), ("fp_", 0.0), ("q_", 1.0)] if cfg.eval_views else [("", None)]
+    for prefix, alpha in views:
+        with alpha_view(model, alpha):
+            r = evaluate(model, loader, device, cfg, f"eval {prefix or 'blend_'}"[:-1], progress)
+        out[f"{prefix}test_loss"], out[f"{prefix}test_acc"] = r["loss"], r["acc"]
+    return out
+
+
+@contextlib.contextmanager
+def alpha_view_or_eval(model: nn.Module):
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _environment(cfg: TrainConfig, device: torch.device, d: _Dist) -> dict:
+    env = {"blendq": __version__, "torch": torch.__version__, "numpy": np.__version__,
+           "python": platform.python_version(), "platform": platform.platform(),
+           "device": str(device), "world_size": d.world_size, "seed": cfg.seed,
+           "command": " ".join(sys.argv), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BN statistics, EMA scales, cached codes)."""
+    if dist.is_initialized():
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+
+
+def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
+          progress: bool = True, stop_after_steps: int | None = None) -> RunResult:
+    """Run ``cfg``; metrics, config and checkpoints go to ``out_dir``.
+
+    ``resume`` continues from ``out_dir/checkpoint.pt`` (written at the end of
+    every epoch); the resumed run ends with the same weights and metrics as an
+    uninterrupted one (bit for bit on CPU). ``stop_after_steps`` stops the run
+    abruptly after that many optimizer steps (used to test resuming).
+    """
+    out_dir = Path(out_dir)
+    device = _device(cfg.device)
+    d = _init_distributed(device)
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.data, cfg.data_root)
+    train_loader, test_loader = make_loaders(cfg, data, d)
+    model = build(cfg, data).to(device)
+    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto"
+                                                  and device.type == "cuda")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = _optimizer(cfg, model)
+    steps_per_epoch = len(train_loader)
+    total = cfg.epochs * steps_per_epoch
+    controller = AlphaController(model, cfg.alpha(total)) if cfg.quantize else None
+    history, start_epoch = [], 0
+    ckpt_path = out_dir / CHECKPOINT
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        history, start_epoch = list(state["history"]), int(state["epoch"])
+    elif resume and d.main:
+        print(f"no checkpoint in {out_dir}; starting from scratch", file=sys.stderr)
+    if d.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (out_dir / "env.json").write_text(json.dumps(_environment(cfg, device, d), indent=2))
+    net = model
+    if d.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_fn = torch.compile(net) if cfg.compile else net
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        train_loader.set_epoch(epoch)
+        model.train()
+        t0, loss_sum, seen = time.perf_counter(), torch.zeros((), device=device), 0
+        bar = Progress(train_loader, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}",
+                       progress and d.main)
+        for x, y in bar:
+            if stop_after_steps is not None and step >= stop_after_steps:
+                return RunResult(history, model, out_dir)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            alpha = controller.step(step) if controller else 0.0
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(cfg, step, total, steps_per_epoch)
+            with _autocast(cfg, device):
+                loss = nn.functional.cross_entropy(step_fn(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if cfg.clip_latent:
+                _clip_latent(model)
+            loss_sum += loss.detach() * len(y)
+            seen += len(y)
+            step += 1
+            if step % 20 == 0:
+                bar.postfix = f"loss {loss.item():.3f} alpha {alpha:.3f}"
+        train_time = time.perf_counter() - t0
+        _sync_buffers(model)
+        row = {"epoch": epoch + 1, "step": step, "alpha": controller.alpha if controller else 0.0,
+               "lr": optimizer.param_groups[0]["lr"], "train_loss": float(loss_sum) / max(seen, 1),
+               "epoch_time_s": round(train_time, 3)}
+        t1 = time.perf_counter()
+        row.update(_evaluate_views(model, test_loader, device, cfg, progress and d.main))
+        row["eval_time_s"] = round(time.perf_counter() - t1, 3)
+        history.append(row)
+        if d.main:
+            if progress:
+                print(_format_row(row), file=sys.stderr)
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "rng": torch.get_rng_state(), "epoch": epoch + 1, "step": step,
+                     "history": history, "config": cfg.to_dict()}
+            save_checkpoint(state, ckpt_path)
+            write_metrics(history, out_dir)
+    if d.main and cfg.quantize and controller and controller.alpha >= 1.0:
+        _save_converted(model, out_dir)
+    return RunResult(history, model, out_dir)
+
+
+def _clip_latent(model: nn.Module) -> None:
+    """BinaryNet's latent-weight clipping to [-1, 1] for 1-bit layers (Hubara et al.)."""
+    with torch.no_grad():
+        for _, layer in blend_layers(model):
+            if layer.w_quant.spec.bits == 1:
+                layer.weight.clamp_(-1.0, 1.0)
+
+
+def _save_converted(model: nn.Module, out_dir: Path) -> None:
+    converted = convert(model)
+    save_checkpoint({"model": converted.state_dict()}, out_dir / "converted.pt")
+
+
+def _format_row(row: dict) -> str:
+    parts = [f"epoch {row['epoch']}", f"loss {row['train_loss']:.4f}", f"alpha {row['alpha']:.3f}"]
+    for key, label in (("test_acc", "acc"), ("fp_test_acc", "fp"), ("q_test_acc", "quant")):
+        if key in row:
+            parts.append(f"{label} {row[key]:.2f}%")
+    parts.append(f"{row['epoch_time_s']:.1f}s")
+    return "  ".join(parts)
+
+
+def load_run_model(run: str | os.PathLike, data: DataSpec | None = None):
+    """``(model, config, data)`` rebuilt from a run directory or checkpoint file."""
+    state = load_checkpoint(_checkpoint_path(run))
+    cfg = TrainConfig.from_dict(state["config"]).replace(init_from=None)
+    data = data or load_dataset(cfg.data, cfg.data_root)
+    model = build(cfg, data)
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg, data
+
+
+def evaluate_run(run: str | os.PathLike, test_subset: int | None = None,
+                 progress: bool = False) -> dict:
+    """Test loss and accuracy of a saved run: blended, full-precision and quantized views."""
+    model, cfg, data = load_run_model(run)
+    if test_subset:
+        cfg = cfg.replace(test_subset=test_subset)
+    _, test = make_loaders(cfg, data, _Dist())
+    device = _device(cfg.device)
+    return _evaluate_views(model.to(device), test, device, cfg, progress)
