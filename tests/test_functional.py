@@ -175,3 +175,19 @@ def test_straight_through_forward_exact_and_masked_gradient():
     assert torch.equal(out, v)
     out.sum().backward()
     assert torch.equal(x.grad, torch.tensor([0.0, 1.0, 1.0, 0.0]))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("axis", [None, 0])
+def test_search_start_reaches_the_fixed_point_in_few_iterations(bits, axis):
+    from blendq.functional import search_scale
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 64, 3, 3, generator=g) * 0.05
+    w[0, 0, 0, 0] = 1.0  # an outlier, as trained weights have
+    ref = _error(w, *ppq(w, bits, axis=axis, max_iter=300))
+    start = search_scale(w, bits, axis=axis)
+    fast = _error(w, *ppq(w, bits, axis=axis, max_iter=5, fixed=True, scale=start))
+    slow = _error(w, *ppq(w, bits, axis=axis, max_iter=5, fixed=True))
+    assert fast <= 1.01 * ref
+    assert fast <= slow

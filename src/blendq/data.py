@@ -28,7 +28,7 @@ from torch import Tensor
 __all__ = ["DataSpec", "TensorLoader", "load_dataset", "DATASETS", "FASHION_MNIST_DIR"]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-DATASETS = ("digits", "fashion-mnist", "cifar10")
+DATASETS = ("digits", "fashion-mnist", "cifar10", "imagenet")
 _FMNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -241,6 +241,11 @@ def load_dataset(name: str, root: str | os.PathLike | None = None) -> DataSpec:
         return load_fashion_mnist(root)
     if name == "cifar10":
         return load_cifar10(root)
+    if name == "imagenet":
+        if root is None:
+            raise DataError("imagenet needs --data-root DIR (or --data DIR) holding train/ and "
+                            "val/ with one sub-folder per class; ImageNet is not bundled")
+        name = str(root)
     path = Path(name)
     if not path.exists():
         raise DataError(f"unknown dataset {name!r}: use one of {DATASETS} or an existing "

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["grid", "ppq", "binarize", "quantize", "blend", "straight_through"]
+__all__ = ["grid", "ppq", "search_scale", "binarize", "quantize", "blend", "straight_through",
+           "check_finite"]
 
 _ZERO_SCALE = 1.0  # scale given to an all-zero tensor or slice: any positive value is exact
 
@@ -41,7 +42,8 @@ def _reduce_dims(x: Tensor, axis: int | None) -> tuple[int, ...]:
     return tuple(d for d in range(x.dim()) if d != axis)
 
 
-def _check_finite(x: Tensor) -> None:
+def check_finite(x: Tensor) -> None:
+    """Raise ``ValueError`` if ``x`` holds NaN or inf (one host synchronisation)."""
     if not bool(torch.isfinite(x).all()):
         raise ValueError("input holds NaN or inf; a finite tensor is required to quantize")
 
@@ -94,7 +96,7 @@ def ppq(
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     if not fixed:
-        _check_finite(x)
+        check_finite(x)
     xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
     dims = _reduce_dims(xf, axis)
     peak = xf.abs() if signed else xf.clamp(min=0)
@@ -115,6 +117,36 @@ def ppq(
     return codes, new
 
 
+@torch.no_grad()
+def search_scale(x: Tensor, bits: int, axis: int | None = None, signed: bool = True,
+                 candidates: int = 16) -> Tensor:
+    """A starting scale for :func:`ppq`: the best of ``candidates`` one-step PPQ scales
+    started at ``k/candidates · max|x|/qmax`` (k = 1..candidates), per tensor or slice.
+
+    PPQ started at ``max|x|/qmax`` (Algorithm 2's default) creeps towards the optimum:
+    on Gaussian 4-bit weights its error is still ~27 % above the fixed point after 10
+    iterations. From this start, 3-5 iterations reach it (``tests/test_functional.py``).
+    """
+    qmin, qmax = grid(bits, signed)
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    dims = _reduce_dims(xf, axis)
+    peak = (xf.abs() if signed else xf.clamp(min=0)).amax(dim=dims, keepdim=True) / qmax
+    peak = torch.where(peak > 0, peak, torch.full_like(peak, _ZERO_SCALE))
+    best_err, best = None, peak
+    for k in range(1, candidates + 1):
+        codes = torch.clamp(torch.round(xf / (peak * k / candidates)), qmin, qmax)
+        den = (codes * codes).sum(dim=dims, keepdim=True)
+        gamma = torch.where(den > 0, (xf * codes).sum(dim=dims, keepdim=True) / den.clamp(min=1),
+                            peak)
+        err = ((xf - gamma * codes) ** 2).sum(dim=dims, keepdim=True)
+        if best_err is None:
+            best_err, best = err, gamma
+        else:
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, gamma, best)
+    return best
+
+
 def binarize(
     x: Tensor, axis: int | None = None, scaled: bool = True, fixed: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -125,7 +157,7 @@ def binarize(
     """
     _check_axis(x, axis)
     if not fixed:
-        _check_finite(x)
+        check_finite(x)
     xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
     codes = torch.where(xf >= 0, 1.0, -1.0).to(xf.dtype)
     dims = _reduce_dims(xf, axis)

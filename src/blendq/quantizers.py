@@ -37,7 +37,10 @@ class WeightSpec:
     bits: 1..8 (1: sign); per_channel: one scale per output channel;
     method: ``ab`` or ``ste``; binary_scale: 1-bit uses the least-squares scale
     ``mean|w|`` (DESIGN §2.0); quant_every: recompute codes every this many steps
-    (set by the controller); max_iter: PPQ iterations.
+    (set by the controller); max_iter: PPQ iterations per refresh, started from the
+    previous scale (Algorithm 2 takes γ as input; the paper: "3 iterations is
+    enough"), with no host synchronisation; init_iter: iterations of the first
+    projection, started from :func:`blendq.functional.search_scale`.
     """
 
     bits: int = 8
@@ -45,7 +48,8 @@ class WeightSpec:
     method: str = "ab"
     binary_scale: bool = True
     quant_every: int = 1
-    max_iter: int = 20
+    max_iter: int = 3
+    init_iter: int = 10
 
     def __post_init__(self) -> None:
         _check_bits("w_bits", self.bits)
@@ -108,6 +112,7 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("scale", torch.ones(scale_shape, dtype=weight.dtype,
                                                  device=weight.device))
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool, device=weight.device))
+        self._ready = False  # Python mirror of ``ready``
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -115,14 +120,22 @@ class WeightQuantizer(nn.Module):
 
     @torch.no_grad()
     def project(self, w: Tensor) -> tuple[Tensor, Tensor]:
-        """``(codes, scale)`` of ``w`` for this spec: a pure function of ``w``."""
+        """``(codes, scale)`` of ``w``: PPQ warm-started from the cached scale once there
+        is one (``max_iter`` iterations), else run to convergence from ``max|w|/qmax``."""
         s = self.spec
         axis = 0 if s.per_channel else None
         try:
             if s.bits == 1:
                 codes, scale = F.binarize(w, axis=axis, scaled=s.binary_scale)
+            elif self._ready:
+                F.check_finite(w)
+                codes, scale = F.ppq(w, s.bits, axis=axis, max_iter=s.max_iter,
+                                     scale=self.scale, fixed=True)
             else:
-                codes, scale = F.ppq(w, s.bits, axis=axis, max_iter=s.max_iter)
+                F.check_finite(w)
+                start = F.search_scale(w, s.bits, axis=axis)
+                codes, scale = F.ppq(w, s.bits, axis=axis, max_iter=s.init_iter, scale=start,
+                                     fixed=True)
         except ValueError as err:
             raise ValueError(f"layer {self.name or '<unnamed>'}: weight {err}") from None
         return codes.to(w.dtype), scale.to(w.dtype)
@@ -136,9 +149,10 @@ class WeightQuantizer(nn.Module):
                 self.codes.copy_(codes)
                 self.scale.copy_(scale)
                 self.ready.fill_(True)
+                self._ready = True
                 self.stale = False
             return self.scale * self.codes
-        key = (w.data_ptr(), w._version, w.dtype)
+        key = (w.data_ptr(), w._version, w.dtype, self.scale._version)
         if self._eval is None or self._eval[0] != key:
             self._eval = (key, *self.project(w))
         _, codes, scale = self._eval
@@ -157,7 +171,8 @@ class WeightQuantizer(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self.stale = not bool(self.ready)  # a resumed run goes on with the saved codes
+        self._ready = bool(self.ready)
+        self.stale = not self._ready  # a resumed run goes on with the saved codes
         self._eval = None
 
 

@@ -78,6 +78,11 @@ class TrainConfig:
     workers: int = 0
 
     def __post_init__(self) -> None:
+        # TOML has no null: "none" stands for float activations (a_bits None).
+        object.__setattr__(self, "a_bits", _none(self.a_bits))
+        for name in ("first_layer", "depthwise", "last_layer"):
+            object.__setattr__(self, name, _none(getattr(self, name)))
+        object.__setattr__(self, "overrides", {k: _none(v) for k, v in self.overrides.items()})
         object.__setattr__(self, "skip", tuple(self.skip))
         object.__setattr__(self, "alpha_window", tuple(self.alpha_window))
         _choice("optimizer", self.optimizer, _OPTIMIZERS)
@@ -139,6 +144,14 @@ class TrainConfig:
 def _choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def _none(value):
+    if isinstance(value, str) and value.lower() in ("none", "fp32", "float"):
+        return None
+    if isinstance(value, list | tuple):
+        return [_none(v) for v in value]
+    return value
 
 
 def _tuple(value):

@@ -1,0 +1,66 @@
+"""The command line: one clear error line and a non-zero exit for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from blendq.cli import main
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--w-bits", "0"], "w_bits must be an integer in 1..8, got 0"),
+    (["train", "--w-bits", "9"], "w_bits must be an integer in 1..8, got 9"),
+    (["train", "--a-bits", "x"], "bits must be an integer in 1..8 or 'none'"),
+    (["train", "--model", "vgg"], "unknown model 'vgg'; known models:"),
+    (["train", "--data", "/no/such/dir"], "unknown dataset '/no/such/dir'"),
+    (["train", "--data", "fashion-mnist", "--data-root", "/no/such"], "Fashion-MNIST not found"),
+    (["train", "--fp32", "--w-bits", "4"], "--fp32 trains without quantization"),
+    (["train", "--resume", "--out", "/tmp/blendq-no-run"], "--resume: no checkpoint.pt"),
+    (["train", "--method", "sgd"], "invalid choice: 'sgd'"),
+    (["train", "--config", "nope"], "config 'nope' not found"),
+    (["train", "--set", "wbits=4"], "unknown config keys ['wbits']"),
+    (["eval", "/no/such/run"], "checkpoint /no/such/run does not exist"),
+    (["plot", "/no/such/run"], "metrics.jsonl not found"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_arguments_give_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("blendq: error: ") and message in err
+    assert len(err.splitlines()) == 1
+
+
+def test_no_traceback_from_the_installed_command():
+    proc = subprocess.run([sys.executable, "-m", "blendq", "train", "--w-bits", "9"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "blendq: error: w_bits must be an integer in 1..8, got 9"
+
+
+def test_train_eval_plot_round_trip(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--model", "digits_cnn", "--data", "digits", "--w-bits", "4", "--a-bits",
+            "8", "--per-channel", "--epochs", "2", "--alpha-window", "0", "0.5", "--quant-every",
+            "2", "--seed", "1", "--out", str(run), "--quiet", "--set", "model_args={\"width\": 8}"]
+    assert main(argv) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["per_channel"] and cfg["quant_every"] == 2 and cfg["model_args"] == {"width": 8}
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert main(["eval", str(run), "--quiet"]) == 0
+    assert "q_test_acc" in capsys.readouterr().out
+    assert main(["plot", str(run)]) == 0 and (run / "curves.png").stat().st_size > 1000
+    assert main(["train", "--config", str(run / "config.json").replace(".json", ".toml")]) == 2
+
+
+def test_toy_command(tmp_path, capsys):
+    assert main(["toy", "--out", str(tmp_path / "toy.png")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].split()[1:4] == ["1.0000", out[-2].split()[2], "6"]
+    assert (tmp_path / "toy.png").exists()
+
+
+def test_recipes_listing(capsys):
+    assert main(["recipes"]) == 0
+    assert "binarynet_cifar10" in capsys.readouterr().out
