@@ -85,7 +85,8 @@ def test_tensor_loader_shards_and_is_deterministic():
     b = TensorLoader(x, y, 3, shuffle=True, seed=1, rank=1, world_size=2)
     ya = torch.cat([t for _, t in a])
     yb = torch.cat([t for _, t in b])
-    assert len(set(ya.tolist()) | set(yb.tolist())) == 20 and not set(ya.tolist()) & set(yb.tolist())
+    sa, sb = set(ya.tolist()), set(yb.tolist())
+    assert len(sa | sb) == 20 and not sa & sb
     assert torch.equal(ya, torch.cat([t for _, t in a]))  # same epoch, same order
     a.set_epoch(1)
     assert not torch.equal(ya, torch.cat([t for _, t in a]))

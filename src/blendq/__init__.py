@@ -1,5 +1,6 @@
 """blendq: low-precision training with alpha-blending (Liu & Mattina, IJCAI 2019)."""
 
+from .export import export_onnx
 from .functional import binarize, blend, ppq
 from .policy import QuantPolicy
 from .schedules import Schedule, constant, cubic, exponential, linear
@@ -29,6 +30,7 @@ __all__ = [
     "convert",
     "cubic",
     "exponential",
+    "export_onnx",
     "format_summary",
     "full_precision",
     "linear",

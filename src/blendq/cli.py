@@ -248,6 +248,58 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def _converted_run(run: str):
+    from .engine.trainer import load_run_model
+    from .export import to_graph
+    from .transform import convert
+
+    model, cfg, data = load_run_model(run)
+    if not cfg.quantize:
+        raise UsageError(f"{run} is a float (fp32) run: nothing to export as integers")
+    converted = convert(model)
+    size = cfg.image_size or data.image_size
+    return model, converted, to_graph(converted), cfg, data, (1, data.in_channels, size, size)
+
+
+def cmd_export(args) -> int:
+    from .export import save_artifact
+    from .export.onnx_qdq import graph_to_onnx
+
+    model, _, graph, cfg, _, shape = _converted_run(args.run)
+    fp32_bytes = 4 * (sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))))
+    suffix = ".onnx" if args.format == "onnx" else ".safetensors"
+    out = Path(args.out or Path(args.run if Path(args.run).is_dir() else Path(args.run).parent)
+               / f"model{suffix}")
+    if args.format == "onnx":
+        import onnx
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(graph_to_onnx(graph, shape), str(out))
+        size = out.stat().st_size
+    else:
+        size = save_artifact(graph, out)
+    print(f"wrote {out}: {size:,} bytes, fp32 model {fp32_bytes:,} bytes "
+          f"({fp32_bytes / size:.1f}x smaller; W{cfg.w_bits}A{cfg.a_bits or 32})")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .engine.trainer import _Dist, make_loaders
+    from .export.verify import verify_model
+    from .transform import quantized
+
+    model, _, graph, cfg, data, _ = _converted_run(args.run)
+    cfg = cfg.replace(test_subset=args.test_subset) if args.test_subset else cfg
+    _, test = make_loaders(cfg, data, _Dist())
+    with quantized(model) as alpha_one:
+        rows = verify_model(alpha_one, graph, test, onnx=not args.no_onnx)
+    print(f"{args.run}: W{cfg.w_bits}A{cfg.a_bits or 32}; |Δ| in steps of max|logit|/127")
+    for row in rows:
+        print(row.row())
+    return 0
+
+
 def cmd_recipes(args) -> int:
     from .engine.config import load_recipe, recipe_names
     from .models import MODELS
@@ -304,6 +356,18 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--out")
     pl.set_defaults(func=cmd_plot)
 
+    ex = sub.add_parser("export", help="export a trained run: blendq artifact or ONNX QDQ")
+    ex.add_argument("run", help="run directory or checkpoint (alpha must have reached 1)")
+    ex.add_argument("--format", choices=("blendq", "onnx"), default="blendq")
+    ex.add_argument("--out", help="output file (default: RUN/model.safetensors|.onnx)")
+    ex.set_defaults(func=cmd_export)
+
+    vf = sub.add_parser("verify", help="alpha=1 model vs integer engine vs ONNX Runtime")
+    vf.add_argument("run", help="run directory or checkpoint")
+    vf.add_argument("--test-subset", type=int, help="first N test images")
+    vf.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
+    vf.set_defaults(func=cmd_verify)
+
     rc = sub.add_parser("recipes", help="list bundled recipes (or --models)")
     rc.add_argument("--models", action="store_true")
     rc.set_defaults(func=cmd_recipes)
@@ -317,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         return args.func(args)
-    except (UsageError, ValueError, DataError, CheckpointError, FileNotFoundError,
+    except (UsageError, ValueError, DataError, CheckpointError, FileNotFoundError, ImportError,
             RuntimeError) as err:
         if os.environ.get("BLENDQ_DEBUG"):
             raise

@@ -62,8 +62,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, bad pickle, forbidden global
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read "
-                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt, or not a checkpoint "
+                              f"at all: it cannot be read ({type(err).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a blendq checkpoint (expected format {FORMAT!r})")
     return state

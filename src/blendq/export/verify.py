@@ -1,0 +1,84 @@
+"""Agreement between the α = 1 model, the integer engine and ONNX Runtime.
+
+Differences are reported in units of the output step: the step of an 8-bit
+quantization of the reference logits, ``max |logit| / 127`` (what an int8 output
+of the model could resolve).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .engine import IntegerEngine
+from .ir import Graph
+from .onnx_qdq import graph_to_onnx, onnx_session, run_onnx
+
+__all__ = ["Agreement", "compare_logits", "output_step", "verify_model"]
+
+
+@dataclass(frozen=True)
+class Agreement:
+    name: str
+    top1_agreement: float  # % of samples with the same arg-max
+    max_abs_diff: float
+    mean_abs_diff: float
+    max_steps: float  # max_abs_diff in output steps
+    accuracy: float | None = None
+
+    def row(self) -> str:
+        acc = "" if self.accuracy is None else f"  acc {self.accuracy:6.2f}%"
+        return (f"{self.name:28s} top-1 agree {self.top1_agreement:7.3f}%  max |Δ| "
+                f"{self.max_abs_diff:.3g} ({self.max_steps:.3g} steps)  mean |Δ| "
+                f"{self.mean_abs_diff:.3g}{acc}")
+
+
+def output_step(reference_logits: Tensor) -> float:
+    """One step of an 8-bit quantization of the logits: ``max |logit| / 127``."""
+    return max(float(reference_logits.abs().max()) / 127.0, 1e-30)
+
+
+def compare_logits(name: str, ref: Tensor, other: Tensor, step: float,
+                   labels: Tensor | None = None) -> Agreement:
+    ref, other = ref.double(), other.double()
+    diff = (ref - other).abs()
+    agree = 100.0 * float((ref.argmax(1) == other.argmax(1)).double().mean())
+    acc = None if labels is None else 100.0 * float((other.argmax(1) == labels).double().mean())
+    return Agreement(name, agree, float(diff.max()), float(diff.mean()),
+                     float(diff.max()) / step, acc)
+
+
+@torch.no_grad()
+def verify_model(alpha_one_model: nn.Module, graph: Graph, batches, onnx: bool = True
+                 ) -> list[Agreement]:
+    """Run the α = 1 model (float32), the integer engine and ONNX Runtime on ``batches``
+    of ``(x, y)``; compare each with the α = 1 model."""
+    engine = IntegerEngine(graph)
+    sessions = []
+    refs, ints, labels = [], [], []
+    orts: dict[str, list] = {"ONNX Runtime, int8 kernels": [], "ONNX Runtime, QDQ unfused": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for x, y in batches:
+            if onnx and not sessions:
+                path = Path(tmp) / "model.onnx"
+                import onnx as onnx_lib
+
+                onnx_lib.save(graph_to_onnx(graph, tuple(x.shape)), str(path))
+                sessions = [onnx_session(path, optimize=True), onnx_session(path, optimize=False)]
+            refs.append(alpha_one_model(x).float())
+            ints.append(engine(x))
+            for outputs, session in zip(orts.values(), sessions, strict=False):
+                outputs.append(run_onnx(session, x))
+            labels.append(y)
+    ref, y = torch.cat(refs), torch.cat(labels)
+    step = output_step(ref)
+    results = [compare_logits("alpha=1 model (reference)", ref, ref, step, y),
+               compare_logits("integer engine (float64)", ref, torch.cat(ints), step, y)]
+    for name, outputs in orts.items():
+        if outputs:
+            results.append(compare_logits(name, ref, torch.cat(outputs), step, y))
+    return results
