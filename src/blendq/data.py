@@ -18,12 +18,13 @@ import os
 import pickle
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .dataspec import _STATS, DataError, DataSpec
 
 __all__ = ["DataSpec", "TensorLoader", "load_dataset", "DATASETS", "FASHION_MNIST_DIR"]
 
@@ -33,15 +34,6 @@ _FMNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_STATS = {  # per-channel mean, std of the training split
-    "fashion-mnist": ((0.2860,), (0.3530,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-
-
-class DataError(ValueError):
-    """A dataset is missing or malformed; the message says how to get it."""
 
 
 class TensorLoader:
@@ -99,22 +91,6 @@ def _crop_flip(x: Tensor, pad: int, gen: torch.Generator) -> Tensor:
     batch = torch.arange(n)[:, None, None, None]
     chans = torch.arange(x.shape[1])[None, :, None, None]
     return padded[batch, chans, rows, cols]
-
-
-@dataclass
-class DataSpec:
-    """A dataset ready to train on: tensors (or loaders) and what the model needs to know."""
-
-    name: str
-    train_images: Tensor | None
-    train_labels: Tensor | None
-    test_images: Tensor | None
-    test_labels: Tensor | None
-    in_channels: int
-    image_size: int
-    num_classes: int
-    augment: bool = False
-    folder: Path | None = None  # image-folder datasets stream from disk
 
 
 def _normalize(images: Tensor, name: str) -> Tensor:

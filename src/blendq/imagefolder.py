@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .data import _STATS, DataError, DataSpec
+from .dataspec import _STATS, DataError, DataSpec
 
 __all__ = ["ImageFolder", "FolderLoader", "image_folder_spec"]
 

@@ -27,10 +27,11 @@ OPSET = 13
 
 
 class _Builder:
-    def __init__(self) -> None:
+    def __init__(self, quantize: bool = True) -> None:
         from onnx import helper
 
         self.helper = helper
+        self.quantize = quantize
         self.nodes, self.inits, self.rank = [], [], {}
         self.alias: dict[str, str] = {}  # graph value -> ONNX tensor holding it
         self.anchors: dict[str, Node] = {}  # graph value -> quantized layer whose Q goes there
@@ -110,12 +111,17 @@ def _quantized_layer(b: _Builder, node: Node, src: str) -> str:
     codes = (codes * sign.reshape(-1, *([1] * (codes.ndim - 1)))).astype(np.int8)
     w_scale = (np.abs(mul) / a_scale).astype(np.float32)  # acc·mul = (q_a·γ_a)·(q_w·w_scale)
     w_scale = np.where(w_scale > 0, w_scale, np.float32(1e-30))
-    w = b.const(f"{name}.w_codes", codes)
-    ws = b.const(f"{name}.w_scale", w_scale)
-    wz = b.const(f"{name}.w_zp", np.zeros(len(w_scale), np.int8))
-    w_dq = b.op("DequantizeLinear", [w, ws, wz], f"{name}.w_dq", axis=0)
     bias = b.const(f"{name}.bias", node.tensors["add"].double().numpy().astype(np.float32))
-    x = _quantized_input(b, node, src)
+    if b.quantize:
+        w = b.const(f"{name}.w_codes", codes)
+        ws = b.const(f"{name}.w_scale", w_scale)
+        wz = b.const(f"{name}.w_zp", np.zeros(len(w_scale), np.int8))
+        w_dq = b.op("DequantizeLinear", [w, ws, wz], f"{name}.w_dq", axis=0)
+        x = _quantized_input(b, node, src)
+    else:  # the same network in float: dequantized weights, float activations
+        shape = (-1, *([1] * (codes.ndim - 1)))
+        w_dq = b.const(f"{name}.w", (codes.astype(np.float32) * w_scale.reshape(shape)))
+        x = src
     if node.op == "qlinear":
         b.rank[name] = 2
         return b.op("Gemm", [x, w_dq, bias], name, transB=1)
@@ -172,15 +178,18 @@ def _emit_op(b: _Builder, node: Node) -> None:
         raise ExportError(f"node {name}: op {node.op!r} has no ONNX form")
 
 
-def graph_to_onnx(graph: Graph, input_shape: tuple[int, ...]):
-    """An ``onnx.ModelProto`` for ``graph`` with a dynamic batch dimension."""
+def graph_to_onnx(graph: Graph, input_shape: tuple[int, ...], quantize: bool = True):
+    """An ``onnx.ModelProto`` for ``graph`` with a dynamic batch dimension.
+
+    ``quantize=False`` emits the same network in float32 (dequantized weights, no
+    Q/DQ): the fp32 baseline that ``benchmarks/onnx_speed.py`` times against."""
     import onnx
     from onnx import TensorProto, helper
 
-    b = _Builder()
+    b = _Builder(quantize)
     first = graph.nodes[0]
     b.rank[first.name] = len(input_shape)
-    for node in graph.nodes:
+    for node in graph.nodes if quantize else []:
         if node.op in ("qconv", "qlinear") and node.attrs["a_bits"] is not None and not (
                 node.attrs["a_bits"] == 1 and node.attrs["a_signed"]):
             b.anchors[_anchor(graph, node, b.covered)] = node

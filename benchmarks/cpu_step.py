@@ -1,0 +1,112 @@
+"""Training-step cost of quantization on the CPU: plain, AB, STE and torch.ao QAT.
+
+    python benchmarks/cpu_step.py [--batch 128] [--steps 30] [--model fmnist_cnn]
+
+Same model, data and batch for every variant, timed in one process, alternating
+rounds so that drifts in machine load hit all variants alike. AB and STE use W4A8
+per-channel with codes recomputed every step (``quant_every=1``, the worst case)
+and with ``quant_every=8``. Also prints PPQ throughput on the model's weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import blendq
+from blendq.functional import ppq, search_scale
+from blendq.models import build_model
+
+
+def _variants(base: nn.Module) -> dict[str, nn.Module]:
+    out = {"plain fp32": copy.deepcopy(base)}
+    for method in ("ab", "ste"):
+        for every in (1, 8):
+            policy = blendq.QuantPolicy(w_bits=4, a_bits=8, per_channel=True, method=method,
+                                        quant_every=every)
+            model = blendq.prepare(copy.deepcopy(base), policy)
+            blendq.set_alpha(model, 0.5 if method == "ab" else 1.0)
+            out[f"{method.upper()} W4A8 quant_every={every}"] = model
+    try:  # PyTorch's own eager QAT (STE fake quantization), where it runs
+        from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
+
+        qat = copy.deepcopy(base).train()
+        qat.qconfig = get_default_qat_qconfig("x86")
+        out["torch.ao QAT (int8 fake-quant)"] = prepare_qat(qat)
+    except Exception as err:  # noqa: BLE001 - report and go on
+        print(f"torch.ao QAT unavailable: {type(err).__name__}: {err}")
+    return out
+
+
+def _step_fn(model: nn.Module, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    controller = None
+    if any(True for _ in blendq.transform.blend_layers(model)):
+        alpha = blendq.transform.get_alpha(model)
+        controller = blendq.AlphaController(model, blendq.constant(alpha))
+    counter = [0]
+
+    def step():
+        if controller is not None:
+            controller.step(counter[0])
+        counter[0] += 1
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="fmnist_cnn")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    base = build_model(args.model, in_channels=1, image_size=28).train()
+    x, y = torch.randn(args.batch, 1, 28, 28), torch.randint(0, 10, (args.batch,))
+    steps = {name: _step_fn(m.train(), x, y) for name, m in _variants(base).items()}
+    for fn in steps.values():  # warm up (first projection, allocator)
+        for _ in range(3):
+            fn()
+    times = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                fn()
+            times[name].append((time.perf_counter() - t0) / args.steps)
+    plain = statistics.median(times["plain fp32"])
+    print(f"{args.model}, batch {args.batch}, CPU {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; median of "
+          f"{args.rounds} rounds x {args.steps} steps")
+    print(f"{'variant':36s} {'ms/step':>9s} {'ratio':>7s}")
+    for name, t in times.items():
+        med = statistics.median(t)
+        print(f"{name:36s} {med * 1e3:9.2f} {med / plain:7.3f}")
+    weights = [m.weight.detach() for m in base.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    n = sum(w.numel() for w in weights)
+    for label, fn in (("PPQ 3 warm iterations", lambda w: ppq(w, 4, axis=0, max_iter=3,
+                                                               fixed=True, scale=0.01)),
+                      ("search start + 10 iterations",
+                       lambda w: ppq(w, 4, axis=0, max_iter=10, fixed=True,
+                                     scale=search_scale(w, 4, axis=0)))):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            for w in weights:
+                fn(w)
+        dt = (time.perf_counter() - t0) / 10
+        print(f"{label:36s} {dt * 1e3:9.3f} ms for {n:,} weights ({n / dt / 1e6:.0f} M/s)")
+
+
+if __name__ == "__main__":
+    main()
