@@ -64,3 +64,22 @@ def test_toy_command(tmp_path, capsys):
 def test_recipes_listing(capsys):
     assert main(["recipes"]) == 0
     assert "binarynet_cifar10" in capsys.readouterr().out
+
+
+def test_export_and_verify_commands(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--model", "digits_cnn", "--data", "digits", "--w-bits", "4",
+                 "--a-bits", "8", "--epochs", "2", "--alpha-window", "0", "0.5", "--out",
+                 str(run), "--quiet", "--set", "model_args={\"width\": 8}"]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "m.safetensors")]) == 0
+    assert "smaller" in capsys.readouterr().out
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+    assert main(["verify", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "integer engine" in out and "ONNX Runtime, int8 kernels" in out
+    fp = tmp_path / "fp"
+    assert main(["train", "--fp32", "--model", "digits_cnn", "--epochs", "1", "--out", str(fp),
+                 "--quiet", "--set", "model_args={\"width\": 8}"]) == 0
+    assert main(["export", str(fp)]) == 2
+    assert "float (fp32) run" in capsys.readouterr().err

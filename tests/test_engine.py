@@ -142,3 +142,10 @@ def test_full_size_models_have_the_papers_layers():
     plans = blendq.QuantPolicy(w_bits=4, first_layer=8, depthwise=8, last_layer=8).resolve(mb)
     assert sum(p.w_spec.bits == 8 for p in plans) == 1 + 13 + 1
     assert plans[0].name == "0" and plans[-1].name == str(len(mb) - 1)
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    run = train(QUICK.replace(epochs=1, amp="bf16", channels_last="on"), tmp_path,
+                progress=False)
+    assert run.history[0]["q_test_acc"] >= 0.0
+    assert all(p.dtype == torch.float32 for p in run.model.parameters())
