@@ -161,7 +161,7 @@ def test_onnxruntime_agrees_with_alpha_one_on_fashion_mnist_w8a8(tmp_path):
     data = __import__("blendq.data", fromlist=["load_dataset"]).load_dataset("fashion-mnist")
     test = TensorLoader(data.test_images, data.test_labels, 1000)
     with blendq.quantized(model) as alpha_one:
-        ref, engine, fused, unfused = verify_model(alpha_one, graph, test)
+        ref, engine, _, fused, unfused = verify_model(alpha_one, graph, test)
     assert engine.top1_agreement >= 99.99 and engine.max_steps <= 1.0
     # the QDQ graph as written: the acceptance bar (>= 99.9 % top-1, <= 1 output step)
     assert unfused.top1_agreement >= 99.9 and unfused.max_steps <= 1.0
