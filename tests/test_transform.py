@@ -198,3 +198,11 @@ def test_state_dict_round_trip_keeps_alpha_ema_and_codes(cnn, images):
     assert fresh[0].a_quant.is_signed == model[0].a_quant.is_signed
     model.eval(), fresh.eval()
     torch.testing.assert_close(fresh(images), model(images), atol=0, rtol=0)
+
+
+def test_to_float_undoes_from_float(cnn, images):
+    reference = copy.deepcopy(cnn).eval()
+    model = blendq.prepare(cnn, blendq.QuantPolicy(w_bits=4, a_bits=None)).eval()
+    plain = model[0].to_float()
+    assert type(plain) is nn.Conv2d and plain.weight is model[0].weight
+    torch.testing.assert_close(plain(images), reference[0](images), atol=0, rtol=0)

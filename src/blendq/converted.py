@@ -12,7 +12,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from . import functional as F
-from .layers import BlendConv1d, BlendConv2d, BlendLinear, BlendMixin
+from .layers import BlendConv1d, BlendConv2d, BlendLinear, BlendMixin, rebuild
 
 __all__ = ["QuantMixin", "QuantLinear", "QuantConv1d", "QuantConv2d", "QUANT_MAP"]
 
@@ -26,10 +26,7 @@ class QuantMixin:
     @classmethod
     def from_blend(cls, layer: BlendMixin):
         """Freeze a blended layer at α = 1 into codes and scales."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        skip = {"_parameters", "_buffers", "_modules", "training", "w_quant", "a_quant"}
-        new.__dict__.update({k: v for k, v in layer.__dict__.items() if k not in skip})
+        new = rebuild(layer, cls, drop=("weight", "bias", "alpha"))
         new.training = False
         codes, scale = layer.w_quant.eval_projection(layer.weight)
         bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
@@ -66,16 +63,18 @@ class QuantLinear(QuantMixin, nn.Linear):
         return TF.linear(x, self.weight_value().to(x.dtype), self.bias)
 
 
-class QuantConv1d(QuantMixin, nn.Conv1d):
+class _QuantConv(QuantMixin):
     def forward(self, input: Tensor) -> Tensor:
         x = self.quantized_input(input)
         return self._conv_forward(x, self.weight_value().to(x.dtype), self.bias)
 
 
-class QuantConv2d(QuantMixin, nn.Conv2d):
-    def forward(self, input: Tensor) -> Tensor:
-        x = self.quantized_input(input)
-        return self._conv_forward(x, self.weight_value().to(x.dtype), self.bias)
+class QuantConv1d(_QuantConv, nn.Conv1d):
+    pass
+
+
+class QuantConv2d(_QuantConv, nn.Conv2d):
+    pass
 
 
 QUANT_MAP: dict[type[nn.Module], type[nn.Module]] = {

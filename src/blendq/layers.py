@@ -15,7 +15,22 @@ from torch import Tensor, nn
 
 from .quantizers import ActQuantizer, ActSpec, WeightQuantizer, WeightSpec
 
-__all__ = ["BlendLinear", "BlendConv1d", "BlendConv2d", "BlendMixin", "BLEND_MAP"]
+__all__ = ["BlendLinear", "BlendConv1d", "BlendConv2d", "BlendMixin", "BLEND_MAP", "rebuild"]
+
+_MODULE_STATE = {"_parameters", "_buffers", "_modules", "training"}
+
+
+def rebuild(module: nn.Module, cls: type, drop: tuple[str, ...] = ()) -> nn.Module:
+    """A ``cls`` instance holding ``module``'s attributes, Parameters and buffers (the same
+    objects, not copies), without running ``cls.__init__``; ``drop`` names to leave out."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.__dict__.update({k: v for k, v in module.__dict__.items()
+                         if k not in _MODULE_STATE and k not in drop})
+    new._parameters.update({k: v for k, v in module._parameters.items() if k not in drop})
+    new._buffers.update({k: v for k, v in module._buffers.items() if k not in drop})
+    new.training = module.training
+    return new
 
 
 class BlendMixin:
@@ -24,6 +39,11 @@ class BlendMixin:
     alpha: Tensor
     w_quant: WeightQuantizer
     a_quant: ActQuantizer | None
+
+    def __init__(self, *args, w_spec: WeightSpec | None = None, a_spec: ActSpec | None = None,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)  # the torch parent's own signature
+        self._setup(w_spec, a_spec)
 
     def _setup(self, w_spec: WeightSpec | None, a_spec: ActSpec | None) -> None:
         self.register_buffer("alpha", torch.zeros(()))
@@ -35,34 +55,18 @@ class BlendMixin:
         cls, module: nn.Module, w_spec: WeightSpec, a_spec: ActSpec | None = None, name: str = ""
     ):
         """Wrap ``module`` (of the torch parent class); shares its Parameters and buffers."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        skip = {"_parameters", "_buffers", "_modules", "training"}
-        new.__dict__.update({k: v for k, v in module.__dict__.items() if k not in skip})
-        new._parameters.update(module._parameters)
-        new._buffers.update(module._buffers)
-        new.training = module.training
+        new = rebuild(module, cls)
         new._setup(w_spec, a_spec)
-        new.w_quant.name = name
-        if new.a_quant is not None:
-            new.a_quant.name = name
-        new.w_quant.train(module.training)
-        if new.a_quant is not None:
-            new.a_quant.train(module.training)
-            new.a_quant.to(module.weight.device)
+        for quantizer in (new.w_quant, new.a_quant):
+            if quantizer is not None:
+                quantizer.name = name
+                quantizer.to(module.weight.device).train(module.training)
         return new
 
     def to_float(self) -> nn.Module:
         """The plain torch module with the same Parameters (undoes ``from_float``)."""
         parent = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.nn"))
-        new = parent.__new__(parent)
-        nn.Module.__init__(new)
-        skip = {"_parameters", "_buffers", "_modules", "training"}
-        new.__dict__.update({k: v for k, v in self.__dict__.items() if k not in skip})
-        new._parameters.update(self._parameters)
-        new._buffers.update({k: v for k, v in self._buffers.items() if k != "alpha"})
-        new.training = self.training
-        return new
+        return rebuild(self, parent, drop=("alpha",))
 
     def blended_weight(self) -> Tensor:
         return self.w_quant(self.weight, self.alpha)
@@ -75,36 +79,21 @@ class BlendMixin:
 
 
 class BlendLinear(BlendMixin, nn.Linear):
-    def __init__(
-        self, *args, w_spec: WeightSpec | None = None, a_spec: ActSpec | None = None, **kwargs
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._setup(w_spec, a_spec)
-
     def forward(self, input: Tensor) -> Tensor:
         return TF.linear(self.blended_input(input), self.blended_weight(), self.bias)
 
 
-class BlendConv1d(BlendMixin, nn.Conv1d):
-    def __init__(
-        self, *args, w_spec: WeightSpec | None = None, a_spec: ActSpec | None = None, **kwargs
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._setup(w_spec, a_spec)
-
+class _BlendConv(BlendMixin):
     def forward(self, input: Tensor) -> Tensor:
         return self._conv_forward(self.blended_input(input), self.blended_weight(), self.bias)
 
 
-class BlendConv2d(BlendMixin, nn.Conv2d):
-    def __init__(
-        self, *args, w_spec: WeightSpec | None = None, a_spec: ActSpec | None = None, **kwargs
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._setup(w_spec, a_spec)
+class BlendConv1d(_BlendConv, nn.Conv1d):
+    pass
 
-    def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(self.blended_input(input), self.blended_weight(), self.bias)
+
+class BlendConv2d(_BlendConv, nn.Conv2d):
+    pass
 
 
 # Exact types only: a subclass of nn.Conv2d may change forward, so it is not swapped.
