@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import platform
 import statistics
 import time
@@ -33,6 +34,18 @@ def _variants(base: nn.Module) -> dict[str, nn.Module]:
             model = blendq.prepare(copy.deepcopy(base), policy)
             blendq.set_alpha(model, 0.5 if method == "ab" else 1.0)
             out[f"{method.upper()} W4A8 quant_every={every}"] = model
+    # where the time goes: weights alone, and one activation PPQ iteration per batch
+    for label, policy, act_iters in (
+            ("AB W4 weights only", blendq.QuantPolicy(w_bits=4, a_bits=None, per_channel=True),
+             None),
+            ("AB W4A8 1 act. iteration", blendq.QuantPolicy(w_bits=4, a_bits=8,
+                                                           per_channel=True), 1)):
+        model = blendq.prepare(copy.deepcopy(base), policy)
+        blendq.set_alpha(model, 0.5)
+        for _, layer in blendq.transform.blend_layers(model):
+            if act_iters is not None and layer.a_quant is not None:
+                layer.a_quant.spec = dataclasses.replace(layer.a_quant.spec, max_iter=act_iters)
+        out[label] = model
     try:  # PyTorch's own eager QAT (STE fake quantization), where it runs
         from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
 
