@@ -109,23 +109,32 @@ class AlphaController:
 
 
 @contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no gradients inside; every module's train/eval mode put back after."""
+    saved_modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for m, mode in saved_modes:
+            m.training = mode
+
+
+@contextlib.contextmanager
 def alpha_view(model: nn.Module, alpha: float | None = None) -> Iterator[nn.Module]:
     """Evaluate at ``alpha`` (``None``: the current blend) in eval mode, then put back
     α and train/eval modes. Training state (EMA scales, cached codes) is untouched."""
     layers = _require_blend(model)
     saved_alpha = [m.alpha.clone() for m in layers]
-    saved_modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        if alpha is not None:
-            set_alpha(model, alpha)
-        with torch.no_grad():
+        with eval_mode(model):
+            if alpha is not None:
+                set_alpha(model, alpha)
             yield model
     finally:
         for m, a in zip(layers, saved_alpha, strict=True):
             m.alpha.copy_(a)
-        for m, mode in saved_modes:
-            m.training = mode
 
 
 def full_precision(model: nn.Module):

@@ -28,7 +28,15 @@ from torch import nn
 from .. import __version__
 from ..data import DataSpec, TensorLoader, load_dataset
 from ..models import build_model
-from ..transform import AlphaController, alpha_view, blend_layers, convert, prepare
+from ..transform import (
+    AlphaController,
+    alpha_view,
+    blend_layers,
+    convert,
+    eval_mode,
+    get_alpha,
+    prepare,
+)
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .progress import Progress, write_metrics
@@ -172,27 +180,20 @@ def evaluate(model: nn.Module, loader, device: torch.device, cfg: TrainConfig,
 
 def _evaluate_views(model: nn.Module, loader, device, cfg: TrainConfig, progress: bool) -> dict:
     if not cfg.quantize:
-        with alpha_view_or_eval(model):
+        with eval_mode(model):
             r = evaluate(model, loader, device, cfg, "eval", progress)
         return {"test_loss": r["loss"], "test_acc": r["acc"]}
     out = {}
     views = [("", None), ("fp_", 0.0), ("q_", 1.0)] if cfg.eval_views else [("", None)]
+    current = get_alpha(model)
     for prefix, alpha in views:
+        if alpha == current:  # the blended model is this view already: no second pass
+            out[f"{prefix}test_loss"], out[f"{prefix}test_acc"] = out["test_loss"], out["test_acc"]
+            continue
         with alpha_view(model, alpha):
             r = evaluate(model, loader, device, cfg, f"eval {prefix or 'blend_'}"[:-1], progress)
         out[f"{prefix}test_loss"], out[f"{prefix}test_acc"] = r["loss"], r["acc"]
     return out
-
-
-@contextlib.contextmanager
-def alpha_view_or_eval(model: nn.Module):
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _environment(cfg: TrainConfig, device: torch.device, d: _Dist) -> dict:
