@@ -183,7 +183,7 @@ def _find_cifar_dir(root: Path) -> Path:
     raise DataError(
         f"CIFAR-10 not found: expected cifar-10-batches-py/{{data_batch_1..5,test_batch}} "
         f"under {root}. Make it from the bundled JPEG copy with `python "
-        "../shared/data/cifar10/make_cifar10_batches.py DIR` and pass DIR")
+        "../shared/data/cifar10/make_cifar10_batches.py DIR` and pass --data-root DIR")
 
 
 def load_cifar10(root: str | os.PathLike | None = None) -> DataSpec:
