@@ -206,3 +206,10 @@ def test_to_float_undoes_from_float(cnn, images):
     plain = model[0].to_float()
     assert type(plain) is nn.Conv2d and plain.weight is model[0].weight
     torch.testing.assert_close(plain(images), reference[0](images), atol=0, rtol=0)
+
+
+def test_controller_applies_its_first_alpha_even_when_zero(cnn):
+    model = blendq.prepare(cnn, blendq.QuantPolicy(a_bits=None))
+    blendq.set_alpha(model, 0.5)
+    ctl = blendq.AlphaController(model, blendq.cubic(10, 20))
+    assert ctl.step(3) == 0.0 and blendq.transform.get_alpha(model) == 0.0

@@ -94,11 +94,11 @@ class AlphaController:
     def __init__(self, model: nn.Module, schedule: Schedule) -> None:
         self.layers = _require_blend(model)
         self.schedule = schedule
-        self.alpha = 0.0
+        self.alpha: float | None = None  # last α applied; None: nothing applied yet
 
     def step(self, step: int) -> float:
         alpha = self.schedule(step)
-        if alpha != self.alpha or step == 0:
+        if alpha != self.alpha:
             for layer in self.layers:
                 layer.alpha.fill_(alpha)
             self.alpha = alpha

@@ -286,7 +286,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
                 bar.postfix = f"loss {loss.item():.3f} alpha {alpha:.3f}"
         train_time = time.perf_counter() - t0
         _sync_buffers(model)
-        row = {"epoch": epoch + 1, "step": step, "alpha": controller.alpha if controller else 0.0,
+        row = {"epoch": epoch + 1, "step": step,
+               "alpha": get_alpha(model) if cfg.quantize else 0.0,
                "lr": optimizer.param_groups[0]["lr"], "train_loss": float(loss_sum) / max(seen, 1),
                "epoch_time_s": round(train_time, 3)}
         t1 = time.perf_counter()
@@ -301,7 +302,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
                      "history": history, "config": cfg.to_dict()}
             save_checkpoint(state, ckpt_path)
             write_metrics(history, out_dir)
-    if d.main and cfg.quantize and controller and controller.alpha >= 1.0:
+    if d.main and cfg.quantize and get_alpha(model) >= 1.0:
         _save_converted(model, out_dir)
     return RunResult(history, model, out_dir)
 
