@@ -42,6 +42,30 @@ def _reduce_dims(x: Tensor, axis: int | None) -> tuple[int, ...]:
     return tuple(d for d in range(x.dim()) if d != axis)
 
 
+def _as_float(x: Tensor) -> Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _sum(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Sum over ``dims`` keeping them; no dims (one slice per element) sums nothing."""
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def _peak_scale(xf: Tensor, dims: tuple[int, ...], signed: bool, qmax: int) -> Tensor:
+    """Algorithm 2's start ``max|x| / qmax`` (positive part for unsigned grids), > 0."""
+    peak = xf.abs() if signed else xf.clamp(min=0)
+    start = (peak.amax(dim=dims, keepdim=True) if dims else peak) / qmax
+    return torch.where(start > 0, start, torch.full_like(start, _ZERO_SCALE))
+
+
+def _ppq_step(xf: Tensor, gamma: Tensor, dims: tuple[int, ...], qmin: int, qmax: int
+              ) -> tuple[Tensor, Tensor]:
+    """One PPQ iteration: codes at ``gamma`` (eq. 8), then their least-squares scale (eq. 9)."""
+    codes = torch.clamp(torch.round(xf / gamma), qmin, qmax)
+    den = _sum(codes * codes, dims)
+    return codes, torch.where(den > 0, _sum(xf * codes, dims) / den.clamp(min=1), gamma)
+
+
 def check_finite(x: Tensor) -> None:
     """Raise ``ValueError`` if ``x`` holds NaN or inf (one host synchronisation)."""
     if not bool(torch.isfinite(x).all()):
@@ -97,20 +121,15 @@ def ppq(
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     if not fixed:
         check_finite(x)
-    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    xf = _as_float(x)
     dims = _reduce_dims(xf, axis)
-    peak = xf.abs() if signed else xf.clamp(min=0)
-    start = peak.amax(dim=dims, keepdim=True) / qmax if dims else peak / qmax
-    start = torch.where(start > 0, start, torch.full_like(start, _ZERO_SCALE))
+    start = _peak_scale(xf, dims, signed, qmax)
     if scale is not None:
         given = torch.as_tensor(scale, dtype=xf.dtype, device=xf.device).expand_as(start)
         start = torch.where(given > 0, given, start)
     gamma = start
     for _ in range(max_iter):
-        codes = torch.clamp(torch.round(xf / gamma), qmin, qmax)  # eq. 8
-        num = (xf * codes).sum(dim=dims, keepdim=True) if dims else xf * codes
-        den = (codes * codes).sum(dim=dims, keepdim=True) if dims else codes * codes
-        new = torch.where(den > 0, num / den.clamp(min=1), gamma)  # eq. 9
+        codes, new = _ppq_step(xf, gamma, dims, qmin, qmax)
         if not fixed and torch.equal(new, gamma):
             break
         gamma = new
@@ -128,17 +147,13 @@ def search_scale(x: Tensor, bits: int, axis: int | None = None, signed: bool = T
     iterations. From this start, 3-5 iterations reach it (``tests/test_functional.py``).
     """
     qmin, qmax = grid(bits, signed)
-    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    xf = _as_float(x)
     dims = _reduce_dims(xf, axis)
-    peak = (xf.abs() if signed else xf.clamp(min=0)).amax(dim=dims, keepdim=True) / qmax
-    peak = torch.where(peak > 0, peak, torch.full_like(peak, _ZERO_SCALE))
+    peak = _peak_scale(xf, dims, signed, qmax)
     best_err, best = None, peak
     for k in range(1, candidates + 1):
-        codes = torch.clamp(torch.round(xf / (peak * k / candidates)), qmin, qmax)
-        den = (codes * codes).sum(dim=dims, keepdim=True)
-        gamma = torch.where(den > 0, (xf * codes).sum(dim=dims, keepdim=True) / den.clamp(min=1),
-                            peak)
-        err = ((xf - gamma * codes) ** 2).sum(dim=dims, keepdim=True)
+        codes, gamma = _ppq_step(xf, peak * k / candidates, dims, qmin, qmax)
+        err = _sum((xf - gamma * codes) ** 2, dims)
         if best_err is None:
             best_err, best = err, gamma
         else:
@@ -158,7 +173,7 @@ def binarize(
     _check_axis(x, axis)
     if not fixed:
         check_finite(x)
-    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    xf = _as_float(x)
     codes = torch.where(xf >= 0, 1.0, -1.0).to(xf.dtype)
     dims = _reduce_dims(xf, axis)
     if not scaled:

@@ -121,18 +121,18 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def project(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """``(codes, scale)`` of ``w``: PPQ warm-started from the cached scale once there
-        is one (``max_iter`` iterations), else run to convergence from ``max|w|/qmax``."""
+        is one (``max_iter`` iterations), else ``init_iter`` iterations from
+        :func:`~blendq.functional.search_scale`."""
         s = self.spec
         axis = 0 if s.per_channel else None
         try:
+            F.check_finite(w)
             if s.bits == 1:
-                codes, scale = F.binarize(w, axis=axis, scaled=s.binary_scale)
+                codes, scale = F.binarize(w, axis=axis, scaled=s.binary_scale, fixed=True)
             elif self._ready:
-                F.check_finite(w)
                 codes, scale = F.ppq(w, s.bits, axis=axis, max_iter=s.max_iter,
                                      scale=self.scale, fixed=True)
             else:
-                F.check_finite(w)
                 start = F.search_scale(w, s.bits, axis=axis)
                 codes, scale = F.ppq(w, s.bits, axis=axis, max_iter=s.init_iter, scale=start,
                                      fixed=True)
