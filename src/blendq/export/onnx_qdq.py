@@ -141,6 +141,8 @@ def _emit(b: _Builder, node: Node) -> None:
 
 def _emit_op(b: _Builder, node: Node) -> None:
     ins, name, a = [b.get(i) for i in node.inputs], node.name, node.attrs
+    if node.op == "input":  # the graph input itself: nothing to compute
+        return
     if node.op in ("qconv", "qlinear"):
         _quantized_layer(b, node, ins[0])
         return
@@ -194,12 +196,6 @@ def graph_to_onnx(graph: Graph, input_shape: tuple[int, ...], quantize: bool = T
                 node.attrs["a_bits"] == 1 and node.attrs["a_signed"]):
             b.anchors[_anchor(graph, node, b.covered)] = node
     for node in graph.nodes:
-        if node.op == "input":
-            target = b.anchors.get(node.name)
-            if target is not None:
-                b.alias[node.name] = _quantized_input(b, target, node.name)
-                b.done.add(target.name)
-            continue
         _emit(b, node)
     b.op("Identity", [b.get(graph.output)], "logits")
     inp = helper.make_tensor_value_info(first.name, TensorProto.FLOAT,
