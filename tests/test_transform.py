@@ -4,12 +4,13 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as TF
 from conftest import small_cnn
 from torch import nn
 
 import blendq
 from blendq.converted import QuantMixin
-from blendq.layers import BlendConv1d, BlendConv2d, BlendLinear
+from blendq.layers import BlendConv1d, BlendConv2d, BlendLinear, FoldedBatchNorm2d
 
 
 def _calibrate(model, x, steps=3):
@@ -213,3 +214,45 @@ def test_controller_applies_its_first_alpha_even_when_zero(cnn):
     blendq.set_alpha(model, 0.5)
     ctl = blendq.AlphaController(model, blendq.cubic(10, 20))
     assert ctl.step(3) == 0.0 and blendq.transform.get_alpha(model) == 0.0
+
+
+def test_batch_norm_after_a_quantized_layer_is_linked_to_it(cnn, images):
+    keys = set(cnn.state_dict())
+    model = blendq.prepare(cnn, blendq.QuantPolicy(w_bits=4, a_bits=8))
+    assert isinstance(model[1], FoldedBatchNorm2d) and model[1].producer is model[0]
+    assert isinstance(model[4], FoldedBatchNorm2d) and model[4].producer is model[3]
+    assert [m.bias_folded for _, m in blendq.transform.blend_layers(model)] == \
+        [True, True, False, False]
+    assert "producer" not in dict(model[1].named_children())  # a link, not a submodule
+    assert keys <= set(model.state_dict())
+    _calibrate(model, images)
+    blendq.set_alpha(model, 1.0)
+    converted = blendq.convert(model)
+    assert converted[1].producer is converted[0] and converted[4].producer is converted[3]
+    # in evaluation at alpha = 1 the folded bias k*b + t is a whole number of units |k|*u
+    outputs = {}
+    converted[1].register_forward_hook(lambda m, i, o: outputs.update(bn=o))
+    converted(images)
+    k, t = blendq.layers.bn_affine(converted[1])
+    unit = (k * converted[0].accumulator_unit()).abs()
+    conv = converted[0]
+    acc = TF.conv2d(conv.quantized_input(images).double() / conv.act_scale.double(),
+                    conv.weight_codes.double(), None, 1, 1)  # integer accumulator
+    bias = (outputs["bn"].double() - acc * (k * conv.accumulator_unit()).view(1, -1, 1, 1))
+    units = bias / unit.view(1, -1, 1, 1)
+    assert torch.allclose(units, units.round(), atol=1e-3)
+    assert not torch.allclose(units[0, :, 0, 0], (k * conv.bias.double() + t) / unit)
+
+
+def test_untraceable_model_is_prepared_with_a_warning(images):
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else self.conv(x)
+
+    with pytest.warns(UserWarning, match="cannot trace the model"):
+        model = blendq.prepare(Dynamic(), blendq.QuantPolicy())
+    assert type(model.bn) is nn.BatchNorm2d and model(images).shape[1] == 4

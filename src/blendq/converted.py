@@ -12,7 +12,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from . import functional as F
-from .layers import BlendConv1d, BlendConv2d, BlendLinear, BlendMixin, rebuild
+from .layers import BlendConv1d, BlendConv2d, BlendLinear, BlendMixin, rebuild, rounded_bias
 
 __all__ = ["QuantMixin", "QuantLinear", "QuantConv1d", "QuantConv2d", "QUANT_MAP"]
 
@@ -22,6 +22,7 @@ class QuantMixin:
 
     weight_codes: Tensor
     weight_scale: Tensor
+    bias_folded = False  # a FoldedBatchNorm right after rounds the folded bias instead
 
     @classmethod
     def from_blend(cls, layer: BlendMixin):
@@ -46,6 +47,16 @@ class QuantMixin:
         """The dequantized weight ``scale * codes``."""
         return self.weight_scale * self.weight_codes.to(self.weight_scale.dtype)
 
+    def accumulator_unit(self) -> Tensor | None:
+        """``γ_w·γ_a`` per output channel (float64); ``None`` for a float or sign input."""
+        if self.a_bits is None or (self.a_bits == 1 and self.a_signed):
+            return None
+        return self.weight_scale.double().reshape(-1) * self.act_scale.double()
+
+    def layer_bias(self) -> Tensor | None:
+        """The bias rounded to whole accumulator units (as the α = 1 layer evaluates)."""
+        return rounded_bias(self, None)
+
     def quantized_input(self, x: Tensor) -> Tensor:
         if self.a_bits is None:
             return x
@@ -60,13 +71,13 @@ class QuantMixin:
 class QuantLinear(QuantMixin, nn.Linear):
     def forward(self, input: Tensor) -> Tensor:
         x = self.quantized_input(input)
-        return TF.linear(x, self.weight_value().to(x.dtype), self.bias)
+        return TF.linear(x, self.weight_value().to(x.dtype), self.layer_bias())
 
 
 class _QuantConv(QuantMixin):
     def forward(self, input: Tensor) -> Tensor:
         x = self.quantized_input(input)
-        return self._conv_forward(x, self.weight_value().to(x.dtype), self.bias)
+        return self._conv_forward(x, self.weight_value().to(x.dtype), self.layer_bias())
 
 
 class QuantConv1d(_QuantConv, nn.Conv1d):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["grid", "ppq", "search_scale", "binarize", "quantize", "blend", "straight_through",
-           "check_finite"]
+           "check_finite", "round_bias"]
 
 _ZERO_SCALE = 1.0  # scale given to an all-zero tensor or slice: any positive value is exact
 
@@ -193,6 +193,18 @@ def quantize(x: Tensor, scale: Tensor, bits: int, signed: bool = True) -> Tensor
     if signed and bits == 1:
         return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
     return torch.clamp(torch.round(x / scale), qmin, qmax)
+
+
+def round_bias(bias: Tensor, unit: Tensor) -> Tensor:
+    """``bias`` rounded to a whole number of accumulator units ``|unit|``, in float64.
+
+    An integer layer computes ``unit · (q_w ⋆ q_a)`` with ``unit = γ_w·γ_a`` (per output
+    channel, batch norm folded in); int8 runtimes add the bias to the int32 accumulator,
+    so it must be ``unit · B`` with ``B`` an integer. A zero unit keeps the bias.
+    """
+    b, u = bias.double(), unit.double().abs()
+    safe = torch.where(u > 0, u, torch.ones_like(u))
+    return torch.where(u > 0, torch.round(b / safe) * safe, b)
 
 
 def blend(w: Tensor, wq: Tensor, alpha: Tensor | float) -> Tensor:

@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
+from . import functional as F
 from .quantizers import ActQuantizer, ActSpec, WeightQuantizer, WeightSpec
 
-__all__ = ["BlendLinear", "BlendConv1d", "BlendConv2d", "BlendMixin", "BLEND_MAP", "rebuild"]
+__all__ = ["BlendLinear", "BlendConv1d", "BlendConv2d", "BlendMixin", "BLEND_MAP", "rebuild",
+           "FoldedBatchNorm1d", "FoldedBatchNorm2d", "FOLDED_BN_MAP", "bn_affine"]
 
 _MODULE_STATE = {"_parameters", "_buffers", "_modules", "training"}
 
@@ -39,6 +41,7 @@ class BlendMixin:
     alpha: Tensor
     w_quant: WeightQuantizer
     a_quant: ActQuantizer | None
+    bias_folded = False  # a FoldedBatchNorm right after rounds the folded bias instead
 
     def __init__(self, *args, w_spec: WeightSpec | None = None, a_spec: ActSpec | None = None,
                  **kwargs) -> None:
@@ -74,18 +77,46 @@ class BlendMixin:
     def blended_input(self, x: Tensor) -> Tensor:
         return x if self.a_quant is None else self.a_quant(x, self.alpha)
 
+    def accumulator_unit(self) -> Tensor | None:
+        """``γ_w·γ_a`` per output channel (float64), as evaluation computes it, where the
+        layer runs on an integer grid; ``None`` for a float or sign (±1) input, which
+        runtimes compute with a float bias, or an activation scale never calibrated."""
+        a = self.a_quant
+        if a is None or (a.spec.bits == 1 and a.is_signed) or not bool(a.initialized):
+            return None
+        return self.w_quant.eval_projection(self.weight)[1].double().reshape(-1) * \
+            a.scale.double()
+
+    def layer_bias(self) -> Tensor | None:
+        """The bias added. In evaluation it is blended toward whole accumulator units,
+        ``b + α·(R(b) - b)``, as int8 runtimes add it to the int32 accumulator (unless
+        a batch norm right after does that for the folded bias)."""
+        return rounded_bias(self, self.alpha) if not self.training else self.bias
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", alpha={float(self.alpha):.4g}"
 
 
+def rounded_bias(layer: nn.Module, alpha: Tensor | None) -> Tensor | None:
+    bias = layer.bias
+    if bias is None or layer.bias_folded:
+        return bias
+    unit = layer.accumulator_unit()
+    if unit is None:
+        return bias
+    rounded = F.round_bias(bias.detach(), unit).to(bias.dtype)
+    return rounded if alpha is None else torch.lerp(bias, rounded, alpha.to(bias.dtype))
+
+
 class BlendLinear(BlendMixin, nn.Linear):
     def forward(self, input: Tensor) -> Tensor:
-        return TF.linear(self.blended_input(input), self.blended_weight(), self.bias)
+        return TF.linear(self.blended_input(input), self.blended_weight(), self.layer_bias())
 
 
 class _BlendConv(BlendMixin):
     def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(self.blended_input(input), self.blended_weight(), self.bias)
+        return self._conv_forward(self.blended_input(input), self.blended_weight(),
+                                  self.layer_bias())
 
 
 class BlendConv1d(_BlendConv, nn.Conv1d):
@@ -101,4 +132,53 @@ BLEND_MAP: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: BlendLinear,
     nn.Conv1d: BlendConv1d,
     nn.Conv2d: BlendConv2d,
+}
+
+
+def bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    """Batch norm in evaluation as ``k·x + t`` per channel, float64 (running statistics)."""
+    var, mean = bn.running_var.double(), bn.running_mean.double()
+    weight = torch.ones_like(var) if bn.weight is None else bn.weight.detach().double()
+    bias = torch.zeros_like(var) if bn.bias is None else bn.bias.detach().double()
+    k = weight / torch.sqrt(var + bn.eps)
+    return k, bias - mean * k
+
+
+class _FoldedBatchNorm:
+    """A batch norm right after a quantized layer (linked by ``prepare``/``convert``;
+    the link is ``producer``, not a submodule). Export folds it into that layer: one
+    rescale ``k·γ_w·γ_a`` and one bias ``k·b + t`` per channel. In evaluation it rounds
+    that folded bias to whole accumulator units (blended with the layer's α), as int8
+    runtimes do, so the α = 1 model computes what they compute. Training is untouched.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        out = super().forward(input)
+        layer = self.__dict__.get("producer")
+        if self.training or layer is None or self.running_mean is None:
+            return out
+        unit = layer.accumulator_unit()
+        if unit is None:
+            return out
+        k, t = bn_affine(self)
+        if layer.bias is not None:
+            t = k * layer.bias.detach().double() + t
+        delta = (F.round_bias(t, k * unit) - t).to(out.dtype)
+        alpha = getattr(layer, "alpha", None)
+        if alpha is not None:
+            delta = delta * alpha.to(out.dtype)
+        return out + delta.reshape(1, -1, *([1] * (out.dim() - 2)))
+
+
+class FoldedBatchNorm1d(_FoldedBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class FoldedBatchNorm2d(_FoldedBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+FOLDED_BN_MAP: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: FoldedBatchNorm1d,
+    nn.BatchNorm2d: FoldedBatchNorm2d,
 }

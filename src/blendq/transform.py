@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.fx
 from torch import nn
 
 from .converted import QUANT_MAP, QuantMixin
-from .layers import BLEND_MAP, BlendMixin
+from .layers import BLEND_MAP, FOLDED_BN_MAP, BlendMixin, rebuild
 from .policy import QuantPolicy
 from .schedules import Schedule
 
@@ -27,6 +29,7 @@ __all__ = [
     "summary",
     "format_summary",
     "blend_layers",
+    "link_batch_norms",
 ]
 
 
@@ -55,7 +58,45 @@ def prepare(model: nn.Module, policy: QuantPolicy) -> nn.Module:
             module, plan.w_spec, plan.a_spec, name=plan.name or type(module).__name__
         )
         model = _replace(model, plan.name, blended)
+    link_batch_norms(model)
     return model
+
+
+class _LinkTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, BlendMixin | QuantMixin | nn.modules.batchnorm._BatchNorm) or \
+            super().is_leaf_module(m, qualname)
+
+
+def link_batch_norms(model: nn.Module) -> int:
+    """Link every batch norm whose input is a quantized layer's output, and that layer's
+    only consumer, to the layer (the pairs export folds together): evaluation then
+    rounds the folded bias to whole accumulator units, as int8 runtimes do. Called by
+    :func:`prepare` and :func:`convert`; returns the number of links."""
+    try:
+        graph = _LinkTracer().trace(model)
+    except Exception as err:  # any model torch.fx cannot trace: evaluation stays float-bias
+        warnings.warn(f"blendq: torch.fx cannot trace the model ({type(err).__name__}: {err}); "
+                      "batch norms are not linked to the quantized layers before them, so "
+                      "int8 runtimes may round folded biases unlike evaluation", stacklevel=3)
+        return 0
+    links = 0
+    for node in graph.nodes:
+        layer = model.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(layer, BlendMixin | QuantMixin):
+            continue
+        users = list(node.users)
+        target = users[0].target if len(users) == 1 and users[0].op == "call_module" else None
+        bn = model.get_submodule(target) if target is not None else None
+        if type(bn) in FOLDED_BN_MAP:
+            bn = rebuild(bn, FOLDED_BN_MAP[type(bn)])
+            model = _replace(model, target, bn)
+        folded = bn is not None and type(bn) in FOLDED_BN_MAP.values()
+        if folded:
+            object.__setattr__(bn, "producer", layer)  # a link, not a submodule
+            links += 1
+        layer.bias_folded = folded
+    return links
 
 
 def blend_layers(model: nn.Module) -> Iterator[tuple[str, BlendMixin]]:
@@ -174,6 +215,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     for name, layer in list(blend_layers(model)):
         model = _replace(model, name, QUANT_MAP[type(layer)].from_blend(layer))
+    link_batch_norms(model)
     return model.eval()
 
 

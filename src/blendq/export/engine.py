@@ -33,7 +33,7 @@ def _channel(t: Tensor, like: Tensor) -> Tensor:
     return t.reshape(1, -1, *([1] * (like.dim() - 2)))  # (1, C, 1, ...) per channel
 
 
-def _quant_layer(node: Node, x: Tensor, stats: dict | None, int32_bias: bool) -> Tensor:
+def _quant_layer(node: Node, x: Tensor, stats: dict | None) -> Tensor:
     codes_in = _act_codes(x, node)  # integers (or the float input of a first layer)
     w = node.tensors["codes"].double()
     if node.op == "qlinear":
@@ -44,21 +44,14 @@ def _quant_layer(node: Node, x: Tensor, stats: dict | None, int32_bias: bool) ->
                    node.attrs["dilation"], node.attrs["groups"])
     if stats is not None and node.attrs["a_bits"] is not None:
         stats[node.name] = float(acc.abs().max()) if acc.numel() else 0.0
-    # mul = γ_w·γ_a per output channel (γ_a = 1 for a float input), batch norm folded in
+    # mul = γ_w·γ_a per output channel (γ_a = 1 for a float input), batch norm folded
+    # in; add is a whole number of |mul| units where the input is quantized (ir.py)
     mul, add = node.tensors["mul"], node.tensors["add"]
-    if int32_bias and node.attrs["a_bits"] is not None:
-        return (acc + _channel(torch.round(add / mul), acc)) * _channel(mul, acc)
     return acc * _channel(mul, acc) + _channel(add, acc)
 
 
-def run_graph(graph: Graph, x: Tensor, stats: dict | None = None,
-              int32_bias: bool = False) -> Tensor:
-    """Run ``graph`` on ``x`` in float64 with integer cores; returns float64 logits.
-
-    ``int32_bias`` rounds each bias to a whole number of accumulator units (``γ_w·γ_a``)
-    and adds it to the integer accumulator, as int8 runtimes (ONNX Runtime's
-    QLinearConv, TFLite) do; the default keeps the exact float bias of the trained model.
-    """
+def run_graph(graph: Graph, x: Tensor, stats: dict | None = None) -> Tensor:
+    """Run ``graph`` on ``x`` in float64 with integer cores; returns float64 logits."""
     values: dict[str, Tensor] = {}
     for node in graph.nodes:
         ins = [values[i] for i in node.inputs]
@@ -66,7 +59,7 @@ def run_graph(graph: Graph, x: Tensor, stats: dict | None = None,
         if node.op == "input":
             out = x.double()
         elif node.op in ("qconv", "qlinear"):
-            out = _quant_layer(node, ins[0], stats, int32_bias)
+            out = _quant_layer(node, ins[0], stats)
         elif node.op == "affine":
             out = ins[0] * _channel(node.tensors["mul"], ins[0]) + _channel(
                 node.tensors["add"], ins[0])
@@ -97,13 +90,13 @@ def run_graph(graph: Graph, x: Tensor, stats: dict | None = None,
 class IntegerEngine(nn.Module):
     """A :class:`Graph` as a module: ``engine(x)`` gives float64 logits."""
 
-    def __init__(self, graph: Graph, int32_bias: bool = False) -> None:
+    def __init__(self, graph: Graph) -> None:
         super().__init__()
-        self.graph, self.int32_bias = graph, int32_bias
+        self.graph = graph
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        return run_graph(self.graph, x, int32_bias=self.int32_bias)
+        return run_graph(self.graph, x)
 
     @torch.no_grad()
     def max_accumulator(self, x: Tensor) -> dict[str, float]:

@@ -20,9 +20,10 @@ import torch.fx
 from torch import Tensor, nn
 
 from ..converted import QuantConv1d, QuantConv2d, QuantMixin
-from ..layers import BlendMixin
+from ..functional import round_bias
+from ..layers import BlendMixin, bn_affine
 
-__all__ = ["Node", "Graph", "to_graph", "ExportError"]
+__all__ = ["Node", "Graph", "to_graph", "ExportError", "integer_bias"]
 
 
 class ExportError(ValueError):
@@ -55,7 +56,8 @@ OPS = ("input", "qconv", "qlinear", "affine", "relu", "clip", "maxpool", "avgpoo
 
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QuantMixin) or super().is_leaf_module(m, qualname)
+        return isinstance(m, QuantMixin | nn.modules.batchnorm._BatchNorm) or \
+            super().is_leaf_module(m, qualname)
 
 
 def _tuple2(v) -> list[int]:
@@ -92,8 +94,7 @@ def _module_node(name: str, m: nn.Module, src: str) -> Node:
     if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
         if m.running_mean is None:
             raise ExportError(f"layer {name}: batch norm without running statistics")
-        k = m.weight.detach().double() / torch.sqrt(m.running_var.double() + m.eps)
-        t = m.bias.detach().double() - m.running_mean.double() * k
+        k, t = bn_affine(m)
         return Node(name, "affine", [src], {}, {"mul": k, "add": t})
     if isinstance(m, nn.ReLU):
         return Node(name, "relu", [src])
@@ -171,6 +172,13 @@ def to_graph(model: nn.Module) -> Graph:
     return graph
 
 
+def integer_bias(node: Node) -> bool:
+    """Whether a quantized layer runs on an integer input grid, where int8 kernels add
+    its bias to the int32 accumulator (not for a float or a sign (±1) input)."""
+    bits = node.attrs["a_bits"]
+    return bits is not None and not (bits == 1 and node.attrs["a_signed"])
+
+
 def _single_consumer(graph: Graph, node: Node) -> Node | None:
     users = graph.consumers(node.name)
     return users[0] if len(users) == 1 and node.name != graph.output else None
@@ -178,14 +186,19 @@ def _single_consumer(graph: Graph, node: Node) -> Node | None:
 
 def _fold_affine(graph: Graph) -> None:
     """``qlayer -> affine`` and ``qlayer -> maxpool -> affine``: merge the affine into
-    the rescale: ``k·(m·acc + o) + t = (k·m)·acc + (k·o + t)``."""
+    the rescale: ``k·(m·acc + o) + t = (k·m)·acc + (k·o + t)``. The bias of a layer with
+    an integer input (the affine merged in, or before it moves past a pool) becomes a
+    whole number of accumulator units ``|m|``: int8 runtimes add it to the int32
+    accumulator, and the α = 1 model evaluates it so (``FoldedBatchNorm``)."""
     for node in list(graph.nodes):
         if node.op not in ("qconv", "qlinear"):
             continue
         nxt = _single_consumer(graph, node)
         if nxt is not None and nxt.op == "affine":
             _merge(node, nxt, graph)
-        elif nxt is not None and nxt.op == "maxpool":
+        if integer_bias(node):
+            node.tensors["add"] = round_bias(node.tensors["add"], node.tensors["mul"])
+        if nxt is not None and nxt.op == "maxpool":
             bn = _single_consumer(graph, nxt)
             if bn is not None and bn.op == "affine":
                 # the pool sees the integer accumulator; the whole rescale moves after it

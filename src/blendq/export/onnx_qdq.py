@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import grid
-from .ir import ExportError, Graph, Node, to_graph
+from .ir import ExportError, Graph, Node, integer_bias, to_graph
 
 __all__ = ["export_onnx", "graph_to_onnx", "onnx_session", "run_onnx", "OPSET"]
 
@@ -111,7 +111,11 @@ def _quantized_layer(b: _Builder, node: Node, src: str) -> str:
     codes = (codes * sign.reshape(-1, *([1] * (codes.ndim - 1)))).astype(np.int8)
     w_scale = (np.abs(mul) / a_scale).astype(np.float32)  # acc·mul = (q_a·γ_a)·(q_w·w_scale)
     w_scale = np.where(w_scale > 0, w_scale, np.float32(1e-30))
-    bias = b.const(f"{name}.bias", node.tensors["add"].double().numpy().astype(np.float32))
+    add = node.tensors["add"].double().numpy()
+    if b.quantize and integer_bias(node):  # whole accumulator units (ir.py)
+        bias = _int32_bias(b, name, add, np.abs(mul), np.float32(a_scale) * w_scale)
+    else:
+        bias = b.const(f"{name}.bias", add.astype(np.float32))
     if b.quantize:
         w = b.const(f"{name}.w_codes", codes)
         ws = b.const(f"{name}.w_scale", w_scale)
@@ -129,6 +133,19 @@ def _quantized_layer(b: _Builder, node: Node, src: str) -> str:
     b.rank[name] = b.rank[node.inputs[0]]
     return b.op("Conv", [x, w_dq, bias], name, strides=a["stride"], pads=a["padding"] * 2,
                 dilations=a["dilation"], group=a["groups"])
+
+
+def _int32_bias(b: _Builder, name: str, add: np.ndarray, unit: np.ndarray,
+                scale: np.ndarray) -> str:
+    """The bias as int32 accumulator units behind a DequantizeLinear (the QDQ form that
+    int8 kernels take as is, instead of rounding a float bias themselves)."""
+    units = np.round(np.divide(add, unit, out=np.zeros_like(add), where=unit > 0))
+    if np.abs(units).max(initial=0) >= 2**31:
+        raise ExportError(f"layer {name}: bias exceeds the int32 accumulator range")
+    q = b.const(f"{name}.bias_q", units.astype(np.int32))
+    s = b.const(f"{name}.bias_scale", scale.astype(np.float32))
+    zp = b.const(f"{name}.bias_zp", np.zeros(len(scale), np.int32))
+    return b.op("DequantizeLinear", [q, s, zp], f"{name}.bias_dq", axis=0)
 
 
 def _emit(b: _Builder, node: Node) -> None:

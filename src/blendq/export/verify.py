@@ -55,12 +55,12 @@ def compare_logits(name: str, ref: Tensor, other: Tensor, step: float,
 @torch.no_grad()
 def verify_model(alpha_one_model: nn.Module, graph: Graph, batches, onnx: bool = True
                  ) -> list[Agreement]:
-    """Run the α = 1 model (float32), the integer engine (exact bias, and bias rounded
-    to int32 as int8 runtimes do) and ONNX Runtime (int8 kernels, and the QDQ graph
-    unfused) on ``batches`` of ``(x, y)``; compare each with the α = 1 model."""
-    engine, engine32 = IntegerEngine(graph), IntegerEngine(graph, int32_bias=True)
+    """Run the α = 1 model (float32), the integer engine and ONNX Runtime (int8 kernels,
+    and the QDQ graph unfused) on ``batches`` of ``(x, y)``; compare each with the
+    α = 1 model."""
+    engine = IntegerEngine(graph)
     sessions = []
-    refs, ints, ints32, labels = [], [], [], []
+    refs, ints, labels = [], [], []
     orts: dict[str, list] = {"ONNX Runtime, int8 kernels": [], "ONNX Runtime, QDQ unfused": []}
     with tempfile.TemporaryDirectory() as tmp:
         for x, y in batches:
@@ -72,15 +72,13 @@ def verify_model(alpha_one_model: nn.Module, graph: Graph, batches, onnx: bool =
                 sessions = [onnx_session(path, optimize=True), onnx_session(path, optimize=False)]
             refs.append(alpha_one_model(x).float())
             ints.append(engine(x))
-            ints32.append(engine32(x))
             for outputs, session in zip(orts.values(), sessions, strict=False):
                 outputs.append(run_onnx(session, x))
             labels.append(y)
     ref, y = torch.cat(refs), torch.cat(labels)
     step = output_step(ref)
     results = [compare_logits("alpha=1 model (reference)", ref, ref, step, y),
-               compare_logits("integer engine (float64)", ref, torch.cat(ints), step, y),
-               compare_logits("integer engine, int32 bias", ref, torch.cat(ints32), step, y)]
+               compare_logits("integer engine (float64)", ref, torch.cat(ints), step, y)]
     for name, outputs in orts.items():
         if outputs:
             results.append(compare_logits(name, ref, torch.cat(outputs), step, y))
