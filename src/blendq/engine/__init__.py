@@ -2,7 +2,8 @@
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_recipe, recipe_names
-from .trainer import RunResult, evaluate, load_run_model, train
+from .trainer import RunResult, evaluate, evaluate_run, load_run_model, train
 
-__all__ = ["CheckpointError", "RunResult", "TrainConfig", "evaluate", "load_checkpoint",
+__all__ = ["CheckpointError", "RunResult", "TrainConfig", "evaluate", "evaluate_run",
+           "load_checkpoint",
            "load_recipe", "load_run_model", "recipe_names", "save_checkpoint", "train"]
