@@ -191,3 +191,44 @@ def test_search_start_reaches_the_fixed_point_in_few_iterations(bits, axis):
     slow = _error(w, *ppq(w, bits, axis=axis, max_iter=5, fixed=True))
     assert fast <= 1.01 * ref
     assert fast <= slow
+
+
+def _reference_codes(x, scale, bits, signed=True):
+    qmin, qmax = grid(bits, signed)
+    return torch.clamp(torch.round(x / scale), qmin, qmax)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_fast_paths_compute_what_the_reference_expressions_compute(layout):
+    """In-place codes and dot-product reductions: same codes, same scales."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, 12, 12, generator=g) * 0.7
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = x[:, ::2]
+    scale = torch.tensor(0.05)
+    expected = _reference_codes(x, scale, 4)
+    assert torch.equal(quantize(x, scale, 4), expected)
+    xg = x.clone().requires_grad_()
+    assert torch.equal(quantize(xg, scale, 4), expected)  # autograd path, out of place
+    codes, gamma = ppq(x, 4, max_iter=3, fixed=True, scale=scale)
+    ref_gamma = scale
+    for _ in range(3):  # Algorithm 2 written out: eq. 8, then eq. 9 with plain sums
+        ref_codes = _reference_codes(x, ref_gamma, 4)
+        ref_gamma = (x * ref_codes).sum() / (ref_codes * ref_codes).sum()
+    assert torch.equal(codes, ref_codes)
+    torch.testing.assert_close(gamma.reshape(()), ref_gamma, rtol=1e-6, atol=0)
+
+
+def test_strided_sample_is_an_even_view():
+    from blendq.functional import strided_sample
+
+    x = torch.randn(64, 32, 28, 28)
+    for t in (x, x.contiguous(memory_format=torch.channels_last)):
+        s = strided_sample(t, 10_000)
+        assert s.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()  # no copy
+        assert 5_000 <= s.numel() <= 10_001 + t.numel() // 10_000
+        assert s.stride(0) % 2 == 1  # odd: visits every channel
+    small = torch.randn(100)
+    assert strided_sample(small, 100) is small

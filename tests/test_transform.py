@@ -256,3 +256,27 @@ def test_untraceable_model_is_prepared_with_a_warning(images):
     with pytest.warns(UserWarning, match="cannot trace the model"):
         model = blendq.prepare(Dynamic(), blendq.QuantPolicy())
     assert type(model.bn) is nn.BatchNorm2d and model(images).shape[1] == 4
+
+
+def test_activation_scale_from_a_strided_sample_or_the_whole_batch():
+    from blendq.functional import ppq, strided_sample
+    from blendq.quantizers import ActQuantizer, ActSpec
+
+    x = torch.randn(16, 8, 20, 20).relu()
+    alpha = torch.tensor(0.5)
+    for sample in (None, 1000):
+        aq = ActQuantizer(ActSpec(bits=4, sample=sample)).train()
+        xg = x.clone().requires_grad_()
+        out = aq(xg, alpha)
+        part = x if sample is None else strided_sample(x, sample)
+        _, expected = ppq(part, 4, signed=False, max_iter=3, fixed=True)
+        assert torch.equal(aq.scale, expected.reshape(()))
+        # the straight-through value: lerp toward the quantized input, written in place
+        scale = aq.scale
+        xq = scale * torch.clamp(torch.round(x / scale), 0, 15)
+        assert torch.equal(out, torch.lerp(x, xq, alpha))
+        out.sum().backward()
+        inside = (x >= -0.5 * scale) & (x <= 15.5 * scale)
+        assert torch.equal(xg.grad, inside.float())
+    with pytest.raises(ValueError, match="sample"):
+        ActSpec(sample=0)

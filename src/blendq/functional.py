@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["grid", "ppq", "search_scale", "binarize", "quantize", "blend", "straight_through",
-           "check_finite", "round_bias"]
+           "check_finite", "round_bias", "strided_sample"]
 
 _ZERO_SCALE = 1.0  # scale given to an all-zero tensor or slice: any positive value is exact
 
@@ -58,12 +58,45 @@ def _peak_scale(xf: Tensor, dims: tuple[int, ...], signed: bool, qmax: int) -> T
     return torch.where(start > 0, start, torch.full_like(start, _ZERO_SCALE))
 
 
-def _ppq_step(xf: Tensor, gamma: Tensor, dims: tuple[int, ...], qmin: int, qmax: int
-              ) -> tuple[Tensor, Tensor]:
+def _codes(x: Tensor, scale: Tensor, qmin: int, qmax: int, out: Tensor | None = None) -> Tensor:
+    """``clamp(round(x / scale))`` in one buffer (three passes, one allocation at most);
+    out of place where autograd records ``x``."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return torch.clamp(torch.round(x / scale), qmin, qmax)
+    return torch.div(x, scale, out=out).round_().clamp_(qmin, qmax)
+
+
+def _dot(a: Tensor, b: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``sum(a * b)`` over ``dims`` (kept); over all dims of contiguous tensors as a dot
+    product, which reads both once and allocates nothing."""
+    if len(dims) == a.dim() > 0 and a.is_contiguous() and b.is_contiguous():
+        return torch.dot(a.view(-1), b.view(-1)).reshape([1] * a.dim())
+    return _sum(a * b, dims)
+
+
+def _ppq_step(xf: Tensor, gamma: Tensor, dims: tuple[int, ...], qmin: int, qmax: int,
+              out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One PPQ iteration: codes at ``gamma`` (eq. 8), then their least-squares scale (eq. 9)."""
-    codes = torch.clamp(torch.round(xf / gamma), qmin, qmax)
-    den = _sum(codes * codes, dims)
-    return codes, torch.where(den > 0, _sum(xf * codes, dims) / den.clamp(min=1), gamma)
+    codes = _codes(xf, gamma, qmin, qmax, out)
+    den = _dot(codes, codes, dims)
+    return codes, torch.where(den > 0, _dot(xf, codes, dims) / den.clamp(min=1), gamma)
+
+
+def strided_sample(x: Tensor, n: int) -> Tensor:
+    """About ``n`` elements of ``x`` (at least ``n / 2``), evenly strided through memory:
+    a view (no copy) for contiguous and channels-last tensors; ``x`` itself when it holds
+    no more than ``n``. The stride is odd, so it does not keep landing on the same one of
+    a power-of-two number of channels."""
+    if x.numel() <= n:
+        return x
+    if x.is_contiguous():
+        flat = x.view(-1)
+    elif x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        flat = x.permute(0, 2, 3, 1).reshape(-1)  # a view: this is its memory order
+    else:
+        flat = x.reshape(-1)
+    step = flat.numel() // n
+    return flat[:: step + 1 - step % 2]
 
 
 def check_finite(x: Tensor) -> None:
@@ -127,9 +160,9 @@ def ppq(
     if scale is not None:
         given = torch.as_tensor(scale, dtype=xf.dtype, device=xf.device).expand_as(start)
         start = torch.where(given > 0, given, start)
-    gamma = start
-    for _ in range(max_iter):
-        codes, new = _ppq_step(xf, gamma, dims, qmin, qmax)
+    gamma, codes = start, None
+    for _ in range(max_iter):  # one codes buffer for all iterations
+        codes, new = _ppq_step(xf, gamma, dims, qmin, qmax, out=codes)
         if not fixed and torch.equal(new, gamma):
             break
         gamma = new
@@ -192,7 +225,7 @@ def quantize(x: Tensor, scale: Tensor, bits: int, signed: bool = True) -> Tensor
     qmin, qmax = grid(bits, signed)
     if signed and bits == 1:
         return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
-    return torch.clamp(torch.round(x / scale), qmin, qmax)
+    return _codes(x, scale, qmin, qmax)
 
 
 def round_bias(bias: Tensor, unit: Tensor) -> Tensor:
@@ -225,7 +258,9 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, value: Tensor, lo: Tensor | None, hi: Tensor | None) -> Tensor:
         if lo is not None:
-            ctx.save_for_backward((x >= lo) & (x <= hi))
+            mask = torch.ge(x, lo)
+            mask &= torch.le(x, hi)
+            ctx.save_for_backward(mask)
         ctx.masked = lo is not None
         return value.detach().clone() if value is x else value.detach()
 

@@ -65,7 +65,12 @@ class ActSpec:
     bits: 1..8; signed: ``True``/``False``, or ``None`` to decide from the first
     training batch (unsigned if it holds no negative value); method: ``ab``/``ste``;
     momentum: EMA of the scale (paper: 0.99); max_iter: PPQ iterations per batch
-    (fixed count, warm-started from the EMA scale, no host synchronisation).
+    (fixed count, warm-started from the EMA scale, no host synchronisation);
+    sample: the batch scale is computed on about this many elements of the batch,
+    evenly strided (:func:`~blendq.functional.strided_sample`; ``None``: all of it),
+    so PPQ stops costing full passes over large activations. Measured on a trained
+    W4A4 network: the sampled scale's error on the full batch is within -2.2 % and
+    +0.3 % of the full-batch scale's (docs/performance.md).
     """
 
     bits: int = 8
@@ -73,19 +78,24 @@ class ActSpec:
     method: str = "ste"
     momentum: float = 0.99
     max_iter: int = 3
+    sample: int | None = 262144
 
     def __post_init__(self) -> None:
         _check_bits("a_bits", self.bits)
         _check_method("act_method", self.method)
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.sample is not None and self.sample < 1:
+            raise ValueError(f"sample must be None or >= 1, got {self.sample}")
 
 
 def _mix(x: Tensor, xq: Tensor, alpha: Tensor, method: str, lo=None, hi=None) -> Tensor:
-    """The tensor a layer computes with: blended (ab) or straight-through (ste)."""
+    """The tensor a layer computes with: blended (ab) or straight-through (ste).
+    ``xq`` must be a fresh tensor: the straight-through value is written into it."""
     if method == "ab":
         return F.blend(x, xq, alpha)
-    value = torch.lerp(x.detach(), xq.to(x.dtype), alpha.to(x.dtype))
+    xq = xq.to(x.dtype)
+    value = torch.lerp(x.detach(), xq, alpha.to(x.dtype), out=xq)
     return F.straight_through(x, value, lo, hi)
 
 
@@ -207,6 +217,8 @@ class ActQuantizer(nn.Module):
         self._signed = int(self.signed)
 
     def _batch_scale(self, x: Tensor, signed: bool) -> Tensor:
+        if self.spec.sample is not None:
+            x = F.strided_sample(x, self.spec.sample)
         if self.spec.bits == 1 and signed:
             return F.binarize(x, fixed=True)[1].reshape(())
         warm = torch.where(self.initialized, self.scale, torch.zeros_like(self.scale))
@@ -236,7 +248,7 @@ class ActQuantizer(nn.Module):
         else:
             scale = self._batch_scale(x.detach(), signed)
         scale = scale.to(x.dtype)
-        xq = scale * F.quantize(x.detach(), scale, self.spec.bits, signed)
+        xq = F.quantize(x.detach(), scale, self.spec.bits, signed).mul_(scale)
         lo, hi = self._ste_range(scale, signed)
         return _mix(x, xq, alpha, self.spec.method, lo, hi)
 

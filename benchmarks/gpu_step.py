@@ -1,0 +1,244 @@
+"""GPU training-step cost of quantization, peak memory and PPQ time, in one call.
+
+    python benchmarks/gpu_step.py                 # everything, well under 5 minutes on an H100/H200
+    python benchmarks/gpu_step.py --smoke --device cpu   # tiny shapes: checks the script runs
+
+Rows (ratios measured in this process, same model, data and batch; alternating rounds):
+
+- ResNet-50 v1, batch 128, 224 px, bf16 autocast, channels-last: plain, AB W4A8
+  per-channel, STE W4A8 per-channel, each with codes recomputed every step
+  (``quant_every=1``) and every 8 steps; torch.ao eager QAT where it runs (it is
+  tried under bf16 autocast, else run in fp32 against a plain fp32 step).
+- BinaryNet W1A1 (scaled sign, first layer's input real), batch 256, 32 px, bf16,
+  channels-last: plain, AB, STE.
+- Peak memory of a step above what the model and optimizer hold, per variant.
+- PPQ of every ResNet-50 conv weight per output channel: one layer at a time to
+  convergence, and the fixed 3-iteration warm refresh that training runs; against
+  the bandwidth floor (one read of all weights at this device's measured copy rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import blendq
+from blendq.functional import ppq, search_scale
+from blendq.models import build_model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else \
+        contextlib.nullcontext()
+
+
+def _step_fn(model: nn.Module, x, y, bf16: bool):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    controller = None
+    if any(True for _ in blendq.transform.blend_layers(model)):
+        alpha = blendq.transform.get_alpha(model)
+        controller = blendq.AlphaController(model, blendq.constant(alpha))
+    counter = [0]
+
+    def step():
+        if controller is not None:
+            controller.step(counter[0])
+        counter[0] += 1
+        with _autocast(x.device, bf16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _quantized(base: nn.Module, policy: blendq.QuantPolicy, alpha: float) -> nn.Module:
+    model = blendq.prepare(copy.deepcopy(base), policy)
+    blendq.set_alpha(model, alpha)
+    return model
+
+
+def _torch_ao_qat(base: nn.Module) -> nn.Module | None:
+    try:
+        from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
+
+        qat = copy.deepcopy(base).train()
+        qat.qconfig = get_default_qat_qconfig("x86")
+        return prepare_qat(qat)
+    except Exception as err:  # noqa: BLE001 - report and go on
+        print(f"torch.ao QAT unavailable: {type(err).__name__}: {err}")
+        return None
+
+
+def _time(steps: dict, device: torch.device, rounds: int, n: int) -> dict[str, float]:
+    """Median seconds per step of each variant, rounds alternating between variants."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) / n)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _peak_bytes(fn, device: torch.device) -> int:
+    """Peak memory of one step above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return 0
+    _sync(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def _table(title: str, variants: dict[str, tuple[nn.Module, bool]], x, y, args) -> None:
+    """``variants``: name -> (model, bf16). The first bf16 and fp32 rows are baselines."""
+    device = x.device
+    steps, models = {}, {}
+    for name, (model, bf16) in variants.items():
+        model = model.to(device).train()
+        if args.channels_last and x.dim() == 4:
+            model = model.to(memory_format=torch.channels_last)
+        models[name] = model
+        step = _step_fn(model, x, y, bf16)
+        try:
+            for _ in range(args.warmup):
+                step()
+        except Exception as err:  # noqa: BLE001 - e.g. torch.ao under bf16 autocast
+            print(f"{name}: does not run ({type(err).__name__}: {str(err).splitlines()[0]})")
+            continue
+        steps[name] = step
+    peaks = {name: _peak_bytes(fn, device) for name, fn in steps.items()}
+    med = _time(steps, device, args.rounds, args.steps)
+    base = {bf16: next((n for n in steps if variants[n][1] == bf16), None)
+            for bf16 in (True, False)}
+    print(f"\n{title}")
+    print(f"{'variant':44s} {'ms/step':>9s} {'ratio':>7s} {'peak MiB':>9s} {'mem ratio':>9s}")
+    for name in steps:
+        ref = base[variants[name][1]]
+        mem = f"{peaks[name] / peaks[ref]:9.3f}" if peaks[ref] else f"{'-':>9s}"
+        print(f"{name:44s} {med[name] * 1e3:9.2f} {med[name] / med[ref]:7.3f} "
+              f"{peaks[name] / 2**20:9.0f} {mem}")
+    for model in models.values():
+        model.cpu()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large device copy (read + write)."""
+    x = torch.empty(256 * 2**20 // 4, device=device)
+    for _ in range(3):
+        x.clone()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        x.clone()
+    _sync(device)
+    return 2 * x.numel() * 4 * 10 / (time.perf_counter() - t0)
+
+
+def _ppq_rows(base: nn.Module, device: torch.device, bits: int = 4) -> None:
+    weights = [m.weight.detach().to(device) for m in base.modules() if isinstance(m, nn.Conv2d)]
+    n = sum(w.numel() for w in weights)
+    starts = [search_scale(w, bits, axis=0) for w in weights]
+
+    def converged():
+        for w, s in zip(weights, starts, strict=True):
+            ppq(w, bits, axis=0, max_iter=100, scale=s)
+
+    def refresh():
+        for w, s in zip(weights, starts, strict=True):
+            ppq(w, bits, axis=0, max_iter=3, scale=s, fixed=True)
+
+    floor = n * 4 / _copy_bandwidth(device)
+    print(f"\nPPQ, {len(weights)} conv weights, {n:,} values, {bits}-bit per channel; "
+          f"bandwidth floor (one read) {floor * 1e3:.3f} ms")
+    for label, fn in (("converged, one layer at a time", converged),
+                      ("3 warm iterations (training refresh)", refresh)):
+        fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            fn()
+        _sync(device)
+        dt = (time.perf_counter() - t0) / 5
+        print(f"{label:44s} {dt * 1e3:9.3f} ms  ({dt / floor:.0f}x the floor)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (checks the script)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_step: no CUDA device (use --device cpu --smoke to check the script)")
+    if args.smoke:
+        args.steps, args.rounds, args.warmup = 1, 1, 1
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device {name}, torch {torch.__version__}, blendq {blendq.__version__}")
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+
+    side, batch, width = (32, 4, 0.125) if args.smoke else (224, 128, 1.0)
+    resnet = build_model("resnet50_v1", num_classes=1000, image_size=side, width=width)
+    x = torch.randn(batch, 3, side, side, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    variants = {"plain (bf16)": (copy.deepcopy(resnet), True)}
+    for method, alpha in (("ab", 0.5), ("ste", 1.0)):
+        for every in (1, 8):
+            policy = blendq.QuantPolicy(w_bits=4, a_bits=8, per_channel=True, method=method,
+                                        quant_every=every)
+            variants[f"{method.upper()} W4A8 per-channel, quant_every={every}"] = (
+                _quantized(resnet, policy, alpha), True)
+    qat = _torch_ao_qat(resnet)
+    if qat is not None:
+        variants["torch.ao QAT under bf16 autocast"] = (qat, True)
+        variants["plain (fp32)"] = (copy.deepcopy(resnet), False)
+        variants["torch.ao QAT (fp32)"] = (copy.deepcopy(qat), False)
+    _table(f"ResNet-50 v1, batch {batch}, {side} px", variants, x, y, args)
+    del variants, qat
+
+    side, batch, width = (32, 8, 0.125) if args.smoke else (32, 256, 1.0)
+    bnn = build_model("binarynet", image_size=side, width=width)
+    x = torch.randn(batch, 3, side, side, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    policy = {m: blendq.QuantPolicy(w_bits=1, a_bits=1, first_layer=(1, None), method=m)
+              for m in ("ab", "ste")}
+    _table(f"BinaryNet W1A1, batch {batch}, {side} px",
+           {"plain (bf16)": (copy.deepcopy(bnn), True),
+            "AB W1A1": (_quantized(bnn, policy["ab"], 0.5), True),
+            "STE W1A1": (_quantized(bnn, policy["ste"], 1.0), True)}, x, y, args)
+
+    _ppq_rows(resnet, device)
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
