@@ -232,3 +232,15 @@ def test_strided_sample_is_an_even_view():
         assert s.stride(0) % 2 == 1  # odd: visits every channel
     small = torch.randn(100)
     assert strided_sample(small, 100) is small
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_straight_through_mask_is_inclusive_on_both_paths(dtype):
+    """float32/64 on the CPU: fused hardtanh_backward; float16: the boolean-mask path."""
+    lo, hi = torch.tensor(-0.3, dtype=dtype), torch.tensor(1.7, dtype=dtype)
+    inf = torch.tensor(float("inf"), dtype=dtype)
+    x = torch.stack([lo, torch.nextafter(lo, -inf), hi, torch.nextafter(hi, inf),
+                     torch.tensor(0.5, dtype=dtype)]).requires_grad_()
+    out = straight_through(x, torch.zeros_like(x), lo, hi)
+    (out * torch.arange(1, 6, dtype=dtype)).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([1.0, 0.0, 3.0, 0.0, 5.0], dtype=dtype))

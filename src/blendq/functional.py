@@ -253,11 +253,24 @@ def blend(w: Tensor, wq: Tensor, alpha: Tensor | float) -> Tensor:
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Forward ``value``; backward the incoming gradient to ``x``, masked to [lo, hi]."""
+    """Forward ``value``; backward the incoming gradient to ``x``, masked to [lo, hi].
+
+    On the CPU (float32/64) the mask is not built: backward runs one fused
+    ``hardtanh_backward`` on ``x`` with bounds one ulp outside ``[lo, hi]`` (it passes
+    ``lo' < x < hi'``, which is ``lo <= x <= hi`` exactly). Elsewhere a boolean mask is
+    kept (a quarter of a float copy, and no host synchronisation for the bounds).
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, value: Tensor, lo: Tensor | None, hi: Tensor | None) -> Tensor:
-        if lo is not None:
+        ctx.bounds = None
+        if lo is not None and x.device.type == "cpu" and x.dtype in (torch.float32,
+                                                                     torch.float64):
+            lo, hi = lo.to(x.dtype), hi.to(x.dtype)
+            ctx.bounds = (float(torch.nextafter(lo, lo.new_tensor(-float("inf")))),
+                          float(torch.nextafter(hi, hi.new_tensor(float("inf")))))
+            ctx.save_for_backward(x)
+        elif lo is not None:
             mask = torch.ge(x, lo)
             mask &= torch.le(x, hi)
             ctx.save_for_backward(mask)
@@ -266,7 +279,10 @@ class _StraightThrough(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        if ctx.masked:
+        if ctx.bounds is not None:
+            (x,) = ctx.saved_tensors
+            grad = torch.ops.aten.hardtanh_backward(grad, x, *ctx.bounds)
+        elif ctx.masked:
             (mask,) = ctx.saved_tensors
             grad = grad * mask
         return grad, None, None, None
