@@ -98,6 +98,8 @@ class BlendMixin:
 
 
 def rounded_bias(layer: nn.Module, alpha: Tensor | None) -> Tensor | None:
+    """``layer``'s bias in whole accumulator units, blended by ``alpha`` (``None``: fully);
+    the bias as is where a batch norm after the layer rounds instead, or no unit applies."""
     bias = layer.bias
     if bias is None or layer.bias_folded:
         return bias
