@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_step.py                 # everything, well under 5 minutes on an H100/H200
     python benchmarks/gpu_step.py --smoke --device cpu   # tiny shapes: checks the script runs
+    python benchmarks/gpu_step.py --device cpu --only ppq   # PPQ rows alone, any device
 
 Rows (ratios measured in this process, same model, data and batch; alternating rounds):
 
@@ -183,27 +184,7 @@ def _ppq_rows(base: nn.Module, device: torch.device, bits: int = 4) -> None:
         print(f"{label:44s} {dt * 1e3:9.3f} ms  ({dt / floor:.0f}x the floor)")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes (checks the script)")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    args = p.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("gpu_step: no CUDA device (use --device cpu --smoke to check the script)")
-    if args.smoke:
-        args.steps, args.rounds, args.warmup = 1, 1, 1
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device {name}, torch {torch.__version__}, blendq {blendq.__version__}")
-    torch.manual_seed(0)
-    t_start = time.perf_counter()
-
-    side, batch, width = (32, 4, 0.125) if args.smoke else (224, 128, 1.0)
-    resnet = build_model("resnet50_v1", num_classes=1000, image_size=side, width=width)
+def _resnet_table(resnet: nn.Module, side: int, batch: int, device: torch.device, args) -> None:
     x = torch.randn(batch, 3, side, side, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     if args.channels_last:
@@ -221,8 +202,9 @@ def main() -> None:
         variants["plain (fp32)"] = (copy.deepcopy(resnet), False)
         variants["torch.ao QAT (fp32)"] = (copy.deepcopy(qat), False)
     _table(f"ResNet-50 v1, batch {batch}, {side} px", variants, x, y, args)
-    del variants, qat
 
+
+def _binarynet_table(device: torch.device, args) -> None:
     side, batch, width = (32, 8, 0.125) if args.smoke else (32, 256, 1.0)
     bnn = build_model("binarynet", image_size=side, width=width)
     x = torch.randn(batch, 3, side, side, device=device)
@@ -236,7 +218,35 @@ def main() -> None:
             "AB W1A1": (_quantized(bnn, policy["ab"], 0.5), True),
             "STE W1A1": (_quantized(bnn, policy["ste"], 1.0), True)}, x, y, args)
 
-    _ppq_rows(resnet, device)
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (checks the script)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--only", choices=("resnet50", "binarynet", "ppq"), help="one part only")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_step: no CUDA device (use --device cpu --smoke to check the script)")
+    if args.smoke:
+        args.steps, args.rounds, args.warmup = 1, 1, 1
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device {name}, torch {torch.__version__}, blendq {blendq.__version__}")
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+
+    side, batch, width = (32, 4, 0.125) if args.smoke else (224, 128, 1.0)
+    resnet = build_model("resnet50_v1", num_classes=1000, image_size=side, width=width)
+    if args.only in (None, "resnet50"):
+        _resnet_table(resnet, side, batch, device, args)
+    if args.only in (None, "binarynet"):
+        _binarynet_table(device, args)
+    if args.only in (None, "ppq"):
+        _ppq_rows(resnet, device)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 
 
