@@ -5,8 +5,11 @@ exactly in int8), per-output-channel DequantizeLinear scales with batch norm
 folded in; a negative folded multiplier is made positive by negating that
 channel's codes (DESIGN §2.6). Activations: Clip to the grid's reach, then
 QuantizeLinear/DequantizeLinear (uint8 for unsigned grids, int8 for signed
-ones); 1-bit activations become ``Where(x >= 0, γ, -γ)``. ONNX Runtime's CPU
-provider fuses the 8-bit pattern into QLinearConv/QGemm.
+ones); 1-bit activations become ``Where(x >= 0, γ, -γ)``. Biases of layers with
+an integer input: int32 accumulator units behind a DequantizeLinear (the graph
+already holds them as whole units, ``ir.py``), so an int8 kernel adds exactly the
+integer that evaluation added. ONNX Runtime's CPU provider fuses the 8-bit pattern
+into QLinearConv/QGemm.
 """
 
 from __future__ import annotations
