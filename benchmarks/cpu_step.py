@@ -19,6 +19,7 @@ import statistics
 import time
 
 import torch
+from _harness import torch_ao_qat, train_step
 from torch import nn
 
 import blendq
@@ -47,35 +48,10 @@ def _variants(base: nn.Module) -> dict[str, nn.Module]:
             if act_iters is not None and layer.a_quant is not None:
                 layer.a_quant.spec = dataclasses.replace(layer.a_quant.spec, max_iter=act_iters)
         out[label] = model
-    try:  # PyTorch's own eager QAT (STE fake quantization), where it runs
-        from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
-
-        qat = copy.deepcopy(base).train()
-        qat.qconfig = get_default_qat_qconfig("x86")
-        out["torch.ao QAT (int8 fake-quant)"] = prepare_qat(qat)
-    except Exception as err:  # noqa: BLE001 - report and go on
-        print(f"torch.ao QAT unavailable: {type(err).__name__}: {err}")
+    qat = torch_ao_qat(base)
+    if qat is not None:
+        out["torch.ao QAT (int8 fake-quant)"] = qat
     return out
-
-
-def _step_fn(model: nn.Module, x, y):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    controller = None
-    if any(True for _ in blendq.transform.blend_layers(model)):
-        alpha = blendq.transform.get_alpha(model)
-        controller = blendq.AlphaController(model, blendq.constant(alpha))
-    counter = [0]
-
-    def step():
-        if controller is not None:
-            controller.step(counter[0])
-        counter[0] += 1
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
 
 
 def main() -> None:
@@ -88,7 +64,7 @@ def main() -> None:
     torch.manual_seed(0)
     base = build_model(args.model, in_channels=1, image_size=28).train()
     x, y = torch.randn(args.batch, 1, 28, 28), torch.randint(0, 10, (args.batch,))
-    steps = {name: _step_fn(m.train(), x, y) for name, m in _variants(base).items()}
+    steps = {name: train_step(m.train(), x, y, lr=1e-3) for name, m in _variants(base).items()}
     for fn in steps.values():  # warm up (first projection, allocator)
         for _ in range(3):
             fn()

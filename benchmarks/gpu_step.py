@@ -21,12 +21,12 @@ Rows (ratios measured in this process, same model, data and batch; alternating r
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import statistics
 import time
 
 import torch
+from _harness import torch_ao_qat, train_step
 from torch import nn
 
 import blendq
@@ -39,48 +39,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else \
-        contextlib.nullcontext()
-
-
-def _step_fn(model: nn.Module, x, y, bf16: bool):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    controller = None
-    if any(True for _ in blendq.transform.blend_layers(model)):
-        alpha = blendq.transform.get_alpha(model)
-        controller = blendq.AlphaController(model, blendq.constant(alpha))
-    counter = [0]
-
-    def step():
-        if controller is not None:
-            controller.step(counter[0])
-        counter[0] += 1
-        with _autocast(x.device, bf16):
-            loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
 def _quantized(base: nn.Module, policy: blendq.QuantPolicy, alpha: float) -> nn.Module:
     model = blendq.prepare(copy.deepcopy(base), policy)
     blendq.set_alpha(model, alpha)
     return model
-
-
-def _torch_ao_qat(base: nn.Module) -> nn.Module | None:
-    try:
-        from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
-
-        qat = copy.deepcopy(base).train()
-        qat.qconfig = get_default_qat_qconfig("x86")
-        return prepare_qat(qat)
-    except Exception as err:  # noqa: BLE001 - report and go on
-        print(f"torch.ao QAT unavailable: {type(err).__name__}: {err}")
-        return None
 
 
 def _time(steps: dict, device: torch.device, rounds: int, n: int) -> dict[str, float]:
@@ -118,7 +80,7 @@ def _table(title: str, variants: dict[str, tuple[nn.Module, bool]], x, y, args) 
         if args.channels_last and x.dim() == 4:
             model = model.to(memory_format=torch.channels_last)
         models[name] = model
-        step = _step_fn(model, x, y, bf16)
+        step = train_step(model, x, y, lr=1e-4, bf16=bf16)
         try:
             for _ in range(args.warmup):
                 step()
@@ -196,7 +158,7 @@ def _resnet_table(resnet: nn.Module, side: int, batch: int, device: torch.device
                                         quant_every=every)
             variants[f"{method.upper()} W4A8 per-channel, quant_every={every}"] = (
                 _quantized(resnet, policy, alpha), True)
-    qat = _torch_ao_qat(resnet)
+    qat = torch_ao_qat(resnet)
     if qat is not None:
         variants["torch.ao QAT under bf16 autocast"] = (qat, True)
         variants["plain (fp32)"] = (copy.deepcopy(resnet), False)

@@ -1,0 +1,50 @@
+"""What the step benchmarks share: one training step as a closure, torch.ao's QAT model."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+import blendq
+
+
+def train_step(model: nn.Module, x, y, lr: float, bf16: bool = False):
+    """A closure running one SGD step of ``model`` on ``(x, y)``; a blended model gets an
+    :class:`~blendq.AlphaController` holding its current α (and marking stale codes)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    controller = None
+    if any(True for _ in blendq.transform.blend_layers(model)):
+        alpha = blendq.transform.get_alpha(model)
+        controller = blendq.AlphaController(model, blendq.constant(alpha))
+    autocast = (lambda: torch.autocast(x.device.type, dtype=torch.bfloat16)) if bf16 else \
+        contextlib.nullcontext
+    counter = [0]
+
+    def step():
+        if controller is not None:
+            controller.step(counter[0])
+        counter[0] += 1
+        with autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def torch_ao_qat(base: nn.Module) -> nn.Module | None:
+    """PyTorch's own eager QAT (int8 fake quantization, STE) of a copy of ``base``, or
+    ``None`` (with the reason printed) where it does not prepare."""
+    try:
+        from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
+
+        qat = copy.deepcopy(base).train()
+        qat.qconfig = get_default_qat_qconfig("x86")
+        return prepare_qat(qat)
+    except Exception as err:  # noqa: BLE001 - report and go on
+        print(f"torch.ao QAT unavailable: {type(err).__name__}: {err}")
+        return None
