@@ -21,10 +21,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from blendq.export.onnx_qdq import graph_to_onnx
 
 import blendq
 from blendq.export import onnx_session, to_graph
-from blendq.export.onnx_qdq import graph_to_onnx
 from blendq.models import build_model
 
 

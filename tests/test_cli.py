@@ -71,7 +71,7 @@ def test_export_and_verify_commands(tmp_path, capsys):
     assert main(["train", "--model", "digits_cnn", "--data", "digits", "--w-bits", "4",
                  "--a-bits", "8", "--epochs", "2", "--alpha-window", "0", "0.5", "--out",
                  str(run), "--quiet", "--set", "model_args={\"width\": 8}"]) == 0
-    assert main(["export", str(run), "--out", str(tmp_path / "m.safetensors")]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "m.pt2")]) == 0
     assert "smaller" in capsys.readouterr().out
     assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
     assert (tmp_path / "m.onnx").stat().st_size > 0

@@ -49,7 +49,7 @@ def test_alpha_one_is_model_with_dequantized_weights(cnn, images, w_bits, per_ch
         [m for m in reference.modules() if type(m) in (nn.Conv2d, nn.Linear)],
         strict=True,
     ):
-        codes, scale = layer.w_quant.eval_projection(layer.weight)
+        codes, scale = layer.w_quant.eval_projection(layer.float_weight)
         ref.weight.data = scale * codes
     torch.testing.assert_close(out, reference(images), atol=0, rtol=0)
 
@@ -80,7 +80,7 @@ def test_prepare_reuses_parameters_and_keeps_optimizer(cnn):
     blendq.set_alpha(model, 0.5)
     model(torch.randn(2, 3, 8, 8)).sum().backward()
     opt.step()
-    assert not torch.equal(before, model[0].weight)
+    assert not torch.equal(before, model[0].float_weight)
 
 
 def test_blended_layers_keep_torch_signature():
@@ -103,7 +103,17 @@ def test_convert_reproduces_alpha_one_exactly(cnn, images, per_channel, w_bits, 
     torch.testing.assert_close(converted(images), expected, atol=0, rtol=0)
     state = converted.state_dict()
     codes = [v for k, v in state.items() if k.endswith("weight_codes")]
-    assert len(codes) == 4 and all(c.dtype == torch.int8 for c in codes)
+    layers = [m for m in converted.modules() if isinstance(m, QuantMixin)]
+    # codes of 4 bits or fewer are packed (two per byte; eight per byte for signs)
+    packed = torch.uint8 if w_bits <= 4 else torch.int8
+    assert len(codes) == 4 and all(c.dtype == packed for c in codes)
+    per_byte = {1: 8, 2: 2, 4: 2, 8: 1}[w_bits]
+    assert [c.numel() for c in codes] == [
+        -(-m.weight_codes.numel() // per_byte) for m in layers]
+    again = copy.deepcopy(converted)
+    again.load_state_dict(state)
+    assert all(torch.equal(a.weight_codes, b.weight_codes) for a, b in zip(
+        layers, [m for m in again.modules() if isinstance(m, QuantMixin)], strict=True))
     assert not any(
         k.endswith(".weight") and v.dtype.is_floating_point and v.dim() > 1
         for k, v in state.items()
@@ -153,7 +163,7 @@ def test_alpha_controller_sets_alpha_and_marks_codes_stale(cnn):
     model(x)
     codes0 = model[0].w_quant.codes.clone()
     with torch.no_grad():
-        model[0].weight.mul_(-1)
+        model[0].float_weight.mul_(-1)
     ctl.step(1)
     model(x)
     assert torch.equal(model[0].w_quant.codes, codes0)  # step 1: cached codes reused
@@ -166,18 +176,20 @@ def test_alpha_controller_sets_alpha_and_marks_codes_stale(cnn):
 def test_nan_weight_error_names_the_layer(cnn, images):
     model = blendq.prepare(cnn, blendq.QuantPolicy(a_bits=None))
     with torch.no_grad():
-        model[3].weight[0, 0, 0, 0] = float("nan")
+        model[3].float_weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="layer 3: weight"):
         model(images)
 
 
 def test_summary_lists_layers(cnn):
     model = blendq.prepare(cnn, blendq.QuantPolicy(w_bits=4, a_bits=8, first_layer=8, skip=("10",)))
-    rows = blendq.summary(model)
-    assert [r.name for r in rows] == ["0", "3", "6", "10"]
-    assert rows[0].w_bits == 8 and rows[1].w_bits == 4 and rows[3].method == "float"
+    rows = {r.name: r for r in blendq.summary(model)}
+    assert list(rows) == ["0", "1", "3", "4", "6", "10"]  # every module holding weights
+    assert rows["0"].w_bits == 8 and rows["3"].w_bits == 4
+    assert rows["10"].method == "float" and rows["10"].fate == "float (policy)"
+    assert rows["1"].fate.startswith("float: normalisation")
     text = blendq.format_summary(model)
-    assert "w_bits" in text and "BlendConv2d" in text
+    assert "w_bits" in text and "BlendConv2d" in text and "fate" in text
 
 
 def test_prepare_twice_is_an_error(cnn):
@@ -205,7 +217,7 @@ def test_to_float_undoes_from_float(cnn, images):
     reference = copy.deepcopy(cnn).eval()
     model = blendq.prepare(cnn, blendq.QuantPolicy(w_bits=4, a_bits=None)).eval()
     plain = model[0].to_float()
-    assert type(plain) is nn.Conv2d and plain.weight is model[0].weight
+    assert type(plain) is nn.Conv2d and plain.weight is model[0].float_weight
     torch.testing.assert_close(plain(images), reference[0](images), atol=0, rtol=0)
 
 

@@ -249,8 +249,9 @@ def cmd_plot(args) -> int:
 
 
 def _converted_run(run: str):
+    import torch
+
     from .engine.trainer import load_run_model
-    from .export import to_graph
     from .transform import convert
 
     model, cfg, data = load_run_model(run)
@@ -258,27 +259,23 @@ def _converted_run(run: str):
         raise UsageError(f"{run} is a float (fp32) run: nothing to export as integers")
     converted = convert(model)
     size = cfg.image_size or data.image_size
-    return model, converted, to_graph(converted), cfg, data, (1, data.in_channels, size, size)
+    example = torch.zeros(2, data.in_channels, size, size)
+    return model, converted, example, cfg, data
 
 
 def cmd_export(args) -> int:
-    from .export import save_artifact
-    from .export.onnx_qdq import graph_to_onnx
+    from .export import export_onnx, save_artifact
 
-    model, _, graph, cfg, _, shape = _converted_run(args.run)
+    model, converted, example, cfg, _ = _converted_run(args.run)
     fp32_bytes = 4 * (sum(p.numel() for p in model.parameters()) + sum(
         b.numel() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))))
-    suffix = ".onnx" if args.format == "onnx" else ".safetensors"
+    suffix = ".onnx" if args.format == "onnx" else ".pt2"
     out = Path(args.out or Path(args.run if Path(args.run).is_dir() else Path(args.run).parent)
                / f"model{suffix}")
     if args.format == "onnx":
-        import onnx
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(graph_to_onnx(graph, shape), str(out))
-        size = out.stat().st_size
+        size = export_onnx(converted, out, example).stat().st_size
     else:
-        size = save_artifact(graph, out)
+        size = save_artifact(converted, out, example)
     print(f"wrote {out}: {size:,} bytes, fp32 model {fp32_bytes:,} bytes "
           f"({fp32_bytes / size:.1f}x smaller; W{cfg.w_bits}A{cfg.a_bits or 32})")
     return 0
@@ -286,14 +283,16 @@ def cmd_export(args) -> int:
 
 def cmd_verify(args) -> int:
     from .engine.trainer import _Dist, make_loaders
+    from .export import capture
     from .export.verify import verify_model
     from .transform import quantized
 
-    model, _, graph, cfg, data, _ = _converted_run(args.run)
+    model, converted, example, cfg, data = _converted_run(args.run)
     cfg = cfg.replace(test_subset=args.test_subset) if args.test_subset else cfg
     _, test = make_loaders(cfg, data, _Dist())
+    program = capture(converted, example)
     with quantized(model) as alpha_one:
-        rows = verify_model(alpha_one, graph, test, onnx=not args.no_onnx)
+        rows = verify_model(alpha_one, program, test, onnx=not args.no_onnx)
     print(f"{args.run}: W{cfg.w_bits}A{cfg.a_bits or 32}; |Δ| in steps of max|logit|/127")
     for row in rows:
         print(row.row())
@@ -356,10 +355,11 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--out")
     pl.set_defaults(func=cmd_plot)
 
-    ex = sub.add_parser("export", help="export a trained run: blendq artifact or ONNX QDQ")
+    ex = sub.add_parser("export", help="export a trained run: blendq artifact (torch.export "
+                        "program, packed codes) or ONNX QDQ")
     ex.add_argument("run", help="run directory or checkpoint (alpha must have reached 1)")
     ex.add_argument("--format", choices=("blendq", "onnx"), default="blendq")
-    ex.add_argument("--out", help="output file (default: RUN/model.safetensors|.onnx)")
+    ex.add_argument("--out", help="output file (default: RUN/model.pt2|.onnx)")
     ex.set_defaults(func=cmd_export)
 
     vf = sub.add_parser("verify", help="alpha=1 model vs integer engine vs ONNX Runtime")

@@ -1,20 +1,50 @@
 """Converted layers: integer codes and float scales, no full-precision weight.
 
-``QuantConv2d`` and friends subclass their torch parent and keep its forward
-code path; only the weight is rebuilt as ``scale * codes`` from int8 storage,
-exactly as the blended layer computes it at α = 1.
+A converted layer is its float class with :class:`QuantMixin` in front, like a blended
+one: the weight attribute is a property returning ``scale * codes`` from int8 storage,
+exactly as the blended layer computes it at α = 1, the bias property returns the bias
+in whole accumulator units, and the float class's own ``forward`` runs on the
+quantized input. In the state dict, codes of 4 bits or fewer are stored packed (two
+per byte; eight per byte for 1-bit signs).
+
+For export, :meth:`QuantMixin.set_deploy` switches the properties to the standard
+quantize/dequantize operators (``torch.ops.quantized_decomposed``) that
+``torch.export`` captures and the PyTorch ONNX exporter turns into
+QuantizeLinear/DequantizeLinear.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from . import functional as F
-from .layers import BlendConv1d, BlendConv2d, BlendLinear, BlendMixin, rebuild, rounded_bias
+from .layers import BlendMixin, LayerKind, rebuild, rounded_bias, specialise
 
-__all__ = ["QuantMixin", "QuantLinear", "QuantConv1d", "QuantConv2d", "QUANT_MAP"]
+__all__ = ["QuantMixin", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d",
+           "quant_class", "Deploy"]
+
+
+class Deploy:
+    """How a converted layer computes in an exported graph (set by :meth:`set_deploy`):
+    weight and input grids, the weight's output-channel axis, the input scale, whether
+    the bias is int32 accumulator units, and whether the codes are stored packed. The
+    tensors are buffers of the layer: ``deploy_codes`` (int8, or uint8 packed),
+    ``deploy_scale`` (float32 per output channel: batch norm after the layer folded in,
+    its sign moved into the codes), ``deploy_bias`` (int32 units or float) and
+    ``deploy_bias_scale``."""
+
+    def __init__(self, w_bits: int, a_bits: int | None, a_signed: bool | None,
+                 a_scale: float, axis: int, shape: tuple[int, ...], integer_bias: bool,
+                 packed: bool) -> None:
+        self.w_bits, self.a_bits, self.a_signed, self.a_scale = w_bits, a_bits, a_signed, a_scale
+        self.axis, self.shape, self.integer_bias, self.packed = axis, shape, integer_bias, packed
+
+
+def _qd():
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the operators)
+
+    return torch.ops.quantized_decomposed
 
 
 class QuantMixin:
@@ -23,15 +53,22 @@ class QuantMixin:
     weight_codes: Tensor
     weight_scale: Tensor
     bias_folded = False  # a FoldedBatchNorm right after rounds the folded bias instead
+    deploy: Deploy | None = None
+    _kind: LayerKind
 
     @classmethod
     def from_blend(cls, layer: BlendMixin):
         """Freeze a blended layer at α = 1 into codes and scales."""
-        new = rebuild(layer, cls, drop=("weight", "bias", "alpha"))
+        weight_name = layer._kind.weight
+        new = rebuild(layer, cls, drop=(weight_name, "bias", "alpha"))
+        for name in ("w_quant", "a_quant"):
+            new._modules.pop(name, None)
         new.training = False
-        codes, scale = layer.w_quant.eval_projection(layer.weight)
-        bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
-        new.register_parameter("bias", bias)
+        codes, scale = layer.w_quant.eval_projection(layer.float_weight)
+        bias = layer._parameters.get("bias")
+        if "bias" in layer._parameters:  # set directly: ``bias`` is already a property
+            new._parameters["bias"] = None if bias is None else \
+                nn.Parameter(bias.detach().clone())
         new.register_buffer("weight_codes", codes.detach().to(torch.int8))
         new.register_buffer("weight_scale", scale.detach().float().clone())
         new.w_bits = layer.w_quant.spec.bits
@@ -44,52 +81,114 @@ class QuantMixin:
         return new
 
     def weight_value(self) -> Tensor:
-        """The dequantized weight ``scale * codes``."""
-        return self.weight_scale * self.weight_codes.to(self.weight_scale.dtype)
+        """The dequantized weight ``scale * codes`` (in export, a dequantize operator)."""
+        d = self.deploy
+        if d is None:
+            return self.weight_scale * self.weight_codes.to(self.weight_scale.dtype)
+        codes = F.unpack_codes(self.deploy_codes, d.w_bits, d.shape) if d.packed else \
+            self.deploy_codes
+        qmin, qmax = F.grid(d.w_bits)
+        zero = torch.zeros_like(self.deploy_scale, dtype=torch.int32)
+        return _qd().dequantize_per_channel(codes, self.deploy_scale, zero, d.axis,
+                                            qmin, qmax, torch.int8)
 
     def accumulator_unit(self) -> Tensor | None:
-        """``γ_w·γ_a`` per output channel (float64); ``None`` for a float or sign input."""
-        if self.a_bits is None or (self.a_bits == 1 and self.a_signed):
+        """``γ_w·γ_a`` per output channel (float64) where the bias is added to an integer
+        accumulator; ``None`` for a float or sign input or a layer of another shape."""
+        if not self._kind.integer_bias or self.a_bits is None or \
+                (self.a_bits == 1 and self.a_signed):
             return None
         return self.weight_scale.double().reshape(-1) * self.act_scale.double()
 
     def layer_bias(self) -> Tensor | None:
-        """The bias rounded to whole accumulator units (as the α = 1 layer evaluates)."""
-        return rounded_bias(self, None)
+        """The bias rounded to whole accumulator units (as the α = 1 layer evaluates); in
+        export, int32 units behind a dequantize operator."""
+        d = self.deploy
+        if d is None:
+            return rounded_bias(self, None)
+        bias = self._buffers.get("deploy_bias")
+        if bias is None or not d.integer_bias:
+            return bias
+        zero = torch.zeros_like(bias)
+        return _qd().dequantize_per_channel(bias, self.deploy_bias_scale, zero, 0,
+                                            -2**31, 2**31 - 1, torch.int32)
 
     def quantized_input(self, x: Tensor) -> Tensor:
         if self.a_bits is None:
             return x
+        if self.deploy is not None:
+            return _deploy_input(x, self.deploy)
         scale = self.act_scale.to(x.dtype)
         return scale * F.quantize(x, scale, self.a_bits, self.a_signed)
+
+    def set_deploy(self, deploy: Deploy, codes: Tensor, scale: Tensor, bias: Tensor | None,
+                   bias_scale: Tensor | None) -> None:
+        """Compute with standard quantize/dequantize operators from these tensors (made
+        by ``blendq.export``); the eager buffers are dropped (this is a copy for export)."""
+        for name in ("weight_codes", "weight_scale", "act_scale"):
+            self._buffers.pop(name, None)
+        self._parameters.pop("bias", None)
+        self.register_buffer("deploy_codes", codes)
+        self.register_buffer("deploy_scale", scale)
+        self.register_buffer("deploy_bias", bias)
+        self.register_buffer("deploy_bias_scale", bias_scale)
+        self.deploy = deploy
+
+    def forward(self, input: Tensor, *args, **kwargs):
+        x = self.quantized_input(input)
+        if isinstance(self, nn.MultiheadAttention):
+            args = tuple(x if a is input else a for a in args[:2]) + args[2:]
+            kwargs.update({k: x for k in ("key", "value") if kwargs.get(k) is input})
+        return super().forward(x, *args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "weight_codes"
+        if key in destination and self.w_bits <= 4:
+            destination[key] = F.pack_codes(self.weight_codes, self.w_bits)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight_codes"
+        stored = state_dict.get(key)
+        if stored is not None and stored.dtype == torch.uint8:
+            state_dict[key] = F.unpack_codes(stored, self.w_bits, self.weight_codes.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         gran = "per_channel" if self.per_channel else "per_layer"
         return super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}, {gran}"
 
 
-class QuantLinear(QuantMixin, nn.Linear):
-    def forward(self, input: Tensor) -> Tensor:
-        x = self.quantized_input(input)
-        return TF.linear(x, self.weight_value().to(x.dtype), self.layer_bias())
+def _deploy_input(x: Tensor, d: Deploy) -> Tensor:
+    """The input on its grid, as standard operators: ``Where`` for signs; else a clamp to
+    the grid's reach where it is narrower than the storage type, then quantize and
+    dequantize (int8 for signed grids, uint8 for unsigned ones, zero point 0)."""
+    s = d.a_scale
+    if d.a_bits == 1 and d.a_signed:
+        return torch.where(x >= 0, s, -s).to(x.dtype)
+    qmin, qmax = F.grid(d.a_bits, d.a_signed)
+    dtype = torch.int8 if d.a_signed else torch.uint8
+    if (qmin, qmax) != ((-128, 127) if d.a_signed else (0, 255)):
+        x = x.clamp(qmin * s, qmax * s)
+    lo, hi = (-128, 127) if d.a_signed else (0, 255)
+    q = _qd().quantize_per_tensor(x, s, 0, lo, hi, dtype)
+    return _qd().dequantize_per_tensor(q, s, 0, lo, hi, dtype)
 
 
-class _QuantConv(QuantMixin):
-    def forward(self, input: Tensor) -> Tensor:
-        x = self.quantized_input(input)
-        return self._conv_forward(x, self.weight_value().to(x.dtype), self.layer_bias())
+_QUANT_CLASSES: dict[tuple, type] = {}
 
 
-class QuantConv1d(_QuantConv, nn.Conv1d):
-    pass
+def quant_class(layer: BlendMixin) -> type:
+    """The converted class for a blended layer."""
+    kind = layer._kind
+    return specialise(QuantMixin, kind.base, "Quant", kind, _QUANT_CLASSES, "weight_value",
+                      "layer_bias")
 
 
-class QuantConv2d(_QuantConv, nn.Conv2d):
-    pass
+def _plain(cls: type) -> type:
+    return specialise(QuantMixin, cls, "Quant", LayerKind(cls, "weight", 0, True, True),
+                      _QUANT_CLASSES, "weight_value", "layer_bias")
 
 
-QUANT_MAP: dict[type[nn.Module], type[nn.Module]] = {
-    BlendLinear: QuantLinear,
-    BlendConv1d: QuantConv1d,
-    BlendConv2d: QuantConv2d,
-}
+QuantLinear, QuantConv1d, QuantConv2d, QuantConv3d = (
+    _plain(c) for c in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["grid", "ppq", "search_scale", "binarize", "quantize", "blend", "straight_through",
-           "check_finite", "round_bias", "strided_sample"]
+           "check_finite", "round_bias", "strided_sample", "pack_codes", "unpack_codes"]
 
 _ZERO_SCALE = 1.0  # scale given to an all-zero tensor or slice: any positive value is exact
 
@@ -300,3 +300,36 @@ def straight_through(
         lo = torch.as_tensor(lo, dtype=x.dtype, device=x.device)
         hi = torch.as_tensor(hi, dtype=x.dtype, device=x.device)
     return _StraightThrough.apply(x, value, lo, hi)
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Integer codes packed into bytes (uint8): 1-bit signs eight per byte (bit set =
+    +1, first code in the high bit), codes of 2-4 bits two per byte as ``code + 8``
+    nibbles (first code in the low nibble). Wider codes are returned as int8."""
+    flat = codes.reshape(-1).to(torch.int16)
+    if bits == 1:
+        bits8 = (flat > 0).to(torch.uint8)
+        bits8 = torch.cat([bits8, bits8.new_zeros(-bits8.numel() % 8)]).reshape(-1, 8)
+        weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+        return (bits8 * weights).sum(1, dtype=torch.uint8)
+    if bits <= 4:
+        nibbles = (flat + 8).to(torch.uint8)
+        nibbles = torch.cat([nibbles, nibbles.new_full((nibbles.numel() % 2,), 8)])
+        return nibbles[0::2] | (nibbles[1::2] << 4)
+    return codes.reshape(-1).to(torch.int8).clone()
+
+
+def unpack_codes(packed: Tensor, bits: int, shape) -> Tensor:
+    """Inverse of :func:`pack_codes`: int8 codes of ``shape``."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if packed.dtype != torch.uint8:
+        return packed.reshape(shape).to(torch.int8)
+    if bits == 1:
+        shifts = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
+        flat = ((packed.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:n].to(torch.int8) * 2 - 1
+    else:
+        low, high = (packed & 0x0F).to(torch.int8), (packed >> 4).to(torch.int8)
+        flat = torch.stack([low, high], 1).reshape(-1)[:n] - 8
+    return flat.reshape(shape).to(torch.int8)

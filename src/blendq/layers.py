@@ -1,22 +1,32 @@
-"""Blended layers: ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` computing with
-``w' = (1 - α)·w + α·P(w)`` and a quantized input.
+"""Blended layers: any weight layer computing with ``w' = (1 - α)·w + α·P(w)`` and a
+quantized input.
 
-Each class takes exactly what its torch parent takes, plus keyword-only
-``w_spec``/``a_spec``. :meth:`from_float` wraps an existing module and keeps
-its Parameter objects, so an optimizer built before :func:`blendq.prepare`
+A blended layer is its float class with :class:`BlendMixin` in front
+(``blend_class(nn.Conv2d)`` is ``BlendConv2d``). The mixin turns the layer's
+weight attribute (``weight``, or ``in_proj_weight`` of ``nn.MultiheadAttention``)
+into a property that returns the blended weight, and its ``bias`` into the bias
+evaluation adds, then runs the float class's own ``forward`` on the quantized
+input. So a subclass's computation is kept as it is (timm's ``Conv2dSame`` pads,
+``StdConv2d`` standardises the blended weight), and the state dict keeps the float
+model's keys: the Parameters stay in ``_parameters`` under their own names (the
+mechanism of ``torch.nn.utils.parametrize``, without its renaming of the keys).
+
+Each class takes exactly what its float parent takes, plus keyword-only
+``w_spec``/``a_spec``. :meth:`BlendMixin.from_float` wraps an existing module and
+keeps its Parameter objects, so an optimizer built before :func:`blendq.prepare`
 still updates them.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from . import functional as F
 from .quantizers import ActQuantizer, ActSpec, WeightQuantizer, WeightSpec
 
-__all__ = ["BlendLinear", "BlendConv1d", "BlendConv2d", "BlendMixin", "BLEND_MAP", "rebuild",
+__all__ = ["BlendLinear", "BlendConv1d", "BlendConv2d", "BlendConv3d", "BlendMixin",
+           "blend_class", "layer_kind", "LayerKind", "rebuild", "is_hf_conv1d",
            "FoldedBatchNorm1d", "FoldedBatchNorm2d", "FOLDED_BN_MAP", "bn_affine"]
 
 _MODULE_STATE = {"_parameters", "_buffers", "_modules", "training"}
@@ -31,67 +41,147 @@ def rebuild(module: nn.Module, cls: type, drop: tuple[str, ...] = ()) -> nn.Modu
                          if k not in _MODULE_STATE and k not in drop})
     new._parameters.update({k: v for k, v in module._parameters.items() if k not in drop})
     new._buffers.update({k: v for k, v in module._buffers.items() if k not in drop})
+    new._modules.update(module._modules)
     new.training = module.training
     return new
 
 
+# ---------------------------------------------------------------------------
+# What kind of weight layer a module is
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a Linear with its weight stored ``(in, out)``."""
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers.")
+               for c in type(module).__mro__)
+
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_TORCH_BASES = (nn.Linear, *_CONV, *_CONV_T, nn.Embedding, nn.MultiheadAttention)
+
+
+class LayerKind:
+    """How blendq treats one weight layer: the float base class whose math it has, the
+    weight attribute, the weight axis of output channels, and whether the bias is added
+    to an integer accumulator (``integer_bias``: the base's own forward, groups 1 for
+    transposed convolutions), so whole-unit bias rounding applies."""
+
+    def __init__(self, base: type, weight: str, axis: int, integer_bias: bool,
+                 has_input: bool) -> None:
+        self.base, self.weight, self.axis = base, weight, axis
+        self.integer_bias, self.has_input = integer_bias, has_input
+
+
+def layer_kind(module: nn.Module) -> LayerKind | str:
+    """The :class:`LayerKind` of ``module``, or why it is not quantizable (a string)."""
+    cls = type(module)
+    if issubclass(cls, BlendMixin):
+        return cls._kind
+    if is_hf_conv1d(module):
+        return LayerKind(cls, "weight", 1, False, True)
+    base = next((b for b in _TORCH_BASES if isinstance(module, b)), None)
+    if base is None:
+        return "not a Linear, convolution, embedding or attention layer"
+    own_forward = cls.forward is base.forward
+    if base is nn.MultiheadAttention:
+        if not module._qkv_same_embed_dim:
+            return "separate q/k/v projection weights (kdim or vdim != embed_dim)"
+        return LayerKind(cls, "in_proj_weight", 0, False, True)
+    if base is nn.Embedding:
+        return LayerKind(cls, "weight", 0, False, False)
+    if base in _CONV_T:
+        return LayerKind(cls, "weight", 1, own_forward and module.groups == 1, True)
+    if base in _CONV and module.padding_mode != "zeros":
+        own_forward = False  # the padding is applied apart from the convolution
+    return LayerKind(cls, "weight", 0, own_forward, True)
+
+
+# ---------------------------------------------------------------------------
+# Blended layers
+
+
 class BlendMixin:
-    """What every blended layer adds to its torch parent: α, the quantizers, forward."""
+    """What every blended layer adds to its float parent: α, the quantizers, the weight
+    and bias properties, and a forward that quantizes the input first."""
 
     alpha: Tensor
     w_quant: WeightQuantizer
     a_quant: ActQuantizer | None
     bias_folded = False  # a FoldedBatchNorm right after rounds the folded bias instead
+    _kind: LayerKind
 
     def __init__(self, *args, w_spec: WeightSpec | None = None, a_spec: ActSpec | None = None,
                  **kwargs) -> None:
-        super().__init__(*args, **kwargs)  # the torch parent's own signature
+        super().__init__(*args, **kwargs)  # the float parent's own signature
         self._setup(w_spec, a_spec)
 
     def _setup(self, w_spec: WeightSpec | None, a_spec: ActSpec | None) -> None:
         self.register_buffer("alpha", torch.zeros(()))
-        self.w_quant = WeightQuantizer(w_spec or WeightSpec(), self.weight)
-        self.a_quant = ActQuantizer(a_spec) if a_spec is not None else None
+        self.w_quant = WeightQuantizer(w_spec or WeightSpec(), self.float_weight,
+                                       axis=self._kind.axis)
+        self.a_quant = ActQuantizer(a_spec) if a_spec is not None and \
+            self._kind.has_input else None
+        self._blendq_ready = True  # the weight and bias properties apply from here
 
     @classmethod
-    def from_float(
-        cls, module: nn.Module, w_spec: WeightSpec, a_spec: ActSpec | None = None, name: str = ""
-    ):
-        """Wrap ``module`` (of the torch parent class); shares its Parameters and buffers."""
+    def from_float(cls, module: nn.Module, w_spec: WeightSpec, a_spec: ActSpec | None = None,
+                   name: str = ""):
+        """Wrap ``module`` (of the float parent class); shares its Parameters and buffers."""
         new = rebuild(module, cls)
         new._setup(w_spec, a_spec)
         for quantizer in (new.w_quant, new.a_quant):
             if quantizer is not None:
                 quantizer.name = name
-                quantizer.to(module.weight.device).train(module.training)
+                quantizer.to(new.float_weight.device).train(module.training)
         return new
 
     def to_float(self) -> nn.Module:
-        """The plain torch module with the same Parameters (undoes ``from_float``)."""
-        parent = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.nn"))
-        return rebuild(self, parent, drop=("alpha",))
+        """The plain float module with the same Parameters (undoes ``from_float``)."""
+        float_module = rebuild(self, self._kind.base, drop=("alpha", "_blendq_ready"))
+        for name in ("w_quant", "a_quant"):
+            float_module._modules.pop(name, None)
+        return float_module
+
+    @property
+    def float_weight(self) -> Tensor:
+        """The full-precision (latent) weight Parameter."""
+        return self._parameters[self._kind.weight]
 
     def blended_weight(self) -> Tensor:
-        return self.w_quant(self.weight, self.alpha)
+        return self.w_quant(self.float_weight, self.alpha)
 
     def blended_input(self, x: Tensor) -> Tensor:
         return x if self.a_quant is None else self.a_quant(x, self.alpha)
 
+    def forward(self, input: Tensor, *args, **kwargs):
+        x = self.blended_input(input)
+        if isinstance(self, nn.MultiheadAttention):
+            # self-attention: key and value that are the query tensor read its quantized
+            # value; a distinct key or value (cross-attention) stays float
+            args = tuple(x if a is input else a for a in args[:2]) + args[2:]
+            kwargs.update({k: x for k in ("key", "value") if kwargs.get(k) is input})
+        return super().forward(x, *args, **kwargs)
+
     def accumulator_unit(self) -> Tensor | None:
         """``γ_w·γ_a`` per output channel (float64), as evaluation computes it, where the
-        layer runs on an integer grid; ``None`` for a float or sign (±1) input, which
-        runtimes compute with a float bias, or an activation scale never calibrated."""
+        layer adds its bias to an integer accumulator; ``None`` for a float or sign (±1)
+        input, which runtimes compute with a float bias, an activation scale never
+        calibrated, or a layer whose forward is not the plain matmul/convolution."""
         a = self.a_quant
-        if a is None or (a.spec.bits == 1 and a.is_signed) or not bool(a.initialized):
+        if not self._kind.integer_bias or a is None or (a.spec.bits == 1 and a.is_signed) \
+                or not bool(a.initialized):
             return None
-        return self.w_quant.eval_projection(self.weight)[1].double().reshape(-1) * \
+        return self.w_quant.eval_projection(self.float_weight)[1].double().reshape(-1) * \
             a.scale.double()
 
     def layer_bias(self) -> Tensor | None:
         """The bias added. In evaluation it is blended toward whole accumulator units,
         ``b + α·(R(b) - b)``, as int8 runtimes add it to the int32 accumulator (unless
         a batch norm right after does that for the folded bias)."""
-        return rounded_bias(self, self.alpha) if not self.training else self.bias
+        bias = self._parameters.get("bias")
+        return rounded_bias(self, self.alpha) if not self.training and bias is not None \
+            else bias
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", alpha={float(self.alpha):.4g}"
@@ -100,7 +190,7 @@ class BlendMixin:
 def rounded_bias(layer: nn.Module, alpha: Tensor | None) -> Tensor | None:
     """``layer``'s bias in whole accumulator units, blended by ``alpha`` (``None``: fully);
     the bias as is where a batch norm after the layer rounds instead, or no unit applies."""
-    bias = layer.bias
+    bias = layer._parameters.get("bias")
     if bias is None or layer.bias_folded:
         return bias
     unit = layer.accumulator_unit()
@@ -110,31 +200,62 @@ def rounded_bias(layer: nn.Module, alpha: Tensor | None) -> Tensor | None:
     return rounded if alpha is None else torch.lerp(bias, rounded, alpha.to(bias.dtype))
 
 
-class BlendLinear(BlendMixin, nn.Linear):
-    def forward(self, input: Tensor) -> Tensor:
-        return TF.linear(self.blended_input(input), self.blended_weight(), self.layer_bias())
+def _param_property(name: str, getter_name: str) -> property:
+    """``name`` read through ``getter_name`` once the layer is set up (the float class's
+    ``__init__`` sees a missing attribute, so it registers the Parameter as usual)."""
+
+    def get(self):
+        if not self.__dict__.get("_blendq_ready"):
+            if name in self.__dict__["_parameters"]:
+                return self.__dict__["_parameters"][name]
+            raise AttributeError(name)
+        return getattr(self, getter_name)()
+
+    return property(get)
 
 
-class _BlendConv(BlendMixin):
-    def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(self.blended_input(input), self.blended_weight(),
-                                  self.layer_bias())
+_BLEND_CLASSES: dict[tuple, type] = {}
 
 
-class BlendConv1d(_BlendConv, nn.Conv1d):
-    pass
+def specialise(mixin: type, float_cls: type, prefix: str, kind: LayerKind,
+               cache: dict[tuple, type], weight_getter: str, bias_getter: str) -> type:
+    """``mixin`` in front of ``float_cls``, with the weight and bias properties (cached)."""
+    key = (float_cls, kind.weight, kind.axis, kind.integer_bias, kind.has_input)
+    if key not in cache:
+        attrs = {"__module__": mixin.__module__, "_kind": kind,
+                 kind.weight: _param_property(kind.weight, weight_getter)}
+        if kind.weight == "weight":
+            attrs["bias"] = _param_property("bias", bias_getter)
+        cache[key] = type(f"{prefix}{float_cls.__name__}", (mixin, float_cls), attrs)
+    return cache[key]
 
 
-class BlendConv2d(_BlendConv, nn.Conv2d):
-    pass
+def blend_class(module: nn.Module) -> type:
+    """The blended class of a float weight layer.
+
+    Raises:
+        TypeError: ``module`` is not a layer blendq quantizes (the message says why).
+    """
+    kind = layer_kind(module)
+    if isinstance(kind, str):
+        raise TypeError(f"{type(module).__name__} cannot be quantized: {kind}")
+    return specialise(BlendMixin, type(module), "Blend", kind, _BLEND_CLASSES,
+                      "blended_weight", "layer_bias")
 
 
-# Exact types only: a subclass of nn.Conv2d may change forward, so it is not swapped.
-BLEND_MAP: dict[type[nn.Module], type[nn.Module]] = {
-    nn.Linear: BlendLinear,
-    nn.Conv1d: BlendConv1d,
-    nn.Conv2d: BlendConv2d,
-}
+def _plain(cls: type) -> LayerKind:
+    return LayerKind(cls, "weight", 0, True, True)
+
+
+BlendLinear = specialise(BlendMixin, nn.Linear, "Blend", _plain(nn.Linear), _BLEND_CLASSES,
+                         "blended_weight", "layer_bias")
+BlendConv1d, BlendConv2d, BlendConv3d = (
+    specialise(BlendMixin, c, "Blend", _plain(c), _BLEND_CLASSES, "blended_weight",
+               "layer_bias") for c in _CONV)
+
+
+# ---------------------------------------------------------------------------
+# Batch norm right after a quantized layer
 
 
 def bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
@@ -163,8 +284,9 @@ class _FoldedBatchNorm:
         if unit is None:
             return out
         k, t = bn_affine(self)
-        if layer.bias is not None:
-            t = k * layer.bias.detach().double() + t
+        bias = layer._parameters.get("bias")
+        if bias is not None:
+            t = k * bias.detach().double() + t
         delta = (F.round_bias(t, k * unit) - t).to(out.dtype)
         alpha = getattr(layer, "alpha", None)
         if alpha is not None:
@@ -180,7 +302,12 @@ class FoldedBatchNorm2d(_FoldedBatchNorm, nn.BatchNorm2d):
     pass
 
 
+class FoldedBatchNorm3d(_FoldedBatchNorm, nn.BatchNorm3d):
+    pass
+
+
 FOLDED_BN_MAP: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm1d: FoldedBatchNorm1d,
     nn.BatchNorm2d: FoldedBatchNorm2d,
+    nn.BatchNorm3d: FoldedBatchNorm3d,
 }

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .layers import BLEND_MAP
+from .layers import layer_kind
 from .quantizers import METHODS, ActSpec, WeightSpec
 
-__all__ = ["QuantPolicy", "LayerPlan"]
+__all__ = ["QuantPolicy", "LayerPlan", "quantizable"]
 
 Bits = tuple[int, "int | None"]  # (w_bits, a_bits); a_bits None: the input stays float
 
@@ -51,7 +51,9 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class QuantPolicy:
-    """Bits, granularity and method for every Linear/Conv1d/Conv2d of a model.
+    """Bits, granularity and method for every weight layer of a model: Linear, Conv1d/2d/3d,
+    ConvTranspose1d/2d/3d, their subclasses, Hugging Face ``Conv1D``, the projections of
+    ``nn.MultiheadAttention`` and, when ``embedding`` is set, ``nn.Embedding``.
 
     Args:
         w_bits: default weight bits (1..8).
@@ -70,6 +72,8 @@ class QuantPolicy:
             applied after the rules.
         skip: glob patterns of module names left in float.
         quant_every: recompute weight codes every this many steps (paper: ``f``).
+        embedding: weight bits of ``nn.Embedding`` tables (their input is indices, so
+            weights only); ``None`` keeps them float.
 
     Raises:
         ValueError: bits outside 1..8, an unknown method, a malformed rule; at
@@ -89,9 +93,11 @@ class QuantPolicy:
     overrides: Mapping[str, int | Bits] = field(default_factory=dict)
     skip: tuple[str, ...] = ()
     quant_every: int = 1
+    embedding: int | None = None
 
     def __post_init__(self) -> None:
         _bits("w_bits", self.w_bits, allow_none=False)
+        _bits("embedding", self.embedding, allow_none=True)
         _bits("a_bits", self.a_bits, allow_none=True)
         for name in ("method", "act_method"):
             if getattr(self, name) not in METHODS:
@@ -113,10 +119,13 @@ class QuantPolicy:
 
     def resolve(self, model: nn.Module) -> list[LayerPlan]:
         """One :class:`LayerPlan` per quantizable layer, in registration order."""
-        layers = [(n, m) for n, m in model.named_modules() if type(m) in BLEND_MAP]
+        candidates = quantizable(model)
+        tables = [n for n, m in candidates if isinstance(m, nn.Embedding)]
+        layers = [(n, m) for n, m in candidates if not isinstance(m, nn.Embedding)]
         if not layers:
-            raise ValueError("model has no nn.Linear, nn.Conv1d or nn.Conv2d to quantize")
-        self._check_patterns([n for n, _ in layers])
+            raise ValueError("model has no Linear, convolution or attention layer to quantize")
+        self._check_patterns([n for n, _ in candidates])
+        no_input = {n for n, m in candidates if _input_inside_parent(model, n)}
         bits = {n: (self.w_bits, self.a_bits) for n, _ in layers}
         dw = [n for n, m in layers if _is_depthwise(m)]
         rules = [
@@ -133,9 +142,14 @@ class QuantPolicy:
                     "depthwise convolution (groups == in_channels > 1)"
                 )
             bits.update({n: pair for n in names})
+        if self.embedding is not None:
+            bits.update({n: (self.embedding, None) for n in tables})
         for pattern, pair in self.overrides.items():
             bits.update({n: pair for n in bits if fnmatch.fnmatchcase(n, pattern)})
-        return [self._plan(n, *bits[n]) for n, _ in layers if not self._skipped(n)]
+        for name in no_input:
+            bits[name] = (bits[name][0], None)
+        return [self._plan(n, *bits[n]) for n, _ in candidates
+                if n in bits and not self._skipped(n)]
 
     def _plan(self, name: str, w_bits: int, a_bits: int | None) -> LayerPlan:
         w = WeightSpec(
@@ -164,6 +178,18 @@ class QuantPolicy:
                         f"{field_name} pattern {p!r} matches no layer; "
                         f"quantizable layers are: {shown}"
                     )
+
+
+def quantizable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every layer blendq can quantize, in registration order."""
+    return [(n, m) for n, m in model.named_modules() if not isinstance(layer_kind(m), str)]
+
+
+def _input_inside_parent(model: nn.Module, name: str) -> bool:
+    """The output projection of ``nn.MultiheadAttention``: its input is computed inside
+    the attention's forward, so only its weight is quantized."""
+    parent = name.rpartition(".")[0]
+    return bool(name) and isinstance(model.get_submodule(parent), nn.MultiheadAttention)
 
 
 def _is_depthwise(m: nn.Module) -> bool:

@@ -110,15 +110,21 @@ class WeightQuantizer(nn.Module):
     evaluating never changes what training computes next.
     """
 
-    def __init__(self, spec: WeightSpec, weight: Tensor, name: str = "") -> None:
+    def __init__(self, spec: WeightSpec, weight: Tensor, name: str = "", axis: int = 0) -> None:
         super().__init__()
         self.spec = spec
         self.name = name
+        self.axis = axis  # the weight's output-channel axis (1 for transposed convolutions)
         self.stale = True  # training cache out of date (a Python flag: no sync in forward)
         self._eval: tuple | None = None  # (weight key, codes, scale) for eval mode
         # Fixed-shape buffers updated in place, so DDP and optimizers see stable tensors.
-        scale_shape = [weight.shape[0] if spec.per_channel else 1] + [1] * (weight.dim() - 1)
-        self.register_buffer("codes", torch.zeros_like(weight, requires_grad=False))
+        scale_shape = [1] * weight.dim()
+        if spec.per_channel:
+            scale_shape[axis] = weight.shape[axis]
+        # The codes are recomputed from the weight at every step unless quant_every > 1,
+        # so only then are they part of the state (a resumed run goes on with them).
+        self.register_buffer("codes", torch.zeros_like(weight, requires_grad=False),
+                             persistent=spec.quant_every > 1)
         self.register_buffer("scale", torch.ones(scale_shape, dtype=weight.dtype,
                                                  device=weight.device))
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool, device=weight.device))
@@ -134,7 +140,7 @@ class WeightQuantizer(nn.Module):
         is one (``max_iter`` iterations), else ``init_iter`` iterations from
         :func:`~blendq.functional.search_scale`."""
         s = self.spec
-        axis = 0 if s.per_channel else None
+        axis = self.axis if s.per_channel else None
         try:
             F.check_finite(w)
             if s.bits == 1:

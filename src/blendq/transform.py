@@ -12,8 +12,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from .converted import QUANT_MAP, QuantMixin
-from .layers import BLEND_MAP, FOLDED_BN_MAP, BlendMixin, rebuild
+from .converted import QuantMixin, quant_class
+from .layers import FOLDED_BN_MAP, BlendMixin, blend_class, layer_kind, rebuild
 from .policy import QuantPolicy
 from .schedules import Schedule
 
@@ -54,7 +54,7 @@ def prepare(model: nn.Module, policy: QuantPolicy) -> nn.Module:
         raise ValueError("model is already prepared or converted; prepare a float model")
     for plan in policy.resolve(model):
         module = model.get_submodule(plan.name)
-        blended = BLEND_MAP[type(module)].from_float(
+        blended = blend_class(module).from_float(
             module, plan.w_spec, plan.a_spec, name=plan.name or type(module).__name__
         )
         model = _replace(model, plan.name, blended)
@@ -72,25 +72,54 @@ def link_batch_norms(model: nn.Module) -> int:
     """Link every batch norm whose input is a quantized layer's output, and that layer's
     only consumer, to the layer (the pairs export folds together): evaluation then
     rounds the folded bias to whole accumulator units, as int8 runtimes do. Called by
-    :func:`prepare` and :func:`convert`; returns the number of links."""
+    :func:`prepare` and :func:`convert`; returns the number of links.
+
+    The model is traced with ``torch.fx``; where it cannot be traced whole (e.g. a
+    forward with data-dependent control flow), each child module is tried in turn, so
+    the conv-norm blocks inside still link. A batch norm left unlinked is exact too: it
+    stays a separate float operation in the exported graph."""
+    links, untraced = _link_within(model, model, "")
+    if untraced:
+        warnings.warn(f"blendq: torch.fx cannot trace {', '.join(untraced[:4])}"
+                      f"{', ...' if len(untraced) > 4 else ''}; batch norms after the "
+                      "quantized layers there are not folded into them at export "
+                      "(still exact, but no fused int8 kernel)", stacklevel=3)
+    return links
+
+
+def _link_within(root: nn.Module, module: nn.Module, prefix: str) -> tuple[int, list[str]]:
+    """Links inside ``module`` (named ``prefix`` in ``root``), and the names of the
+    untraceable modules that hold quantized layers directly."""
+    def holds_quantized(m: nn.Module) -> bool:
+        return any(isinstance(x, BlendMixin | QuantMixin) for x in m.modules())
+
+    if isinstance(module, BlendMixin | QuantMixin) or not holds_quantized(module):
+        return 0, []
     try:
-        graph = _LinkTracer().trace(model)
-    except Exception as err:  # any model torch.fx cannot trace: evaluation stays float-bias
-        warnings.warn(f"blendq: torch.fx cannot trace the model ({type(err).__name__}: {err}); "
-                      "batch norms are not linked to the quantized layers before them, so "
-                      "int8 runtimes may round folded biases unlike evaluation", stacklevel=3)
-        return 0
+        graph = _LinkTracer().trace(module)
+    except Exception:  # torch.fx cannot trace it: try its children
+        links, untraced = 0, []
+        for name, child in module.named_children():
+            n, u = _link_within(root, child, f"{prefix}.{name}" if prefix else name)
+            links, untraced = links + n, untraced + u
+        if any(isinstance(c, BlendMixin | QuantMixin) for c in module.children()):
+            untraced.insert(0, prefix or "the model")
+        return links, untraced
+    return _link_graph(root, module, prefix, graph), []
+
+
+def _link_graph(root: nn.Module, model: nn.Module, prefix: str, graph) -> int:
     links = 0
     for node in graph.nodes:
         layer = model.get_submodule(node.target) if node.op == "call_module" else None
-        if not isinstance(layer, BlendMixin | QuantMixin):
+        if not isinstance(layer, BlendMixin | QuantMixin) or not layer._kind.integer_bias:
             continue
         users = list(node.users)
         target = users[0].target if len(users) == 1 and users[0].op == "call_module" else None
         bn = model.get_submodule(target) if target is not None else None
         if type(bn) in FOLDED_BN_MAP:
             bn = rebuild(bn, FOLDED_BN_MAP[type(bn)])
-            model = _replace(model, target, bn)
+            _replace(root, f"{prefix}.{target}" if prefix else target, bn)
         folded = bn is not None and type(bn) in FOLDED_BN_MAP.values()
         if folded:
             object.__setattr__(bn, "producer", layer)  # a link, not a submodule
@@ -214,7 +243,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     for name, layer in list(blend_layers(model)):
-        model = _replace(model, name, QUANT_MAP[type(layer)].from_blend(layer))
+        model = _replace(model, name, quant_class(layer).from_blend(layer))
     link_batch_norms(model)
     return model.eval()
 
@@ -229,38 +258,43 @@ class LayerRow:
     method: str
     alpha: float | None
     params: int
+    fate: str = "quantized"  # "quantized", "float (policy)" or "float: <why>"
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+
+def _float_fate(model: nn.Module, name: str, m: nn.Module) -> str:
+    kind = layer_kind(m)
+    if not isinstance(kind, str):
+        return "float (policy)"
+    if isinstance(m, _NORMS) or "Norm" in type(m).__name__:
+        return "float: normalisation (folded into the layer before it where possible)"
+    params = ", ".join(n for n, _ in m.named_parameters(recurse=False))
+    return f"float: {kind} (holds {params})"
 
 
 def summary(model: nn.Module) -> list[LayerRow]:
-    """One row per Linear/Conv layer: quantized (blended or converted) or float."""
+    """One row per module that holds parameters of its own: quantized (blended or
+    converted), float by policy, or float because blendq does not quantize it (why)."""
     rows = []
     for name, m in model.named_modules():
+        own = list(m.parameters(recurse=False))
         if isinstance(m, BlendMixin):
             w, a = m.w_quant.spec, m.a_quant
             gran = "channel" if w.per_channel else "layer"
             method = w.method + ("" if a is None else f"/{a.spec.method}")
-            params = sum(p.numel() for p in m.parameters(recurse=False))
-            rows.append(
-                LayerRow(
-                    name,
-                    type(m).__name__,
-                    w.bits,
-                    a and a.spec.bits,
-                    gran,
-                    method,
-                    float(m.alpha),
-                    params,
-                )
-            )
+            rows.append(LayerRow(name, type(m).__name__, w.bits, a and a.spec.bits, gran,
+                                 method, float(m.alpha), sum(p.numel() for p in own)))
         elif isinstance(m, QuantMixin):
             gran = "channel" if m.per_channel else "layer"
-            params = m.weight_codes.numel() + (0 if m.bias is None else m.bias.numel())
+            params = m.weight_codes.numel() + sum(p.numel() for p in own)
             rows.append(
                 LayerRow(name, type(m).__name__, m.w_bits, m.a_bits, gran, "int", 1.0, params)
             )
-        elif type(m) in BLEND_MAP:
-            params = sum(p.numel() for p in m.parameters(recurse=False))
-            rows.append(LayerRow(name, type(m).__name__, None, None, "-", "float", None, params))
+        elif own:
+            rows.append(LayerRow(name, type(m).__name__, None, None, "-", "float", None,
+                                 sum(p.numel() for p in own), _float_fate(model, name, m)))
     return rows
 
 
@@ -271,7 +305,7 @@ def size_bytes(model: nn.Module) -> int:
     packed = set()
     for m in model.modules():
         if isinstance(m, BlendMixin):
-            bits, w, n_scales = m.w_quant.spec.bits, m.weight, m.w_quant.scale.numel()
+            bits, w, n_scales = m.w_quant.spec.bits, m.float_weight, m.w_quant.scale.numel()
         elif isinstance(m, QuantMixin):
             bits, w, n_scales = m.w_bits, m.weight_codes, m.weight_scale.numel()
         else:
@@ -290,7 +324,7 @@ def size_bytes(model: nn.Module) -> int:
 
 def format_summary(model: nn.Module) -> str:
     """:func:`summary` as a fixed-width text table."""
-    head = ("layer", "type", "w_bits", "a_bits", "scale", "method", "alpha", "params")
+    head = ("layer", "type", "w_bits", "a_bits", "scale", "method", "alpha", "params", "fate")
     body = [
         (
             r.name or "<root>",
@@ -301,6 +335,7 @@ def format_summary(model: nn.Module) -> str:
             r.method,
             _s(r.alpha and round(r.alpha, 4), "-"),
             f"{r.params:,}",
+            r.fate,
         )
         for r in summary(model)
     ]

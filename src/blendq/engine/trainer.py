@@ -312,7 +312,7 @@ def _clip_latent(model: nn.Module) -> None:
     with torch.no_grad():
         for _, layer in blend_layers(model):
             if layer.w_quant.spec.bits == 1:
-                layer.weight.clamp_(-1.0, 1.0)
+                layer.float_weight.clamp_(-1.0, 1.0)
 
 
 def _save_converted(model: nn.Module, out_dir: Path) -> None:

@@ -1,9 +1,11 @@
-"""Deployment: graph of a converted model, integer engine, artifact, ONNX, verification."""
+"""Deployment: capture with torch.export, ONNX, integer reference engine, artifact,
+verification."""
 
 from .artifact import load_artifact, save_artifact
-from .engine import IntegerEngine, run_graph
-from .ir import ExportError, Graph, Node, to_graph
-from .onnx_qdq import export_onnx, graph_to_onnx, onnx_session, run_onnx
+from .capture import ExportError, capture, deployable
+from .onnx import export_onnx, fused_ops, onnx_session, run_onnx, to_onnx
+from .reference import IntegerEngine, first_tensor
 
-__all__ = ["ExportError", "Graph", "IntegerEngine", "Node", "export_onnx", "graph_to_onnx",
-           "load_artifact", "onnx_session", "run_graph", "run_onnx", "save_artifact", "to_graph"]
+__all__ = ["ExportError", "IntegerEngine", "capture", "deployable", "export_onnx",
+           "first_tensor", "fused_ops", "load_artifact", "onnx_session", "run_onnx",
+           "save_artifact", "to_onnx"]

@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .engine import IntegerEngine
-from .ir import Graph
-from .onnx_qdq import graph_to_onnx, onnx_session, run_onnx
+from .onnx import onnx_session, run_onnx, to_onnx
+from .reference import IntegerEngine, first_tensor
 
 __all__ = ["Agreement", "compare_logits", "output_step", "verify_model"]
 
@@ -45,37 +44,40 @@ def output_step(reference_logits: Tensor) -> float:
 def compare_logits(name: str, ref: Tensor, other: Tensor, step: float,
                    labels: Tensor | None = None) -> Agreement:
     ref, other = ref.double(), other.double()
+    ref, other = ref.reshape(-1, ref.shape[-1]), other.reshape(-1, other.shape[-1])
     diff = (ref - other).abs()
-    agree = 100.0 * float((ref.argmax(1) == other.argmax(1)).double().mean())
-    acc = None if labels is None else 100.0 * float((other.argmax(1) == labels).double().mean())
+    agree = 100.0 * float((ref.argmax(-1) == other.argmax(-1)).double().mean())
+    acc = None if labels is None else 100.0 * float((other.argmax(-1) == labels).double().mean())
     return Agreement(name, agree, float(diff.max()), float(diff.mean()),
                      float(diff.max()) / step, acc)
 
 
 @torch.no_grad()
-def verify_model(alpha_one_model: nn.Module, graph: Graph, batches, onnx: bool = True
-                 ) -> list[Agreement]:
+def verify_model(alpha_one_model: nn.Module, program: torch.export.ExportedProgram, batches,
+                 onnx: bool = True) -> list[Agreement]:
     """Run the α = 1 model (float32), the integer engine and ONNX Runtime (int8 kernels,
-    and the QDQ graph unfused) on ``batches`` of ``(x, y)``; compare each with the
-    α = 1 model."""
-    engine = IntegerEngine(graph)
+    and the QDQ graph unfused) on ``batches`` of ``(x, y)`` (``y`` may be ``None``);
+    compare each with the α = 1 model. ``program`` is :func:`blendq.export.capture` of
+    the converted model."""
+    engine = IntegerEngine(program)
     sessions = []
     refs, ints, labels = [], [], []
     orts: dict[str, list] = {"ONNX Runtime, int8 kernels": [], "ONNX Runtime, QDQ unfused": []}
     with tempfile.TemporaryDirectory() as tmp:
         for x, y in batches:
             if onnx and not sessions:
-                path = Path(tmp) / "model.onnx"
                 import onnx as onnx_lib
 
-                onnx_lib.save(graph_to_onnx(graph, tuple(x.shape)), str(path))
+                path = Path(tmp) / "model.onnx"
+                onnx_lib.save(to_onnx(program, x), str(path))
                 sessions = [onnx_session(path, optimize=True), onnx_session(path, optimize=False)]
-            refs.append(alpha_one_model(x).float())
+            refs.append(first_tensor(alpha_one_model(x)).float())
             ints.append(engine(x))
             for outputs, session in zip(orts.values(), sessions, strict=False):
                 outputs.append(run_onnx(session, x))
             labels.append(y)
-    ref, y = torch.cat(refs), torch.cat(labels)
+    ref = torch.cat(refs)
+    y = None if any(lab is None for lab in labels) else torch.cat(labels)
     step = output_step(ref)
     results = [compare_logits("alpha=1 model (reference)", ref, ref, step, y),
                compare_logits("integer engine (float64)", ref, torch.cat(ints), step, y)]

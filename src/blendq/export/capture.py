@@ -1,0 +1,151 @@
+"""Capture a converted model as a ``torch.export`` program of standard operators.
+
+:func:`deployable` copies a converted model and puts each quantized layer into its
+deploy form (:class:`blendq.converted.Deploy`): the weight is a
+``quantized_decomposed.dequantize_per_channel`` of int8 codes, the input a
+quantize/dequantize pair on the layer's grid, the bias int32 accumulator units behind
+a dequantize where the layer adds it to an integer accumulator. A batch norm linked to
+the layer before it (``blendq.transform.link_batch_norms``) is folded into that layer:
+one scale ``|k|·γ_w`` per output channel, the sign of ``k`` moved into the codes, and
+the bias ``k·b + t`` in whole units of ``|k|·γ_w·γ_a``, rounded by the same
+:func:`blendq.functional.round_bias` that evaluation uses. The quantization sits where
+the layer consumes its input, so every other consumer of the same value (a residual
+branch, a second head) reads the float value, as in the eager model.
+
+:func:`capture` runs ``torch.export`` on that copy: the one graph that the ONNX
+exporter, the integer reference engine and the artifact all start from.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from ..converted import Deploy, QuantMixin
+from ..functional import pack_codes, round_bias
+from ..layers import BlendMixin, bn_affine
+
+__all__ = ["ExportError", "capture", "deployable", "example_args"]
+
+
+class ExportError(ValueError):
+    """The model cannot be exported (not converted, or not capturable by torch.export)."""
+
+
+def _check_converted(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"expected a converted torch.nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, BlendMixin) for m in model.modules()):
+        raise ExportError("model holds blended layers: call blendq.convert(model) before export")
+    if not any(isinstance(m, QuantMixin) for m in model.modules()):
+        raise ExportError("model has no quantized layers: prepare, train and convert it first")
+
+
+def _deploy_layer(layer: QuantMixin, bn: nn.Module | None, packed: bool, name: str) -> None:
+    """Put ``layer`` (in a copy) into its deploy form, folding ``bn`` into it if given."""
+    kind = layer._kind
+    codes = layer.weight_codes
+    out_ch = codes.shape[kind.axis]
+    scale = layer.weight_scale.double().reshape(-1).expand(out_ch)  # (C_out,)
+    bias = layer._parameters.get("bias")
+    bias = None if bias is None else bias.detach().double()
+    if bn is not None:
+        k, t = bn_affine(bn)  # (C_out,) each
+        bias = t if bias is None else k * bias + t
+        scale = k * scale
+        sign = torch.where(k < 0, -1, 1).to(torch.int16)
+        view = [1] * codes.dim()
+        view[kind.axis] = out_ch
+        codes = (codes.to(torch.int16) * sign.reshape(view)).to(torch.int8)
+        scale = scale.abs()
+    unit = layer.accumulator_unit()
+    a_scale = float(layer.act_scale) if layer.a_bits is not None else 1.0
+    integer = unit is not None and bias is not None
+    bias_scale = None
+    if integer:
+        unit = scale * a_scale  # float64, |k|·γ_w·γ_a with the fold
+        rounded = round_bias(bias, unit)
+        units = torch.round(rounded / unit)
+        if bool(torch.isfinite(units).all()) and units.abs().max() < 2**31:
+            bias, bias_scale = units.to(torch.int32), scale.float() * torch.tensor(
+                a_scale, dtype=torch.float32)
+        else:  # units too small for int32 (an input scale near 0): the rounded bias in float
+            warnings.warn(f"blendq: layer {name}: its bias needs more than int32 accumulator "
+                          f"units (input scale {a_scale:.3g}); exported as a float bias, so "
+                          "no int8 kernel runs this layer", stacklevel=4)
+            integer, bias = False, rounded.float()
+    elif bias is not None:
+        bias = bias.float()
+    shape = tuple(codes.shape)
+    stored = pack_codes(codes, layer.w_bits) if packed and layer.w_bits <= 4 else codes.clone()
+    deploy = Deploy(layer.w_bits, layer.a_bits, layer.a_signed, a_scale, kind.axis, shape,
+                    integer, packed and layer.w_bits <= 4)
+    layer.set_deploy(deploy, stored, scale.float().clone(), bias, bias_scale)
+
+
+def deployable(converted_model: nn.Module, packed: bool = False) -> nn.Module:
+    """A copy of ``converted_model`` whose quantized layers compute with standard
+    quantize/dequantize operators, batch norms linked to them folded in (see module
+    docstring). ``packed``: codes of 4 bits or fewer are stored packed and unpacked in
+    the graph (the artifact); ONNX takes int8 codes."""
+    _check_converted(converted_model)
+    model = copy.deepcopy(converted_model).eval()
+    folded: dict[int, nn.Module] = {}
+    for name, m in list(model.named_modules()):
+        producer = m.__dict__.get("producer")
+        if producer is not None and isinstance(producer, QuantMixin):
+            folded[id(producer)] = m
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, nn.Identity())
+    for name, m in model.named_modules():
+        if isinstance(m, QuantMixin):
+            m.bias_folded = False
+            _deploy_layer(m, folded.get(id(m)), packed, name)
+    return model
+
+
+def example_args(example_input) -> tuple:
+    """``example_input`` (a tensor, or a tuple of the forward's positional arguments) as
+    the tuple ``torch.export`` takes."""
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    if not args or not all(isinstance(a, Tensor) for a in args):
+        raise ExportError("example_input must be a tensor or a tuple of tensors, got "
+                          f"{type(example_input).__name__}")
+    return args
+
+
+def capture(converted_model: nn.Module, example_input, packed: bool = False,
+            dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+    """``torch.export`` of :func:`deployable` (``converted_model``) on ``example_input``,
+    the batch dimension dynamic where the model allows it.
+
+    Raises:
+        ExportError: the model is not converted, or torch.export cannot capture it
+            (the message carries torch.export's reason).
+    """
+    args = example_args(example_input)
+    model = deployable(converted_model, packed)
+    try:
+        with torch.no_grad():
+            model(*args)
+    except Exception as err:
+        raise ExportError(f"the model does not run on example_input: {type(err).__name__}: "
+                          f"{err}") from err
+    errors = []
+    for dynamic in ((True, False) if dynamic_batch else (False,)):
+        shapes = None
+        traced = args
+        if dynamic:
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            shapes = tuple({0: batch} if a.dim() > 0 else None for a in args)
+            # torch.export specialises a dimension of size 1: trace a batch of two
+            traced = tuple(torch.cat([a, a]) if a.dim() > 0 and len(a) == 1 else a
+                           for a in args)
+        try:
+            return torch.export.export(model, traced, dynamic_shapes=shapes, strict=False)
+        except Exception as err:  # the reason goes into the one ExportError below
+            errors.append(f"{type(err).__name__}: {str(err).strip().splitlines()[0]}")
+    raise ExportError("torch.export cannot capture the model: " + "; ".join(errors))
