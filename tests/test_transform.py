@@ -256,18 +256,45 @@ def test_batch_norm_after_a_quantized_layer_is_linked_to_it(cnn, images):
     assert not torch.allclose(units[0, :, 0, 0], (k * conv.bias.double() + t) / unit)
 
 
-def test_untraceable_model_is_prepared_with_a_warning(images):
-    class Dynamic(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+class _ShapeMath(nn.Module):
+    """A forward torch.fx cannot trace (Python arithmetic on the input's shape, like
+    TensorFlow 'same' padding) but torch.export can; ``residual``: the conv's output
+    also feeds an add, so the batch norm is not its only consumer."""
 
-        def forward(self, x):
-            return self.bn(self.conv(x)) if x.sum() > 0 else self.conv(x)
+    def __init__(self, residual: bool):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 5)
+        self.residual = residual
 
-    with pytest.warns(UserWarning, match="cannot trace the model"):
-        model = blendq.prepare(Dynamic(), blendq.QuantPolicy())
-    assert type(model.bn) is nn.BatchNorm2d and model(images).shape[1] == 4
+    def forward(self, x):
+        pad = max(0, 4 - x.shape[-1] % 4) % 4
+        y = self.conv(nn.functional.pad(x, [0, pad, 0, pad]))
+        z = torch.relu(self.bn(y) + (y if self.residual else 0))
+        return self.fc(z.mean((2, 3)))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_untraceable_module_links_candidates_that_export_checks(tmp_path, residual):
+    from blendq.export import capture, export_onnx, onnx_session, run_onnx
+
+    torch.manual_seed(0)
+    model = blendq.prepare(_ShapeMath(residual), blendq.QuantPolicy(w_bits=4, a_bits=8))
+    assert type(model.bn) is blendq.layers.FoldedBatchNorm2d and not model.bn.link_proven
+    x = torch.randn(32, 3, 7, 7)
+    model.train()(x)
+    for m in model.modules():  # batch norm statistics and affine far from the defaults
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(-1.5, 1.5)
+            m.bias.data.normal_()
+    blendq.set_alpha(model.eval(), 1.0)
+    converted = blendq.convert(model)
+    program = capture(converted, x)
+    batch_norms = sum("batch_norm" in str(n.target) for n in program.graph.nodes)
+    assert batch_norms == (1 if residual else 0)  # folded only where the graph proves it
+    ref = converted(x).detach()
+    out = run_onnx(onnx_session(export_onnx(converted, tmp_path / "s.onnx", x)), x)
+    assert float((out - ref).abs().max()) <= float(ref.abs().max()) / 127
 
 
 def test_activation_scale_from_a_strided_sample_or_the_whole_batch():

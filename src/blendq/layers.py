@@ -275,23 +275,34 @@ class _FoldedBatchNorm:
     runtimes do, so the α = 1 model computes what they compute. Training is untouched.
     """
 
+    link_proven = True  # False: a candidate that export checks on the captured graph
+
     def forward(self, input: Tensor) -> Tensor:
         out = super().forward(input)
-        layer = self.__dict__.get("producer")
-        if self.training or layer is None or self.running_mean is None:
+        delta = self._buffers.get("deploy_delta")  # export of a pair it could not fold
+        if delta is None and not self.training:
+            delta = self.rounding_delta()
+        if delta is None:
             return out
+        return out + delta.to(out.dtype).reshape(1, -1, *([1] * (out.dim() - 2)))
+
+    def rounding_delta(self) -> Tensor | None:
+        """What evaluation adds to the batch norm's output: ``α·(R(t) - t)`` per channel
+        (float64), ``t = k·b + t_bn`` the folded bias, ``R`` rounding to whole units of
+        ``|k|·γ_w·γ_a``; ``None`` where no unit applies."""
+        layer = self.__dict__.get("producer")
+        if layer is None or self.running_mean is None:
+            return None
         unit = layer.accumulator_unit()
         if unit is None:
-            return out
+            return None
         k, t = bn_affine(self)
         bias = layer._parameters.get("bias")
         if bias is not None:
             t = k * bias.detach().double() + t
-        delta = (F.round_bias(t, k * unit) - t).to(out.dtype)
+        delta = F.round_bias(t, k * unit) - t
         alpha = getattr(layer, "alpha", None)
-        if alpha is not None:
-            delta = delta * alpha.to(out.dtype)
-        return out + delta.reshape(1, -1, *([1] * (out.dim() - 2)))
+        return delta if alpha is None else delta * alpha.double()
 
 
 class FoldedBatchNorm1d(_FoldedBatchNorm, nn.BatchNorm1d):

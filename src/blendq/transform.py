@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -74,58 +73,72 @@ def link_batch_norms(model: nn.Module) -> int:
     rounds the folded bias to whole accumulator units, as int8 runtimes do. Called by
     :func:`prepare` and :func:`convert`; returns the number of links.
 
-    The model is traced with ``torch.fx``; where it cannot be traced whole (e.g. a
-    forward with data-dependent control flow), each child module is tried in turn, so
-    the conv-norm blocks inside still link. A batch norm left unlinked is exact too: it
-    stays a separate float operation in the exported graph."""
-    links, untraced = _link_within(model, model, "")
-    if untraced:
-        warnings.warn(f"blendq: torch.fx cannot trace {', '.join(untraced[:4])}"
-                      f"{', ...' if len(untraced) > 4 else ''}; batch norms after the "
-                      "quantized layers there are not folded into them at export "
-                      "(still exact, but no fused int8 kernel)", stacklevel=3)
-    return links
+    The model is traced with ``torch.fx``. Where a module cannot be traced (a forward
+    with data-dependent control flow, shape arithmetic), its children are tried in
+    turn, and inside a module that still cannot be traced a batch norm registered right
+    after a quantized layer, with as many channels as the layer has outputs, is linked
+    as a candidate: export folds a candidate only after the captured graph shows that
+    the layer's output goes to that batch norm alone, and otherwise exports the linked
+    pair exactly as evaluation computes it."""
+    return _link_within(model, model, "")
 
 
-def _link_within(root: nn.Module, module: nn.Module, prefix: str) -> tuple[int, list[str]]:
-    """Links inside ``module`` (named ``prefix`` in ``root``), and the names of the
-    untraceable modules that hold quantized layers directly."""
-    def holds_quantized(m: nn.Module) -> bool:
-        return any(isinstance(x, BlendMixin | QuantMixin) for x in m.modules())
+def _holds_quantized(m: nn.Module) -> bool:
+    return any(isinstance(x, BlendMixin | QuantMixin) for x in m.modules())
 
-    if isinstance(module, BlendMixin | QuantMixin) or not holds_quantized(module):
-        return 0, []
+
+def _link_within(root: nn.Module, module: nn.Module, prefix: str) -> int:
+    """Links inside ``module`` (named ``prefix`` in ``root``)."""
+    if isinstance(module, BlendMixin | QuantMixin) or not _holds_quantized(module):
+        return 0
     try:
         graph = _LinkTracer().trace(module)
-    except Exception:  # torch.fx cannot trace it: try its children
-        links, untraced = 0, []
-        for name, child in module.named_children():
-            n, u = _link_within(root, child, f"{prefix}.{name}" if prefix else name)
-            links, untraced = links + n, untraced + u
-        if any(isinstance(c, BlendMixin | QuantMixin) for c in module.children()):
-            untraced.insert(0, prefix or "the model")
-        return links, untraced
-    return _link_graph(root, module, prefix, graph), []
-
-
-def _link_graph(root: nn.Module, model: nn.Module, prefix: str, graph) -> int:
+    except Exception:  # torch.fx cannot trace it: its children, then registration order
+        links = 0
+        children = list(module.named_children())
+        for name, child in children:
+            links += _link_within(root, child, f"{prefix}.{name}" if prefix else name)
+        for (_, layer), (name, bn) in zip(children, children[1:], strict=False):
+            if _linkable(layer, bn):
+                links += _link(root, layer, f"{prefix}.{name}" if prefix else name, bn, False)
+        return links
     links = 0
     for node in graph.nodes:
-        layer = model.get_submodule(node.target) if node.op == "call_module" else None
-        if not isinstance(layer, BlendMixin | QuantMixin) or not layer._kind.integer_bias:
+        layer = module.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(layer, BlendMixin | QuantMixin):
             continue
         users = list(node.users)
         target = users[0].target if len(users) == 1 and users[0].op == "call_module" else None
-        bn = model.get_submodule(target) if target is not None else None
-        if type(bn) in FOLDED_BN_MAP:
-            bn = rebuild(bn, FOLDED_BN_MAP[type(bn)])
-            _replace(root, f"{prefix}.{target}" if prefix else target, bn)
-        folded = bn is not None and type(bn) in FOLDED_BN_MAP.values()
-        if folded:
-            object.__setattr__(bn, "producer", layer)  # a link, not a submodule
-            links += 1
-        layer.bias_folded = folded
+        bn = module.get_submodule(target) if target is not None else None
+        if _linkable(layer, bn):
+            links += _link(root, layer, f"{prefix}.{target}" if prefix else target, bn, True)
+        elif not isinstance(bn, _FOLDED):
+            layer.bias_folded = False
     return links
+
+
+_FOLDED = tuple(FOLDED_BN_MAP.values())
+
+
+def _linkable(layer: nn.Module, bn: nn.Module | None) -> bool:
+    if not isinstance(layer, BlendMixin | QuantMixin) or not layer._kind.integer_bias:
+        return False
+    if type(bn) not in FOLDED_BN_MAP and not isinstance(bn, _FOLDED):
+        return False
+    out_channels = getattr(layer, "out_channels", getattr(layer, "out_features", None))
+    return bn.num_features == out_channels
+
+
+def _link(root: nn.Module, layer: nn.Module, bn_name: str, bn: nn.Module, proven: bool) -> int:
+    """Make ``bn`` (at ``bn_name`` in ``root``) a folded batch norm linked to ``layer``;
+    ``proven``: the traced graph shows ``layer``'s output goes to ``bn`` alone."""
+    if type(bn) in FOLDED_BN_MAP:
+        bn = rebuild(bn, FOLDED_BN_MAP[type(bn)])
+        _replace(root, bn_name, bn)
+    object.__setattr__(bn, "producer", layer)  # a link, not a submodule
+    bn.link_proven = proven
+    layer.bias_folded = True
+    return 1
 
 
 def blend_layers(model: nn.Module) -> Iterator[tuple[str, BlendMixin]]:

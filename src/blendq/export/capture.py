@@ -45,7 +45,9 @@ def _check_converted(model: nn.Module) -> None:
 
 
 def _deploy_layer(layer: QuantMixin, bn: nn.Module | None, packed: bool, name: str) -> None:
-    """Put ``layer`` (in a copy) into its deploy form, folding ``bn`` into it if given."""
+    """Put ``layer`` (in a copy) into its deploy form, folding ``bn`` into it if given (a
+    layer linked to a batch norm it is not folded with keeps its float bias, as in
+    evaluation)."""
     kind = layer._kind
     codes = layer.weight_codes
     out_ch = codes.shape[kind.axis]
@@ -63,7 +65,7 @@ def _deploy_layer(layer: QuantMixin, bn: nn.Module | None, packed: bool, name: s
         scale = scale.abs()
     unit = layer.accumulator_unit()
     a_scale = float(layer.act_scale) if layer.a_bits is not None else 1.0
-    integer = unit is not None and bias is not None
+    integer = unit is not None and bias is not None and (bn is not None or not layer.bias_folded)
     bias_scale = None
     if integer:
         unit = scale * a_scale  # float64, |k|·γ_w·γ_a with the fold
@@ -86,25 +88,64 @@ def _deploy_layer(layer: QuantMixin, bn: nn.Module | None, packed: bool, name: s
     layer.set_deploy(deploy, stored, scale.float().clone(), bias, bias_scale)
 
 
-def deployable(converted_model: nn.Module, packed: bool = False) -> nn.Module:
+def deployable(converted_model: nn.Module, packed: bool = False,
+               proven: set[str] | None = None) -> nn.Module:
     """A copy of ``converted_model`` whose quantized layers compute with standard
     quantize/dequantize operators, batch norms linked to them folded in (see module
     docstring). ``packed``: codes of 4 bits or fewer are stored packed and unpacked in
-    the graph (the artifact); ONNX takes int8 codes."""
+    the graph (the artifact); ONNX takes int8 codes. ``proven``: names of batch norms
+    whose candidate link (``link_batch_norms``) the captured graph confirmed; the other
+    candidates stay batch norms that add evaluation's rounding as a constant."""
     _check_converted(converted_model)
     model = copy.deepcopy(converted_model).eval()
+    proven = proven or set()
     folded: dict[int, nn.Module] = {}
     for name, m in list(model.named_modules()):
         producer = m.__dict__.get("producer")
-        if producer is not None and isinstance(producer, QuantMixin):
+        if not isinstance(producer, QuantMixin):
+            continue
+        if m.link_proven or name in proven:
             folded[id(producer)] = m
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, nn.Identity())
+        else:
+            delta = m.rounding_delta()
+            m.register_buffer("deploy_delta", None if delta is None else delta.float())
     for name, m in model.named_modules():
         if isinstance(m, QuantMixin):
-            m.bias_folded = False
             _deploy_layer(m, folded.get(id(m)), packed, name)
     return model
+
+
+_LAYER_OPS = ("conv1d", "conv2d", "conv3d", "linear", "conv_transpose", "convolution")
+
+
+def proven_links(converted_model: nn.Module, args: tuple) -> set[str]:
+    """Names of the candidate batch-norm links that a capture of ``converted_model``
+    confirms: the layer's output is read by that batch norm alone."""
+    candidates = {name: m for name, m in converted_model.named_modules()
+                  if isinstance(m.__dict__.get("producer"), QuantMixin) and not m.link_proven}
+    if not candidates:
+        return set()
+    layer_names = {id(m): n for n, m in converted_model.named_modules()}
+    try:
+        graph = torch.export.export(converted_model.eval(), args, strict=False).graph
+    except Exception:  # not capturable: capture() reports that on the deploy copy
+        return set()
+    by_module: dict[str, list] = {}
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op == "call_function" and stack:
+            by_module.setdefault(list(stack.values())[-1][0], []).append(node)
+    proven = set()
+    for name, bn in candidates.items():
+        layer_name = layer_names[id(bn.producer)]
+        cores = [n for n in by_module.get(layer_name, [])
+                 if any(op in str(n.target) for op in _LAYER_OPS)]
+        norms = [n for n in by_module.get(name, []) if "batch_norm" in str(n.target)]
+        if len(cores) == 1 and len(norms) == 1 and list(cores[0].users) == norms:
+            proven.add(name)
+    return proven
 
 
 def example_args(example_input) -> tuple:
@@ -127,7 +168,8 @@ def capture(converted_model: nn.Module, example_input, packed: bool = False,
             (the message carries torch.export's reason).
     """
     args = example_args(example_input)
-    model = deployable(converted_model, packed)
+    _check_converted(converted_model)
+    model = deployable(converted_model, packed, proven_links(converted_model, args))
     try:
         with torch.no_grad():
             model(*args)
