@@ -1,5 +1,9 @@
 """ONNX Runtime: int8 QDQ model against the fp32 ONNX model of the same network.
 
+The int8 file is ``blendq.export_onnx`` of the converted model; the fp32 file is
+``torch.onnx`` of the same network with float layers (the prepared model's latent
+weights; speed does not depend on the values).
+
     python benchmarks/onnx_speed.py [--run RUN_DIR] [--batch 256] [--repeats 20]
 
 Without ``--run`` it uses fmnist_cnn with W8A8 per-channel, its activation scales
@@ -11,6 +15,7 @@ default optimisations; prints median milliseconds per batch and the ratio.
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import tempfile
@@ -21,20 +26,21 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from blendq.export.onnx_qdq import graph_to_onnx
 
 import blendq
-from blendq.export import onnx_session, to_graph
+from blendq.export import export_onnx, onnx_session
+from blendq.layers import FOLDED_BN_MAP, BlendMixin, rebuild
 from blendq.models import build_model
 
 
 def _model(run: str | None):
+    """``(prepared model at alpha = 1, input shape, label)``."""
     if run:
         from blendq.engine.trainer import load_run_model
 
         model, cfg, data = load_run_model(run)
         size = cfg.image_size or data.image_size
-        return blendq.convert(model), (data.in_channels, size, size), run
+        return model, (data.in_channels, size, size), run
     torch.manual_seed(0)
     model = blendq.prepare(build_model("fmnist_cnn", in_channels=1, image_size=28),
                            blendq.QuantPolicy(w_bits=8, a_bits=8, per_channel=True))
@@ -42,7 +48,27 @@ def _model(run: str | None):
     for _ in range(3):
         model(torch.randn(64, 1, 28, 28))
     blendq.set_alpha(model.eval(), 1.0)
-    return blendq.convert(model), (1, 28, 28), "fmnist_cnn W8A8 per-channel (random weights)"
+    return model, (1, 28, 28), "fmnist_cnn W8A8 per-channel (random weights)"
+
+
+def _float_twin(prepared: torch.nn.Module) -> torch.nn.Module:
+    """The same network with plain float layers and batch norms."""
+    model = copy.deepcopy(prepared).eval()
+    plain = {v: k for k, v in FOLDED_BN_MAP.items()}
+    for name, m in list(model.named_modules()):
+        new = m.to_float() if isinstance(m, BlendMixin) else \
+            rebuild(m, plain[type(m)]) if type(m) in plain else None
+        if new is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+    return model
+
+
+def _fp32_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    program = torch.export.export(model, (example,), strict=False,
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    onnx.save(torch.onnx.export(program, (example,), dynamo=True, verbose=False).model_proto,
+              str(path))
 
 
 def main() -> None:
@@ -51,16 +77,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args()
-    converted, shape, label = _model(args.run)
-    graph = to_graph(converted)
+    prepared, shape, label = _model(args.run)
     x = np.random.default_rng(0).standard_normal((args.batch, *shape)).astype(np.float32)
+    example = torch.from_numpy(x[:2])
     times = {"fp32": [], "int8": []}
     with tempfile.TemporaryDirectory() as tmp:
-        sessions = {}
-        for name, quantize in (("fp32", False), ("int8", True)):
-            path = Path(tmp) / f"{name}.onnx"
-            onnx.save(graph_to_onnx(graph, (1, *shape), quantize=quantize), str(path))
-            sessions[name] = onnx_session(path)
+        _fp32_onnx(_float_twin(prepared), example, Path(tmp) / "fp32.onnx")
+        export_onnx(blendq.convert(prepared), Path(tmp) / "int8.onnx", example)
+        sessions = {name: onnx_session(Path(tmp) / f"{name}.onnx") for name in times}
         for _ in range(3):  # warm up
             for s in sessions.values():
                 s.run(None, {s.get_inputs()[0].name: x})
