@@ -3,10 +3,9 @@ own ONNX exporter (``torch.onnx.export(..., dynamo=True)``).
 
 The quantize/dequantize operators become QuantizeLinear/DequantizeLinear around the
 float Conv/Gemm/MatMul; ONNX Runtime's optimiser fuses the patterns it knows into int8
-kernels (QLinearConv, QGemm, MatMulInteger). One clean-up helps it: a ReLU whose only
-consumer quantizes onto an unsigned grid (zero point 0) is dropped, since the
-quantizer's clamp at 0 does its work; that puts the QuantizeLinear right after the
-convolution, the pattern ONNX Runtime fuses.
+kernels (QLinearConv, QGemm, MatMulInteger). One clean-up helps it: a QuantizeLinear
+moves back across max pooling and, on an unsigned grid, ReLU (both commute with it), so
+it sits right after the convolution, the pattern ONNX Runtime fuses.
 """
 
 from __future__ import annotations
@@ -52,46 +51,81 @@ def to_onnx(program: torch.export.ExportedProgram, example_input):
     finally:
         logger.setLevel(level)
     model = exported.model_proto
-    _drop_relu_before_unsigned_quantize(model)
+    _hoist_quantize(model)
     model.producer_name = "blendq"
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
-def _drop_relu_before_unsigned_quantize(model) -> int:
-    """``Relu -> QuantizeLinear(uint8, zero point 0)`` with the Relu's output read only
-    there: the Relu is redundant (the quantizer clamps at 0); rewire and drop it."""
+def _hoist_quantize(model) -> int:
+    """Move each QuantizeLinear back across the MaxPools (and, for an unsigned grid with
+    zero point 0, the Relus) between it and the value they start from, where every value
+    on the way has that one reader: ``V -> Relu -> MaxPool -> Q -> DQ`` becomes
+    ``V -> Q -> MaxPool -> DQ``. Max pooling commutes with the monotone quantizer and the
+    unsigned grid's clamp at 0 does the Relu's work, so the values are the same; the Q
+    then sits right after the convolution, the pattern ONNX Runtime fuses into
+    QLinearConv, and the pool runs on 8-bit codes. Returns the number of moves."""
     from onnx import numpy_helper
 
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+                   for n in graph.node if n.op_type == "Constant" and n.attribute})
+    producer = {o: n for n in graph.node for o in n.output}
     readers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     outputs = {o.name for o in graph.output}
-    dropped = []
-    for relu in graph.node:
-        if relu.op_type != "Relu" or relu.output[0] in outputs:
+    moves, dropped = 0, []
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) == 3]:
+        zp = consts.get(q.input[2])
+        unsigned = zp is not None and str(zp.dtype) == "uint8" and not zp.any()
+        chain, value = [], q.input[0]
+        while value in producer and value not in outputs and len(readers[value]) == 1:
+            node = producer[value]
+            if node.op_type != "MaxPool" and not (node.op_type == "Relu" and unsigned):
+                break
+            if node.op_type == "MaxPool" and len(node.output) > 1:
+                break
+            chain.append(node)
+            value = node.input[0]
+        if not any(n.op_type == "MaxPool" for n in chain) and not chain:
             continue
-        users = readers.get(relu.output[0], [])
-        if len(users) != 1 or users[0].op_type != "QuantizeLinear" or len(users[0].input) < 3:
-            continue
-        zp_name = users[0].input[2]
-        if zp_name in inits:
-            zp = numpy_helper.to_array(inits[zp_name])
-        elif zp_name in consts:
-            zp = numpy_helper.to_array(consts[zp_name].attribute[0].t)
-        else:
-            continue
-        if str(zp.dtype) != "uint8" or zp.any():
-            continue
-        users[0].input[0] = relu.input[0]
-        dropped.append(relu)
-    for relu in dropped:
-        graph.node.remove(relu)
-    return len(dropped)
+        pools = [n for n in reversed(chain) if n.op_type == "MaxPool"]
+        dropped += [n for n in chain if n.op_type == "Relu"]
+        q.input[0] = value
+        codes = q.output[0]
+        if pools:  # the pools read the codes; the readers of the codes read the last pool
+            last = pools[-1].output[0]
+            for reader in readers.get(codes, []):
+                reader.input[:] = [last if i == codes else i for i in reader.input]
+            pools[0].input[0] = codes
+            for a, b in zip(pools, pools[1:], strict=False):
+                b.input[0] = a.output[0]
+        moves += 1
+    if moves:  # types and shapes of moved values changed: let shape inference redo them
+        del graph.value_info[:]
+    for node in dropped:
+        graph.node.remove(node)
+    _topological_sort(graph)
+    return moves
+
+
+def _topological_sort(graph) -> None:
+    """Reorder ``graph.node`` so that every node comes after the producers of its inputs."""
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in known for i in n.input)]
+        if not ready:
+            raise ExportError("internal error: the ONNX graph has a cycle after clean-up")
+        for node in ready:
+            ordered.append(node)
+            known.update(node.output)
+        pending = [n for n in pending if n not in ready]
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def export_onnx(converted_model: nn.Module, path: str | os.PathLike, example_input,
