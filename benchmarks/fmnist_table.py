@@ -7,7 +7,10 @@ Protocol (identical for AB and STE): a float network trained ``--float-epochs``
 epochs; each quantized run starts from it and trains ``--qat-epochs`` more with
 Adam, cosine LR from ``--lr``. AB raises α over the first half of the run (eq. 6);
 STE quantizes from the first step. Activations use STE in both (the library
-default). Prints a Markdown table of final test top-1 of the quantized model.
+default). Both train with the deployed bias (rounded to accumulator units, blended
+with α) and freeze batch norms for the last part of the run (``--bn-freeze``). Prints
+a Markdown table of final test top-1 of the quantized model as deployed, and of the
+same weights with float biases (no rounding: what the rounding costs).
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ def main() -> None:
     p.add_argument("--binary-epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--only", help="run only settings whose label contains this text")
+    p.add_argument("--bn-freeze", type=float, default=0.9,
+                   help="fraction of a quantized run after which batch norms are frozen "
+                        "(negative: never)")
     args = p.parse_args()
     out = Path(args.out)
     base = TrainConfig(model="fmnist_cnn", data="fashion-mnist", seed=args.seed,
@@ -62,15 +68,21 @@ def main() -> None:
     def record(label, method, cfg, run_dir):
         last, seconds = run(cfg, run_dir)
         acc = last.get("q_test_acc", last.get("test_acc"))
-        rows.append({"setting": label, "method": method, "acc": acc, "seconds": seconds,
-                     "epochs": cfg.epochs, "run": str(run_dir)})
-        print(f"{label:22s} {method:5s} {acc:6.2f}%  {seconds:6.0f}s", flush=True)
+        row = {"setting": label, "method": method, "acc": acc, "seconds": seconds,
+               "epochs": cfg.epochs, "run": str(run_dir), "seed": cfg.seed}
+        if cfg.quantize:  # the same weights with float biases: what the rounding costs
+            row["acc_float_bias"] = evaluate_run(run_dir, float_biases=True,
+                                                 views=False)["test_acc"]
+        rows.append(row)
+        extra = f"  float bias {row['acc_float_bias']:6.2f}%" if cfg.quantize else ""
+        print(f"{label:22s} {method:5s} {acc:6.2f}%{extra}  {seconds:6.0f}s", flush=True)
         (out / "table.json").write_text(json.dumps(rows, indent=2))
 
     out.mkdir(parents=True, exist_ok=True)
     fp_dir = out / "fp32"
     record("fp32", "fp32", base.replace(quantize=False, epochs=args.float_epochs), fp_dir)
-    qat = base.replace(epochs=args.qat_epochs, lr=args.lr, init_from=str(fp_dir))
+    qat = base.replace(epochs=args.qat_epochs, lr=args.lr, init_from=str(fp_dir),
+                       bn_freeze=None if args.bn_freeze < 0 else args.bn_freeze)
     for label, w, a, pc in SETTINGS:
         if args.only and args.only not in label:
             continue
@@ -89,14 +101,16 @@ def main() -> None:
             record("W1A1 BinaryNet-style", method, cfg, out / f"w1a1-{method}")
     print(f"\nmachine: {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, seed {args.seed}")
-    print("| setting | fp32 | STE | AB | AB - STE |\n|---|---|---|---|---|")
-    by = {(r["setting"], r["method"]): r["acc"] for r in rows}
-    fp = by[("fp32", "fp32")]
+    print("| setting | fp32 | STE | STE float bias | AB | AB float bias | AB - STE |\n"
+          "|---|---|---|---|---|---|---|")
+    by = {(r["setting"], r["method"]): r for r in rows}
+    fp = by[("fp32", "fp32")]["acc"]
     for label in [s[0] for s in SETTINGS] + ["W1A1 BinaryNet-style"]:
         if (label, "ab") in by:
-            f = by.get((label, "fp32"), fp)
+            f = by[(label, "fp32")]["acc"] if (label, "fp32") in by else fp
             ste, ab = by[(label, "ste")], by[(label, "ab")]
-            print(f"| {label} | {f:.2f} | {ste:.2f} | {ab:.2f} | {ab - ste:+.2f} |")
+            print(f"| {label} | {f:.2f} | {ste['acc']:.2f} | {ste['acc_float_bias']:.2f} | "
+                  f"{ab['acc']:.2f} | {ab['acc_float_bias']:.2f} | {ab['acc'] - ste['acc']:+.2f} |")
 
 
 if __name__ == "__main__":

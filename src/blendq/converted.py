@@ -53,6 +53,7 @@ class QuantMixin:
     weight_codes: Tensor
     weight_scale: Tensor
     bias_folded = False  # a FoldedBatchNorm right after rounds the folded bias instead
+    round_bias = True
     deploy: Deploy | None = None
     _kind: LayerKind
 

@@ -109,6 +109,7 @@ class BlendMixin:
     w_quant: WeightQuantizer
     a_quant: ActQuantizer | None
     bias_folded = False  # a FoldedBatchNorm right after rounds the folded bias instead
+    round_bias = True  # False: the float-bias view (``blendq.transform.float_bias``)
     _kind: LayerKind
 
     def __init__(self, *args, w_spec: WeightSpec | None = None, a_spec: ActSpec | None = None,
@@ -164,24 +165,31 @@ class BlendMixin:
         return super().forward(x, *args, **kwargs)
 
     def accumulator_unit(self) -> Tensor | None:
-        """``γ_w·γ_a`` per output channel (float64), as evaluation computes it, where the
-        layer adds its bias to an integer accumulator; ``None`` for a float or sign (±1)
-        input, which runtimes compute with a float bias, an activation scale never
-        calibrated, or a layer whose forward is not the plain matmul/convolution."""
+        """``γ_w·γ_a`` per output channel (float64) where the layer adds its bias to an
+        integer accumulator: in training the scales this step's forward uses, in
+        evaluation those of the current weight's projection. ``None`` for a float or
+        sign (±1) input, which runtimes compute with a float bias, scales not yet
+        known, or a layer whose forward is not the plain matmul/convolution."""
         a = self.a_quant
-        if not self._kind.integer_bias or a is None or (a.spec.bits == 1 and a.is_signed) \
-                or not bool(a.initialized):
+        if not self._kind.integer_bias or a is None or (a.spec.bits == 1 and a.is_signed):
             return None
-        return self.w_quant.eval_projection(self.float_weight)[1].double().reshape(-1) * \
-            a.scale.double()
+        if self.training:  # the input was quantized first in this forward: its scale is set
+            if not self.w_quant._ready:
+                return None
+            w_scale = self.w_quant.scale
+        else:
+            if not bool(a.initialized):
+                return None
+            w_scale = self.w_quant.eval_projection(self.float_weight)[1]
+        return w_scale.double().reshape(-1) * a.scale.double()
 
     def layer_bias(self) -> Tensor | None:
-        """The bias added. In evaluation it is blended toward whole accumulator units,
-        ``b + α·(R(b) - b)``, as int8 runtimes add it to the int32 accumulator (unless
-        a batch norm right after does that for the folded bias)."""
-        bias = self._parameters.get("bias")
-        return rounded_bias(self, self.alpha) if not self.training and bias is not None \
-            else bias
+        """The bias added: blended toward whole accumulator units with α,
+        ``b + α·(R(b) - b)``, as int8 runtimes add it to the int32 accumulator, in
+        training as in evaluation (unless a batch norm right after rounds the folded
+        bias instead). AB's gradient to ``b`` is ``1 - α`` (the blend, as for the
+        weight); STE's passes straight through."""
+        return rounded_bias(self, self.alpha)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", alpha={float(self.alpha):.4g}"
@@ -189,15 +197,21 @@ class BlendMixin:
 
 def rounded_bias(layer: nn.Module, alpha: Tensor | None) -> Tensor | None:
     """``layer``'s bias in whole accumulator units, blended by ``alpha`` (``None``: fully);
-    the bias as is where a batch norm after the layer rounds instead, or no unit applies."""
+    the bias as is where a batch norm after the layer rounds instead, no unit applies,
+    or rounding is switched off (``layer.round_bias = False``: the float-bias view)."""
     bias = layer._parameters.get("bias")
-    if bias is None or layer.bias_folded:
+    if bias is None or layer.bias_folded or not layer.round_bias:
         return bias
     unit = layer.accumulator_unit()
     if unit is None:
         return bias
     rounded = F.round_bias(bias.detach(), unit).to(bias.dtype)
-    return rounded if alpha is None else torch.lerp(bias, rounded, alpha.to(bias.dtype))
+    if alpha is None:
+        return rounded
+    alpha = alpha.to(bias.dtype)
+    if not layer.training or layer.w_quant.spec.method == "ab":
+        return torch.lerp(bias, rounded, alpha)  # d/db = 1 - α
+    return bias + (torch.lerp(bias.detach(), rounded, alpha) - bias.detach())  # straight
 
 
 def _param_property(name: str, getter_name: str) -> property:
@@ -270,9 +284,13 @@ def bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
 class _FoldedBatchNorm:
     """A batch norm right after a quantized layer (linked by ``prepare``/``convert``;
     the link is ``producer``, not a submodule). Export folds it into that layer: one
-    rescale ``k·γ_w·γ_a`` and one bias ``k·b + t`` per channel. In evaluation it rounds
-    that folded bias to whole accumulator units (blended with the layer's α), as int8
-    runtimes do, so the α = 1 model computes what they compute. Training is untouched.
+    rescale ``k·γ_w·γ_a`` and one bias ``k·b + t`` per channel (running statistics).
+    It adds the rounding of that folded bias to whole accumulator units (blended with
+    the layer's α), as int8 runtimes do, so the α = 1 model computes what they compute:
+    in evaluation, and in training too (a constant there: gradients pass straight
+    through), so the network learns with the bias it is deployed with. With its
+    statistics frozen (``blendq.transform.freeze_batch_norms``, late in training) the
+    training forward is the deployed one.
     """
 
     link_proven = True  # False: a candidate that export checks on the captured graph
@@ -280,7 +298,7 @@ class _FoldedBatchNorm:
     def forward(self, input: Tensor) -> Tensor:
         out = super().forward(input)
         delta = self._buffers.get("deploy_delta")  # export of a pair it could not fold
-        if delta is None and not self.training:
+        if delta is None:
             delta = self.rounding_delta()
         if delta is None:
             return out
@@ -291,7 +309,7 @@ class _FoldedBatchNorm:
         (float64), ``t = k·b + t_bn`` the folded bias, ``R`` rounding to whole units of
         ``|k|·γ_w·γ_a``; ``None`` where no unit applies."""
         layer = self.__dict__.get("producer")
-        if layer is None or self.running_mean is None:
+        if layer is None or self.running_mean is None or not layer.round_bias:
             return None
         unit = layer.accumulator_unit()
         if unit is None:
@@ -302,7 +320,7 @@ class _FoldedBatchNorm:
             t = k * bias.detach().double() + t
         delta = F.round_bias(t, k * unit) - t
         alpha = getattr(layer, "alpha", None)
-        return delta if alpha is None else delta * alpha.double()
+        return delta if alpha is None else delta * alpha.detach().double()
 
 
 class FoldedBatchNorm1d(_FoldedBatchNorm, nn.BatchNorm1d):

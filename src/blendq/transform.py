@@ -23,6 +23,8 @@ __all__ = [
     "AlphaController",
     "alpha_view",
     "full_precision",
+    "float_bias",
+    "freeze_batch_norms",
     "quantized",
     "convert",
     "summary",
@@ -218,6 +220,32 @@ def alpha_view(model: nn.Module, alpha: float | None = None) -> Iterator[nn.Modu
     finally:
         for m, a in zip(layers, saved_alpha, strict=True):
             m.alpha.copy_(a)
+
+
+@contextlib.contextmanager
+def float_bias(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, biases are not rounded to accumulator units (neither a layer's own nor a
+    folded batch norm's): the float-bias view, to measure what the rounding costs."""
+    layers = [m for m in model.modules() if isinstance(m, BlendMixin | QuantMixin)]
+    try:
+        for m in layers:
+            m.round_bias = False
+        yield model
+    finally:
+        for m in layers:
+            m.__dict__.pop("round_bias", None)
+
+
+def freeze_batch_norms(model: nn.Module, frozen: bool = True) -> int:
+    """Batch norms use (and stop updating) their running statistics in training when
+    ``frozen``: late in quantization-aware training, so the rescale and the folded,
+    rounded bias the integer model uses are what training optimises. The model's
+    ``train()`` unfreezes them; the trainer freezes them again from its freeze step.
+    Returns the number of batch norms."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.train(model.training and not frozen)
+    return len(norms)
 
 
 def full_precision(model: nn.Module):

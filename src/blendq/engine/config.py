@@ -31,6 +31,9 @@ class TrainConfig:
     ``alpha_window``: ``[T0, T1]`` of the α ramp (eq. 6) — fractions of the total
     steps when both are <= 1, else steps. ``method="ste"``
     quantizes at once from ``T0`` (α jumps to 1 there); ``quantize=False`` trains fp32.
+    ``bn_freeze``: from this point of a quantized run (a fraction of the total steps when
+    <= 1, else a step) batch norms use and keep their running statistics, so the last
+    part of training computes what the integer model computes; ``None``: never.
     """
 
     model: str = "digits_cnn"
@@ -56,6 +59,7 @@ class TrainConfig:
     alpha_rate: float = 1e-3
     quant_every: int = 1
     clip_latent: bool = False
+    bn_freeze: float | None = 0.9
     epochs: int = 10
     batch_size: int = 128
     optimizer: str = "adam"
@@ -85,6 +89,10 @@ class TrainConfig:
         object.__setattr__(self, "overrides", {k: _none(v) for k, v in self.overrides.items()})
         object.__setattr__(self, "skip", tuple(self.skip))
         object.__setattr__(self, "alpha_window", tuple(self.alpha_window))
+        object.__setattr__(self, "bn_freeze", _none(self.bn_freeze))
+        if self.bn_freeze is not None and (isinstance(self.bn_freeze, bool) or not isinstance(
+                self.bn_freeze, int | float) or self.bn_freeze < 0):
+            raise ValueError(f"bn_freeze must be a number >= 0 or none, got {self.bn_freeze!r}")
         _choice("optimizer", self.optimizer, _OPTIMIZERS)
         _choice("lr_schedule", self.lr_schedule, _LR_SCHEDULES)
         _choice("alpha_schedule", self.alpha_schedule, _ALPHA_SCHEDULES)
@@ -115,6 +123,13 @@ class TrainConfig:
         if t1 <= 1:  # fractions of the run
             return round(t0 * total_steps), round(t1 * total_steps)
         return int(t0), int(t1)
+
+    def freeze_step(self, total_steps: int) -> int | None:
+        """The step from which batch norms are frozen (``None``: never, or fp32)."""
+        if not self.quantize or self.bn_freeze is None:
+            return None
+        f = self.bn_freeze
+        return round(f * total_steps) if f <= 1 else int(f)
 
     def alpha(self, total_steps: int) -> Schedule:
         """The α schedule of this run (STE: a jump to 1 at ``T0``)."""

@@ -34,6 +34,8 @@ from ..transform import (
     blend_layers,
     convert,
     eval_mode,
+    float_bias,
+    freeze_batch_norms,
     get_alpha,
     prepare,
 )
@@ -237,6 +239,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
     steps_per_epoch = len(train_loader)
     total = cfg.epochs * steps_per_epoch
     controller = AlphaController(model, cfg.alpha(total)) if cfg.quantize else None
+    freeze_at = cfg.freeze_step(total)
     history, start_epoch = [], 0
     ckpt_path = out_dir / CHECKPOINT
     if resume and ckpt_path.exists():
@@ -260,6 +263,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.set_epoch(epoch)
         model.train()
+        if freeze_at is not None and step >= freeze_at:
+            freeze_batch_norms(model)
         t0, loss_sum, seen = time.perf_counter(), torch.zeros((), device=device), 0
         bar = Progress(train_loader, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}",
                        progress and d.main)
@@ -270,6 +275,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             alpha = controller.step(step) if controller else 0.0
+            if step == freeze_at:
+                freeze_batch_norms(model)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(cfg, step, total, steps_per_epoch)
             with _autocast(cfg, device):
@@ -340,11 +347,17 @@ def load_run_model(run: str | os.PathLike, data: DataSpec | None = None):
 
 
 def evaluate_run(run: str | os.PathLike, test_subset: int | None = None,
-                 progress: bool = False) -> dict:
-    """Test loss and accuracy of a saved run: blended, full-precision and quantized views."""
+                 progress: bool = False, float_biases: bool = False,
+                 views: bool = True) -> dict:
+    """Test loss and accuracy of a saved run: blended, full-precision and quantized views
+    (``views=False``: the blended model only). ``float_biases``: without rounding the
+    biases to accumulator units (what the rounding costs, against the default)."""
     model, cfg, data = load_run_model(run)
+    cfg = cfg.replace(eval_views=views and cfg.eval_views)
     if test_subset:
         cfg = cfg.replace(test_subset=test_subset)
     _, test = make_loaders(cfg, data, _Dist())
     device = _device(cfg.device)
-    return _evaluate_views(model.to(device), test, device, cfg, progress)
+    context = float_bias(model) if float_biases else contextlib.nullcontext()
+    with context:
+        return _evaluate_views(model.to(device), test, device, cfg, progress)
