@@ -26,7 +26,7 @@ PUBLIC = {
     "summary",
 }
 
-# Each part of the library may import only parts of a lower rank (DESIGN §3 layering).
+# Each part of the library may import only parts of a lower rank (docs/architecture.md).
 RANK = {"functional": 0, "schedules": 1, "toy": 2, "quantizers": 2, "layers": 3,
         "converted": 4, "policy": 4, "transform": 5, "export": 6, "dataspec": 6,
         "imagefolder": 7, "data": 8, "models": 6, "plots": 6, "engine": 9, "cli": 10,

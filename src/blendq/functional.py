@@ -22,7 +22,7 @@ def grid(bits: int, signed: bool = True) -> tuple[int, int]:
     """Return ``(qmin, qmax)`` of the integer grid.
 
     Signed grids are narrow (symmetric): 8 bits -> [-127, 127], 4 bits -> [-7, 7]
-    (DESIGN §2.1). Unsigned grids are [0, 2^bits - 1]. One signed bit is {-1, +1}.
+    (docs/design.md, Grids). Unsigned grids are [0, 2^bits - 1]. One signed bit is {-1, +1}.
     """
     if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
         raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")

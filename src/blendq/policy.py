@@ -62,9 +62,9 @@ class QuantPolicy:
         method: weight method, ``"ab"`` (alpha-blending) or ``"ste"``.
         act_method: activation method, ``"ab"`` or ``"ste"``. Default ``"ste"``:
             blending activations multiplies the backward signal by ``1 - α`` at
-            every layer, which cost ~9 points on BinaryNet/CIFAR-10 (DESIGN §6).
+            every layer (docs/design.md).
         a_signed: activation grid, ``None`` to detect it from the first batch.
-        binary_scale: 1-bit weights blend with ``mean|w|·sign(w)`` (DESIGN §2.0).
+        binary_scale: 1-bit weights blend with ``mean|w|·sign(w)`` (docs/design.md).
         first_layer / depthwise / last_layer: ``(w_bits, a_bits)`` (or one int for
             both) for the first quantizable layer, depthwise convolutions and the
             last one (the paper keeps them at 8 bits); ``None``: no rule.

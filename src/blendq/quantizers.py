@@ -36,7 +36,7 @@ class WeightSpec:
 
     bits: 1..8 (1: sign); per_channel: one scale per output channel;
     method: ``ab`` or ``ste``; binary_scale: 1-bit uses the least-squares scale
-    ``mean|w|`` (DESIGN §2.0); quant_every: recompute codes every this many steps
+    ``mean|w|`` (docs/design.md); quant_every: recompute codes every this many steps
     (set by the controller); max_iter: PPQ iterations per refresh, started from the
     previous scale (Algorithm 2 takes γ as input; the paper: "3 iterations is
     enough"), with no host synchronisation; init_iter: iterations of the first
