@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -90,9 +91,53 @@ def _config(args, **forced):
         try:
             values[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
-            values[key.strip()] = raw
+            if not re.fullmatch(r"[A-Za-z_./~-][\w./~:-]*", raw.strip()):
+                raise UsageError(f"--set {key.strip()}: {raw!r} is not valid JSON (strings "
+                                 "without spaces or brackets may be given bare)") from None
+            values[key.strip()] = raw.strip()  # a bare word: a string
     values.update(forced)
     return TrainConfig.from_dict(values)
+
+
+# Flags that may differ from a resumed run's recipe (the rest is taken from the run).
+_RESUME_FLAGS = {"epochs", "device", "quiet", "out", "resume", "overwrite", "workers"}
+
+
+def _resume_config(args, out: Path):
+    """The run's own recipe, ``--epochs`` extending it; a flag that contradicts the recipe
+    is an error (it would silently change what the run trains)."""
+    from .engine.checkpoint import load_checkpoint
+    from .engine.config import TrainConfig
+
+    saved = TrainConfig.from_dict(load_checkpoint(out / "checkpoint.pt")["config"])
+    if getattr(args, "config", None) or getattr(args, "set", None) or getattr(args, "fp32",
+                                                                              False):
+        raise UsageError("--resume takes the recipe from the run; drop --config/--set/--fp32")
+    clashes = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (run: {getattr(saved, k)!r})"
+               for k in _FLAG_KEYS if hasattr(args, k) and k not in _RESUME_FLAGS
+               and _same(getattr(args, k)) != _same(getattr(saved, k))]
+    if clashes:
+        raise UsageError(f"--resume continues {out} with its own recipe; these flags "
+                         f"contradict it: {'; '.join(clashes)}")
+    epochs = getattr(args, "epochs", saved.epochs)
+    if epochs < saved.epochs:
+        raise UsageError(f"--epochs {epochs} is fewer than the run's {saved.epochs}")
+    return saved.replace(epochs=epochs, **({"device": args.device} if hasattr(args, "device")
+                                           else {}))
+
+
+def _same(value):
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+def default_out(cfg) -> Path:
+    """``runs/{model}-{data}-{bits and method}``: runs of other recipes do not collide."""
+    if not cfg.quantize:
+        tag = "fp32"
+    else:
+        tag = f"w{cfg.w_bits}a{cfg.a_bits or 32}-{cfg.method}" + ("-pc" if cfg.per_channel
+                                                                  else "")
+    return Path(f"runs/{cfg.model}-{Path(cfg.data).name}-{tag}")
 
 
 def cmd_train(args) -> int:
@@ -102,10 +147,22 @@ def cmd_train(args) -> int:
     if fp32 and any(hasattr(args, k) for k in ("w_bits", "a_bits", "method", "per_channel")):
         raise UsageError("--fp32 trains without quantization; drop --w-bits/--a-bits/"
                          "--method/--per-channel")
-    cfg = _config(args, **({"quantize": False} if fp32 else {}))
-    out = Path(getattr(args, "out", None) or f"runs/{cfg.model}-{Path(cfg.data).name}")
-    if resume and not (out / "checkpoint.pt").exists():
-        raise UsageError(f"--resume: no checkpoint.pt in {out}; pass the --out of the run")
+    if resume:
+        if not hasattr(args, "out"):
+            raise UsageError("--resume needs the --out of the run to continue")
+        out = Path(args.out)
+        if not (out / "checkpoint.pt").exists():
+            raise UsageError(f"--resume: no checkpoint.pt in {out}; pass the --out of the run")
+        cfg = _resume_config(args, out)
+    else:
+        cfg = _config(args, **({"quantize": False} if fp32 else {}))
+        out = Path(getattr(args, "out", None) or default_out(cfg))
+        existing = [n for n in ("checkpoint.pt", "config.json", "metrics.jsonl")
+                    if (out / n).exists()]
+        if existing and not getattr(args, "overwrite", False):
+            raise UsageError(f"{out} already holds a run ({', '.join(existing)}): pass "
+                             "--resume to continue it, --overwrite to replace it, or "
+                             "another --out")
     result = train(cfg, out, resume=resume, progress=not getattr(args, "quiet", False))
     last = result.history[-1]
     print(f"run {out}: " + ", ".join(f"{k}={v:.2f}" for k, v in last.items() if "acc" in k))
@@ -242,7 +299,13 @@ def cmd_plot(args) -> int:
     metrics = run / "metrics.jsonl"
     if not metrics.exists():
         raise UsageError(f"{metrics} not found: pass a run directory written by blendq train")
-    history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    try:
+        history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{metrics} is not valid JSON lines ({err}); `blendq train --resume` "
+                         "rewrites it from the checkpoint") from None
+    if not history:
+        raise UsageError(f"{metrics} holds no finished epoch yet: nothing to plot")
     out = Path(args.out) if args.out else run / "curves.png"
     print(f"plot: {plot_run(history, out, run.name)}")
     return 0
@@ -328,7 +391,10 @@ def _parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train one recipe", argument_default=argparse.SUPPRESS)
     _add_recipe_flags(tr)
     tr.add_argument("--fp32", action="store_true", help="train without quantization")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in --out with its own recipe (--epochs may extend it)")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="replace the run already in --out")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a run: blended, fp and quantized views")

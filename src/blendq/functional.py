@@ -144,7 +144,9 @@ def ppq(
         ``scale == <x, codes> / <codes, codes>`` (or the start scale where codes are 0).
 
     Raises:
-        ValueError: bits out of range, bad axis, or NaN/inf in ``x`` (unless ``fixed``).
+        ValueError: bits out of range, bad axis, an empty ``x``, or NaN/inf in ``x``
+            (unless ``fixed``). Values so large that the sums overflow ``x``'s dtype are
+            solved in float64 (unless ``fixed``).
     """
     if signed and bits == 1:
         raise ValueError("ppq needs bits in 2..8 for a signed grid; use binarize() for 1 bit")
@@ -152,8 +154,17 @@ def ppq(
     _check_axis(x, axis)
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if x.numel() == 0:
+        raise ValueError("ppq needs a non-empty tensor, got one of shape "
+                         f"{tuple(x.shape)}")
     if not fixed:
         check_finite(x)
+        peak = float(x.detach().abs().max())
+        if x.dtype != torch.float64 and peak * (qmax - qmin + 1) ** 2 * x.numel() >= \
+                torch.finfo(_as_float(x).dtype).max:
+            # the sums <x, codes> overflow this dtype: solve in float64, return x's dtype
+            codes, new = ppq(x.double(), bits, axis, signed, max_iter, scale, fixed)
+            return codes.to(_as_float(x).dtype), new.to(_as_float(x).dtype)
     xf = _as_float(x)
     dims = _reduce_dims(xf, axis)
     start = _peak_scale(xf, dims, signed, qmax)

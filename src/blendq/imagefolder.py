@@ -47,19 +47,32 @@ def image_folder_spec(root: Path) -> DataSpec:
 class ImageFolder(torch.utils.data.Dataset):
     """One split of an image folder, preprocessed to ``(3, size, size)`` tensors."""
 
-    def __init__(self, split_dir: Path, size: int, train: bool, seed: int = 0) -> None:
+    def __init__(self, split_dir: Path, size: int, train: bool, seed: int = 0,
+                 skip_bad: bool = False) -> None:
         self.samples, self.classes = _scan(split_dir)
         self.size, self.train, self.seed, self.epoch = size, train, seed, 0
+        self.skip_bad = skip_bad  # an unreadable image is skipped (and counted), not fatal
         mean, std = _STATS["imagenet"]
         self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
+        path, label = self.samples[index]
+        try:
+            return self._load(path, label, index)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for bad files
+            if self.skip_bad:
+                return None
+            raise DataError(f"image {path} cannot be read ({type(err).__name__}: {err}); "
+                            "fix or remove it, or train with skip_bad_images=true "
+                            "(--set skip_bad_images=true) to skip and count such "
+                            "files") from None
+
+    def _load(self, path: Path, label: int, index: int) -> tuple[Tensor, int]:
         from PIL import Image
 
-        path, label = self.samples[index]
         with Image.open(path) as img:
             img = img.convert("RGB")
             if self.train:
@@ -122,7 +135,20 @@ class FolderLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        self.skipped = 0  # unreadable images skipped this pass (``skip_bad``)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=self._indices(),
-            num_workers=self.workers, drop_last=self.drop_last)
-        yield from loader
+            num_workers=self.workers, drop_last=self.drop_last, collate_fn=_collate)
+        for x, y, skipped in loader:
+            self.skipped += skipped
+            if len(y):
+                yield x, y
+
+
+def _collate(batch: list) -> tuple[Tensor, Tensor, int]:
+    """A batch of the readable samples, and how many were skipped."""
+    good = [b for b in batch if b is not None]
+    if not good:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long), len(batch)
+    x, y = torch.utils.data.default_collate(good)
+    return x, y, len(batch) - len(good)

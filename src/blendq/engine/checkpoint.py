@@ -9,12 +9,13 @@ leaves the previous good checkpoint in place. Loaded with
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "FORMAT"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "remove_stale", "FORMAT"]
 
 FORMAT = "blendq-checkpoint-v1"
 
@@ -61,9 +62,27 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated zip, bad pickle, forbidden global
+    except pickle.UnpicklingError as err:  # a global that a safe load refuses to run
+        if "Weights only load failed" in str(err) or "GLOBAL" in str(err):
+            raise CheckpointError(f"checkpoint {path} refused as unsafe: it asks to run "
+                                  "Python code or import objects when loaded, which blendq "
+                                  "never does; load only checkpoints you trust with "
+                                  "blendq") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt, or not a checkpoint "
+                              f"at all: it cannot be read ({type(err).__name__})") from None
+    except Exception as err:  # truncated zip, bad pickle
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt, or not a checkpoint "
                               f"at all: it cannot be read ({type(err).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a blendq checkpoint (expected format {FORMAT!r})")
     return state
+
+
+def remove_stale(path: str | os.PathLike) -> int:
+    """Delete the temporary files that a crash during :func:`save_checkpoint` of ``path``
+    left behind; returns how many."""
+    path = Path(path)
+    stale = list(path.parent.glob(f".{path.name}.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return len(stale)

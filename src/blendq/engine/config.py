@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ class TrainConfig:
     init_from: str | None = None
     eval_views: bool = True
     workers: int = 0
+    skip_bad_images: bool = False
 
     def __post_init__(self) -> None:
         # TOML has no null: "none" stands for float activations (a_bits None).
@@ -104,8 +106,18 @@ class TrainConfig:
         if len(self.alpha_window) != 2 or not 0 <= self.alpha_window[0] <= self.alpha_window[1]:
             raise ValueError(f"alpha_window must be [T0, T1] with 0 <= T0 <= T1, "
                              f"got {list(self.alpha_window)}")
+        for name in ("lr", "momentum", "weight_decay", "alpha_rate", "lr_gamma", "warmup_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or \
+                    not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("train_subset", "test_subset"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be a positive integer or none, got {value!r}")
         if self.quantize:
             self.policy()  # validates bits, methods, rules
 
@@ -183,7 +195,10 @@ def _read_toml(path: Path) -> dict:
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
     with open(path, "rb") as f:
-        return tomllib.load(f)
+        try:
+            return tomllib.load(f)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"recipe {path}: TOML syntax error: {err}") from None
 
 
 def _find_recipe(name: str | Path, relative_to: Path | None = None) -> Path:

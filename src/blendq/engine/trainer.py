@@ -39,7 +39,7 @@ from ..transform import (
     get_alpha,
     prepare,
 )
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, remove_stale, save_checkpoint
 from .config import TrainConfig
 from .progress import Progress, write_metrics
 
@@ -94,8 +94,10 @@ def make_loaders(cfg: TrainConfig, data: DataSpec, d: _Dist):
         from ..imagefolder import FolderLoader, ImageFolder
 
         size = cfg.image_size or data.image_size
-        train_ds = ImageFolder(data.folder / "train", size, train=True, seed=cfg.seed)
-        test_ds = ImageFolder(data.folder / "val", size, train=False)
+        train_ds = ImageFolder(data.folder / "train", size, train=True, seed=cfg.seed,
+                               skip_bad=cfg.skip_bad_images)
+        test_ds = ImageFolder(data.folder / "val", size, train=False,
+                              skip_bad=cfg.skip_bad_images)
         return (FolderLoader(train_ds, cfg.batch_size, True, cfg.seed, d.rank, d.world_size,
                              cfg.workers, drop_last=True),
                 FolderLoader(test_ds, cfg.batch_size, False, 0, d.rank, d.world_size,
@@ -242,12 +244,18 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
     freeze_at = cfg.freeze_step(total)
     history, start_epoch = [], 0
     ckpt_path = out_dir / CHECKPOINT
+    if d.main:
+        remove_stale(ckpt_path)  # a crash while saving left these; the checkpoint is intact
     if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, map_location=device)
+        # loaded on the CPU whatever the device: load_state_dict moves tensors to the
+        # model's and the optimizer's devices, and RNG states must be CPU byte tensors
+        state = load_checkpoint(ckpt_path, map_location="cpu")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        _restore_rng(state)
         history, start_epoch = list(state["history"]), int(state["epoch"])
+        if d.main:
+            write_metrics(history, out_dir)  # consistent with the checkpoint after a crash
     elif resume and d.main:
         print(f"no checkpoint in {out_dir}; starting from scratch", file=sys.stderr)
     if d.main:
@@ -297,21 +305,53 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
                "alpha": get_alpha(model) if cfg.quantize else 0.0,
                "lr": optimizer.param_groups[0]["lr"], "train_loss": float(loss_sum) / max(seen, 1),
                "epoch_time_s": round(train_time, 3)}
+        skipped = getattr(train_loader, "skipped", 0)
+        if skipped:
+            row["skipped_images"] = skipped
+            print(f"blendq: skipped {skipped} unreadable training images this epoch",
+                  file=sys.stderr)
+        rng = _rng_state()  # as after training: evaluation draws nothing a resume needs
         t1 = time.perf_counter()
-        row.update(_evaluate_views(model, test_loader, device, cfg, progress and d.main))
+        try:
+            row.update(_evaluate_views(model, test_loader, device, cfg, progress and d.main))
+        except BaseException:  # never lose a finished epoch of training to its evaluation
+            if d.main:
+                _save_epoch(model, optimizer, rng, epoch, step, [*history, row], cfg, out_dir)
+            raise
         row["eval_time_s"] = round(time.perf_counter() - t1, 3)
+        _restore_rng(rng)  # the next epoch starts from the state a resume starts from
         history.append(row)
         if d.main:
             if progress:
                 print(_format_row(row), file=sys.stderr)
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "rng": torch.get_rng_state(), "epoch": epoch + 1, "step": step,
-                     "history": history, "config": cfg.to_dict()}
-            save_checkpoint(state, ckpt_path)
-            write_metrics(history, out_dir)
+            _save_epoch(model, optimizer, rng, epoch, step, history, cfg, out_dir)
     if d.main and cfg.quantize and get_alpha(model) >= 1.0:
         _save_converted(model, out_dir)
     return RunResult(history, model, out_dir)
+
+
+def _rng_state() -> dict:
+    state = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    """The CPU generator, and every CUDA generator that was saved (as CPU byte tensors,
+    whatever device the checkpoint was mapped to)."""
+    torch.set_rng_state(state["rng"].to("cpu", torch.uint8))
+    cuda = state.get("cuda_rng")
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.to("cpu", torch.uint8) for t in cuda])
+
+
+def _save_epoch(model, optimizer, rng: dict, epoch: int, step: int, history: list,
+                cfg: TrainConfig, out_dir: Path) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **rng,
+             "epoch": epoch + 1, "step": step, "history": history, "config": cfg.to_dict()}
+    save_checkpoint(state, out_dir / CHECKPOINT)
+    write_metrics(history, out_dir)
 
 
 def _clip_latent(model: nn.Module) -> None:
