@@ -15,4 +15,17 @@ cfg = TrainConfig(model="digits_cnn", data="digits", w_bits=4, a_bits=4, epochs=
 result = train(cfg, out / "run", progress=False)
 torch.save(result.model.state_dict(), out / f"rank{dist.get_rank()}.pt")
 torch.save(len(result.history), out / f"epochs{dist.get_rank()}.pt")
+# the activation scale follows both ranks' batches: one more step on different data per
+# rank, and every rank's EMA moves by the mean of the two batch scales
+model = result.model.train()
+layer = model[0] if isinstance(model, torch.nn.Sequential) else next(
+    m for m in model.modules() if getattr(m, "a_quant", None) is not None)
+before = layer.a_quant.scale.clone()
+torch.manual_seed(100 + dist.get_rank())
+x = torch.randn(16, 1, 8, 8) * (1 + 3 * dist.get_rank())  # rank 1: 4x larger inputs
+local = layer.a_quant._batch_scale(x, layer.a_quant.is_signed)  # before: same warm start
+with torch.no_grad():
+    model(x)
+torch.save({"before": before, "after": layer.a_quant.scale.clone(), "local": local},
+           out / f"ema{dist.get_rank()}.pt")
 dist.destroy_process_group()

@@ -102,6 +102,11 @@ def test_ddp_two_processes_gloo_agree(tmp_path):
     assert float(a["0.alpha"]) == 1.0
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2
+    e0, e1 = (torch.load(tmp_path / f"ema{r}.pt", weights_only=True) for r in (0, 1))
+    assert torch.equal(e0["after"], e1["after"])  # the ranks agree by reduction
+    m = 0.99
+    mean = (e0["local"] + e1["local"]) / 2
+    torch.testing.assert_close(e0["after"], m * e0["before"] + (1 - m) * mean)
 
 
 def test_config_validation():

@@ -189,3 +189,21 @@ def test_evaluation_failure_keeps_the_finished_epoch(tmp_path, monkeypatch):
         train(cfg, tmp_path / "r", progress=False)
     state = load_checkpoint(Path(tmp_path / "r" / "checkpoint.pt"))
     assert state["epoch"] == 1 and state["history"][0]["train_loss"] > 0
+
+
+def test_missing_onnx_says_what_to_install(monkeypatch, tmp_path):
+    import builtins
+
+    from blendq.export import ExportError
+    from blendq.export.onnx import to_onnx
+
+    real = builtins.__import__
+
+    def no_onnx(name, *args, **kwargs):
+        if name.split(".")[0] == "onnx":
+            raise ImportError("No module named 'onnx'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    with pytest.raises(ExportError, match=r"pip install 'blendq\[export\]'"):
+        to_onnx(None, torch.zeros(1))

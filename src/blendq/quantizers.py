@@ -192,11 +192,22 @@ class WeightQuantizer(nn.Module):
         self._eval = None
 
 
+def _mean_over_ranks(value: Tensor) -> Tensor:
+    """``value`` averaged over the ranks of a distributed run (as SyncBatchNorm combines
+    batch statistics), so every rank's EMA scale follows every rank's batches."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
+
+
 class ActQuantizer(nn.Module):
     """Quantizes a layer's input with a per-tensor scale tracked by EMA.
 
-    Training: PPQ on the batch (warm-started from the EMA scale), then
-    ``ema = m·ema + (1 - m)·batch_scale``; the batch is quantized with the
+    Training: PPQ on the batch (warm-started from the EMA scale), averaged over the
+    ranks of a distributed run, then ``ema = m·ema + (1 - m)·batch_scale``; the batch is quantized with the
     updated EMA scale. Eval: the EMA scale is frozen (a never-trained
     quantizer uses the batch scale without storing it).
     """
@@ -243,7 +254,8 @@ class ActQuantizer(nn.Module):
         signed = bool(signed)
         if self.training:
             with torch.no_grad():
-                batch = self._batch_scale(x.detach(), signed).to(self.scale.dtype)
+                batch = _mean_over_ranks(
+                    self._batch_scale(x.detach(), signed).to(self.scale.dtype))
                 m = self.spec.momentum
                 ema = torch.where(self.initialized, m * self.scale + (1 - m) * batch, batch)
                 self.scale.copy_(ema)
