@@ -207,8 +207,8 @@ class ActQuantizer(nn.Module):
     """Quantizes a layer's input with a per-tensor scale tracked by EMA.
 
     Training: PPQ on the batch (warm-started from the EMA scale), averaged over the
-    ranks of a distributed run, then ``ema = m·ema + (1 - m)·batch_scale``; the batch is quantized with the
-    updated EMA scale. Eval: the EMA scale is frozen (a never-trained
+    ranks of a distributed run, then ``ema = m·ema + (1 - m)·batch_scale``; the batch is
+    quantized with the updated EMA scale. Eval: the EMA scale is frozen (a never-trained
     quantizer uses the batch scale without storing it).
     """
 
