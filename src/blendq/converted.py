@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .layers import BlendMixin, LayerKind, rebuild, rounded_bias, specialise
+from .layers import BlendMixin, LayerKind, rebuild, rounded_bias, shared_input, specialise
 
 __all__ = ["QuantMixin", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d",
            "quant_class", "Deploy"]
@@ -137,10 +137,7 @@ class QuantMixin:
 
     def forward(self, input: Tensor, *args, **kwargs):
         x = self.quantized_input(input)
-        if isinstance(self, nn.MultiheadAttention):
-            args = tuple(x if a is input else a for a in args[:2]) + args[2:]
-            kwargs.update({k: x for k in ("key", "value") if kwargs.get(k) is input})
-        return super().forward(x, *args, **kwargs)
+        return super().forward(x, *shared_input(self, input, x, args, kwargs), **kwargs)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

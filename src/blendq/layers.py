@@ -157,12 +157,7 @@ class BlendMixin:
 
     def forward(self, input: Tensor, *args, **kwargs):
         x = self.blended_input(input)
-        if isinstance(self, nn.MultiheadAttention):
-            # self-attention: key and value that are the query tensor read its quantized
-            # value; a distinct key or value (cross-attention) stays float
-            args = tuple(x if a is input else a for a in args[:2]) + args[2:]
-            kwargs.update({k: x for k in ("key", "value") if kwargs.get(k) is input})
-        return super().forward(x, *args, **kwargs)
+        return super().forward(x, *shared_input(self, input, x, args, kwargs), **kwargs)
 
     def accumulator_unit(self) -> Tensor | None:
         """``γ_w·γ_a`` per output channel (float64) where the layer adds its bias to an
@@ -193,6 +188,18 @@ class BlendMixin:
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", alpha={float(self.alpha):.4g}"
+
+
+def shared_input(layer: nn.Module, input: Tensor, x: Tensor, args: tuple,
+                 kwargs: dict) -> tuple:
+    """The other positional arguments of ``layer``'s forward once its input ``input`` is
+    quantized to ``x``: for self-attention, a key and value that are the query tensor
+    read its quantized value (``kwargs`` updated in place); a distinct key or value
+    (cross-attention) stays float."""
+    if not isinstance(layer, nn.MultiheadAttention):
+        return args
+    kwargs.update({k: x for k in ("key", "value") if kwargs.get(k) is input})
+    return tuple(x if a is input else a for a in args[:2]) + args[2:]
 
 
 def rounded_bias(layer: nn.Module, alpha: Tensor | None) -> Tensor | None:
