@@ -263,6 +263,9 @@ def blend(w: Tensor, wq: Tensor, alpha: Tensor | float) -> Tensor:
     return torch.lerp(w, wq.detach().to(w.dtype), alpha.to(w.dtype))
 
 
+CPU_FAST_STE = True  # False: the CPU takes the device path (as tests of GPU behaviour do)
+
+
 class _StraightThrough(torch.autograd.Function):
     """Forward ``value``; backward the incoming gradient to ``x``, masked to [lo, hi].
 
@@ -275,8 +278,8 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, value: Tensor, lo: Tensor | None, hi: Tensor | None) -> Tensor:
         ctx.bounds = None
-        if lo is not None and x.device.type == "cpu" and x.dtype in (torch.float32,
-                                                                     torch.float64):
+        if lo is not None and CPU_FAST_STE and x.device.type == "cpu" and x.dtype in (
+                torch.float32, torch.float64):  # host bounds: free on the CPU, not on a GPU
             lo, hi = lo.to(x.dtype), hi.to(x.dtype)
             ctx.bounds = (float(torch.nextafter(lo, lo.new_tensor(-float("inf")))),
                           float(torch.nextafter(hi, hi.new_tensor(float("inf")))))

@@ -128,6 +128,10 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("scale", torch.ones(scale_shape, dtype=weight.dtype,
                                                  device=weight.device))
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool, device=weight.device))
+        # set on the device when a training projection saw NaN or inf; read rarely
+        # (blendq.transform.check_weights), so a training step never waits for the host
+        self.register_buffer("nonfinite", torch.zeros((), dtype=torch.bool,
+                                                      device=weight.device), persistent=False)
         self._ready = False  # Python mirror of ``ready``
 
     def extra_repr(self) -> str:
@@ -142,7 +146,10 @@ class WeightQuantizer(nn.Module):
         s = self.spec
         axis = self.axis if s.per_channel else None
         try:
-            F.check_finite(w)
+            if self.training and self._ready:  # no host synchronisation inside a step
+                self.nonfinite.logical_or_(~torch.isfinite(w).all())
+            else:
+                F.check_finite(w)
             if s.bits == 1:
                 codes, scale = F.binarize(w, axis=axis, scaled=s.binary_scale, fixed=True)
             elif self._ready:

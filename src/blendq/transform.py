@@ -30,6 +30,7 @@ __all__ = [
     "summary",
     "format_summary",
     "blend_layers",
+    "check_weights",
     "link_batch_norms",
 ]
 
@@ -141,6 +142,28 @@ def _link(root: nn.Module, layer: nn.Module, bn_name: str, bn: nn.Module, proven
     bn.link_proven = proven
     layer.bias_folded = True
     return 1
+
+
+def check_weights(model: nn.Module) -> None:
+    """Raise if a training projection saw NaN or inf in a weight since the last check,
+    naming the layers; one host synchronisation for the whole model (the trainer checks
+    at the end of every epoch, so steps never wait for it).
+
+    Raises:
+        ValueError: names each layer whose weight held NaN or inf.
+    """
+    layers = list(blend_layers(model))
+    if not layers:
+        return
+    flags = torch.stack([m.w_quant.nonfinite for _, m in layers])
+    if not bool(flags.any()):
+        return
+    bad = [name or type(m).__name__ for (name, m), f in zip(layers, flags.tolist(),
+                                                              strict=True) if f]
+    for _, m in layers:
+        m.w_quant.nonfinite.zero_()
+    raise ValueError(f"weights hold NaN or inf in layer(s) {', '.join(bad)}: training "
+                     "diverged (lower the learning rate, or check the data)")
 
 
 def blend_layers(model: nn.Module) -> Iterator[tuple[str, BlendMixin]]:

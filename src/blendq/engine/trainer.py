@@ -32,6 +32,7 @@ from ..transform import (
     AlphaController,
     alpha_view,
     blend_layers,
+    check_weights,
     convert,
     eval_mode,
     float_bias,
@@ -297,9 +298,11 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
             loss_sum += loss.detach() * len(y)
             seen += len(y)
             step += 1
-            if step % 20 == 0:
+            if step % 20 == 0 and bar.enabled:  # .item() waits for the device: only to show
                 bar.postfix = f"loss {loss.item():.3f} alpha {alpha:.3f}"
         train_time = time.perf_counter() - t0
+        if cfg.quantize:
+            check_weights(model)  # the deferred NaN/inf check: once an epoch, names layers
         _sync_buffers(model)
         row = {"epoch": epoch + 1, "step": step,
                "alpha": get_alpha(model) if cfg.quantize else 0.0,

@@ -1,0 +1,69 @@
+"""What a GPU step needs, checked on the CPU: no operation that waits for the device
+inside a training step, and a NaN weight still named (checked later, on the host)."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import blendq
+from blendq.models import build_model
+
+# ATen operations that copy a value to the host (a device synchronisation on a GPU)
+SYNCING = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "item", "tolist",
+           "allclose", "unique", "masked_select"}
+
+
+class CountSyncs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in SYNCING:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", ["ab", "ste"])
+def test_training_steps_do_not_synchronise(method, monkeypatch):
+    # the CPU's straight-through fast path reads its bounds on the host (free there);
+    # a GPU takes the device path, so that is the one checked
+    monkeypatch.setattr(blendq.functional, "CPU_FAST_STE", False)
+    torch.manual_seed(0)
+    model = build_model("resnet50_v1", image_size=32, width=0.0625)
+    model = blendq.prepare(model, blendq.QuantPolicy(w_bits=4, a_bits=8, per_channel=True,
+                                                     method=method))
+    controller = blendq.AlphaController(model, blendq.linear(0, 8))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    model.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+
+    def step(i):
+        controller.step(i)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step(0)  # the first step decides grids and searches scales: it may wait
+    with CountSyncs() as counter:
+        for i in range(1, 4):
+            step(i)
+    assert counter.seen == []
+
+
+def test_nan_weight_in_training_is_named_at_the_check(images=None):
+    torch.manual_seed(0)
+    model = blendq.prepare(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
+                                               torch.nn.Linear(144, 2)),
+                           blendq.QuantPolicy(a_bits=8))
+    x = torch.randn(2, 3, 8, 8)
+    model.train()(x)
+    blendq.transform.check_weights(model)  # finite: passes
+    with torch.no_grad():
+        model[2].float_weight[0, 0] = float("nan")
+    model(x)  # no host synchronisation inside the step: it goes on
+    with pytest.raises(ValueError, match=r"layer\(s\) 2"):
+        blendq.transform.check_weights(model)
+    blendq.transform.check_weights(model)  # the flag was cleared with the report
