@@ -67,3 +67,23 @@ def test_nan_weight_in_training_is_named_at_the_check(images=None):
     with pytest.raises(ValueError, match=r"layer\(s\) 2"):
         blendq.transform.check_weights(model)
     blendq.transform.check_weights(model)  # the flag was cleared with the report
+
+
+@pytest.mark.parametrize("method", ["ab", "ste"])
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_training_forward_compiles_whole(method, alpha):
+    """``torch.compile(model, fullgraph=True)`` traces a prepared model in training
+    without graph breaks (after the first batch, which decides the activation grids)."""
+    import torch._dynamo
+    from conftest import small_cnn
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = blendq.prepare(small_cnn(), blendq.QuantPolicy(
+        w_bits=4, a_bits=8, per_channel=True, method=method))
+    x = torch.randn(4, 3, 8, 8)
+    model.train()(x)
+    blendq.set_alpha(model, alpha)
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1

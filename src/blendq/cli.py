@@ -60,7 +60,9 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", choices=("auto", "bf16", "off"))
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--train-subset", type=int, help="train on the first N training images")
     p.add_argument("--test-subset", type=int, help="evaluate on the first N test images")
     p.add_argument("--init-from", help="float run (directory or checkpoint) to start from")
@@ -72,8 +74,8 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
 
 _FLAG_KEYS = ("model", "data", "data_root", "w_bits", "a_bits", "per_channel", "method",
               "act_method", "epochs", "batch_size", "lr", "optimizer", "alpha_window",
-              "alpha_every", "quant_every", "seed", "device", "amp", "compile", "train_subset",
-              "test_subset", "init_from")
+              "alpha_every", "quant_every", "seed", "device", "amp", "compile", "compile_mode",
+              "train_subset", "test_subset", "init_from")
 
 
 def _config(args, **forced):

@@ -278,8 +278,9 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, value: Tensor, lo: Tensor | None, hi: Tensor | None) -> Tensor:
         ctx.bounds = None
+        # host bounds: free on the CPU, a sync on a GPU and a graph break when compiling
         if lo is not None and CPU_FAST_STE and x.device.type == "cpu" and x.dtype in (
-                torch.float32, torch.float64):  # host bounds: free on the CPU, not on a GPU
+                torch.float32, torch.float64) and not torch.compiler.is_compiling():
             lo, hi = lo.to(x.dtype), hi.to(x.dtype)
             ctx.bounds = (float(torch.nextafter(lo, lo.new_tensor(-float("inf")))),
                           float(torch.nextafter(hi, hi.new_tensor(float("inf")))))

@@ -76,6 +76,7 @@ class TrainConfig:
     amp: str = "auto"
     channels_last: str = "auto"
     compile: bool = False
+    compile_mode: str = "default"
     train_subset: int | None = None
     test_subset: int | None = None
     init_from: str | None = None
@@ -99,6 +100,8 @@ class TrainConfig:
         _choice("lr_schedule", self.lr_schedule, _LR_SCHEDULES)
         _choice("alpha_schedule", self.alpha_schedule, _ALPHA_SCHEDULES)
         _choice("amp", self.amp, ("auto", "bf16", "off"))
+        _choice("compile_mode", self.compile_mode, ("default", "reduce-overhead",
+                                                    "max-autotune"))
         _choice("channels_last", str(self.channels_last), ("auto", "on", "off"))
         for name in ("epochs", "batch_size", "alpha_every", "quant_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:

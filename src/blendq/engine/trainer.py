@@ -267,7 +267,9 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
     if d.world_size > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    step_fn = torch.compile(net) if cfg.compile else net
+    # compiled after the first step, which decides the activation grids on the host; with
+    # no host synchronisation left in a step, "reduce-overhead" can capture CUDA graphs
+    compiled = torch.compile(net, mode=cfg.compile_mode) if cfg.compile else net
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.set_epoch(epoch)
@@ -288,6 +290,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
                 freeze_batch_norms(model)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(cfg, step, total, steps_per_epoch)
+            step_fn = compiled if step > 0 or not cfg.quantize else net
             with _autocast(cfg, device):
                 loss = nn.functional.cross_entropy(step_fn(x), y)
             optimizer.zero_grad(set_to_none=True)
