@@ -96,8 +96,7 @@ class QuantMixin:
     def accumulator_unit(self) -> Tensor | None:
         """``γ_w·γ_a`` per output channel (float64) where the bias is added to an integer
         accumulator; ``None`` for a float or sign input or a layer of another shape."""
-        if not self._kind.integer_bias or self.a_bits is None or \
-                (self.a_bits == 1 and self.a_signed):
+        if not self._kind.integer_bias or not F.integer_input(self.a_bits, self.a_signed):
             return None
         return self.weight_scale.double().reshape(-1) * self.act_scale.double()
 
@@ -162,7 +161,7 @@ def _deploy_input(x: Tensor, d: Deploy) -> Tensor:
     the grid's reach where it is narrower than the storage type, then quantize and
     dequantize (int8 for signed grids, uint8 for unsigned ones, zero point 0)."""
     s = d.a_scale
-    if d.a_bits == 1 and d.a_signed:
+    if F.is_sign(d.a_bits, d.a_signed):
         return torch.where(x >= 0, s, -s).to(x.dtype)
     qmin, qmax = F.grid(d.a_bits, d.a_signed)
     dtype = torch.int8 if d.a_signed else torch.uint8

@@ -12,10 +12,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["grid", "ppq", "search_scale", "binarize", "quantize", "blend", "straight_through",
+__all__ = ["grid", "is_sign", "integer_input", "ppq", "search_scale", "binarize", "quantize", "blend", "straight_through",
            "check_finite", "round_bias", "strided_sample", "pack_codes", "unpack_codes"]
 
 _ZERO_SCALE = 1.0  # scale given to an all-zero tensor or slice: any positive value is exact
+
+
+def is_sign(bits: int | None, signed: bool | None) -> bool:
+    """One signed bit: the grid {-1, +1} of ``sign(x)``."""
+    return bits == 1 and bool(signed)
+
+
+def integer_input(bits: int | None, signed: bool | None) -> bool:
+    """Whether a layer's input lies on an integer grid that int8 kernels accumulate in
+    int32 (so its bias is added in whole accumulator units): quantized, and not a sign
+    grid (runtimes compute ±1 inputs in float)."""
+    return bits is not None and not is_sign(bits, signed)
 
 
 def grid(bits: int, signed: bool = True) -> tuple[int, int]:

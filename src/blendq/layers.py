@@ -166,7 +166,8 @@ class BlendMixin:
         sign (±1) input, which runtimes compute with a float bias, scales not yet
         known, or a layer whose forward is not the plain matmul/convolution."""
         a = self.a_quant
-        if not self._kind.integer_bias or a is None or (a.spec.bits == 1 and a.is_signed):
+        if not self._kind.integer_bias or a is None or \
+                not F.integer_input(a.spec.bits, a.is_signed):
             return None
         if self.training:  # the input was quantized first in this forward: its scale is set
             if not self.w_quant._ready:

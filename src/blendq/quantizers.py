@@ -243,7 +243,7 @@ class ActQuantizer(nn.Module):
     def _batch_scale(self, x: Tensor, signed: bool) -> Tensor:
         if self.spec.sample is not None:
             x = F.strided_sample(x, self.spec.sample)
-        if self.spec.bits == 1 and signed:
+        if F.is_sign(self.spec.bits, signed):
             return F.binarize(x, fixed=True)[1].reshape(())
         warm = torch.where(self.initialized, self.scale, torch.zeros_like(self.scale))
         _, scale = F.ppq(
@@ -279,7 +279,7 @@ class ActQuantizer(nn.Module):
 
     def _ste_range(self, scale: Tensor, signed: bool) -> tuple[Tensor | float, Tensor | float]:
         """Where a straight-through gradient passes: the grid's reach, ±1 for sign."""
-        if self.spec.bits == 1 and signed:
+        if F.is_sign(self.spec.bits, signed):
             return -1.0, 1.0  # BinaryNet's hardtanh-shaped estimator
         qmin, qmax = F.grid(self.spec.bits, signed)
         return scale * (qmin - 0.5), scale * (qmax + 0.5)
