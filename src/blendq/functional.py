@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["grid", "is_sign", "integer_input", "ppq", "search_scale", "binarize", "quantize",
+__all__ = ["grid", "is_sign", "integer_input", "lsq", "ppq", "search_scale", "binarize", "quantize",
            "blend", "straight_through", "check_finite", "round_bias", "strided_sample",
            "pack_codes", "unpack_codes"]
 
@@ -361,3 +361,41 @@ def unpack_codes(packed: Tensor, bits: int, shape) -> Tensor:
         low, high = (packed & 0x0F).to(torch.int8), (packed >> 4).to(torch.int8)
         flat = torch.stack([low, high], 1).reshape(-1)[:n] - 8
     return flat.reshape(shape).to(torch.int8)
+
+
+class _RoundStraight(torch.autograd.Function):
+    """``round(x)`` exactly in the forward pass; the gradient passes unchanged."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """``x`` itself in the forward pass; the gradient multiplied by ``g``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, g: float) -> Tensor:
+        ctx.g = g
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.g, None
+
+
+def lsq(x: Tensor, step: Tensor, bits: int, signed: bool = True,
+        grad_scale: float = 1.0) -> Tensor:
+    """Learned step size quantization (Esser et al., ICLR 2020, eqs. 1-3):
+    ``round(clamp(x / s, qmin, qmax)) · s``. The gradient to ``x`` passes straight
+    through inside the grid's reach (zero outside); the gradient to ``s`` is LSQ's
+    ``round(x/s) - x/s`` inside and ``qmin``/``qmax`` outside, multiplied by
+    ``grad_scale`` (LSQ's ``1 / sqrt(N · qmax)``). The value is ``s · codes`` exactly,
+    as the converted layer computes it."""
+    qmin, qmax = grid(bits, signed)
+    s = _ScaleGradient.apply(step, grad_scale)
+    return _RoundStraight.apply(torch.clamp(x / s, qmin, qmax)) * s

@@ -59,8 +59,9 @@ class QuantPolicy:
         w_bits: default weight bits (1..8).
         a_bits: default input-activation bits (1..8), or ``None`` for float inputs.
         per_channel: one weight scale per output channel (else per layer).
-        method: weight method, ``"ab"`` (alpha-blending) or ``"ste"``.
-        act_method: activation method, ``"ab"`` or ``"ste"``. Default ``"ste"``:
+        method: weight method, ``"ab"`` (alpha-blending), ``"ste"`` or ``"lsq"`` (learned
+            step size).
+        act_method: activation method, ``"ab"``, ``"ste"`` or ``"lsq"``. Default ``"ste"``:
             blending activations multiplies the backward signal by ``1 - α`` at
             every layer (docs/design.md).
         a_signed: activation grid, ``None`` to detect it from the first batch.

@@ -3,11 +3,16 @@
 A quantizer turns a float tensor and the layer's α into the tensor the layer
 computes with. ``method="ab"`` blends (paper eq. 4, gradient ``(1 - α)``, no
 STE); ``method="ste"`` gives the same forward value with a straight-through
-gradient. Everything else is equal between the two, so they compare fairly.
+gradient; ``method="lsq"`` learns the scale (learned step size quantization, Esser
+et al. 2020): a Parameter ``step`` per tensor or channel, started from the PPQ scale,
+trained with LSQ's scaled gradient. Everything else is equal between the three, so
+they compare fairly. (An optimizer must be built after ``prepare`` to train LSQ's
+steps.)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +22,7 @@ from . import functional as F
 
 __all__ = ["WeightSpec", "ActSpec", "WeightQuantizer", "ActQuantizer", "METHODS"]
 
-METHODS = ("ab", "ste")
+METHODS = ("ab", "ste", "lsq")
 
 
 def _check_bits(name: str, bits: int) -> None:
@@ -127,6 +132,9 @@ class WeightQuantizer(nn.Module):
                              persistent=spec.quant_every > 1)
         self.register_buffer("scale", torch.ones(scale_shape, dtype=weight.dtype,
                                                  device=weight.device))
+        if spec.method == "lsq":  # the learned scale; ``scale`` mirrors its magnitude
+            self.step = nn.Parameter(torch.ones(scale_shape, dtype=weight.dtype,
+                                                device=weight.device))
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool, device=weight.device))
         # set on the device when a training projection saw NaN or inf; read rarely
         # (blendq.transform.check_weights), so a training step never waits for the host
@@ -183,6 +191,8 @@ class WeightQuantizer(nn.Module):
 
     def eval_projection(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """The ``(codes, scale)`` that evaluation uses for ``w`` (what ``convert`` stores)."""
+        if self.spec.method == "lsq" and self._ready:
+            return self._lsq_projection(w)
         was = self.training
         self.eval()
         self.quantized(w)
@@ -190,13 +200,61 @@ class WeightQuantizer(nn.Module):
         return self._eval[1], self._eval[2]
 
     def forward(self, w: Tensor, alpha: Tensor) -> Tensor:
+        if self.spec.method == "lsq":
+            return torch.lerp(w, self._lsq(w), alpha.to(w.dtype))
         return _mix(w, self.quantized(w), alpha, self.spec.method)
+
+    def _lsq(self, w: Tensor) -> Tensor:
+        """LSQ's value of ``w`` with the learned step (started from the PPQ scale)."""
+        if not self._ready:  # first projection: the step starts at the PPQ scale
+            codes, scale = self.project(w)
+            with torch.no_grad():
+                self.step.copy_(scale)
+                self.codes.copy_(codes)
+            self.ready.fill_(True)
+            self._ready = True
+        s = self.spec
+        step = self.step.abs().clamp_min(torch.finfo(w.dtype).tiny)
+        if s.bits == 1:  # a learned magnitude for the sign
+            value = _sign_straight(w) * step
+        else:
+            per_scale = w.numel() // max(step.numel(), 1)
+            value = F.lsq(w, step, s.bits, grad_scale=1.0 / math.sqrt(
+                per_scale * F.grid(s.bits)[1]))
+        with torch.no_grad():
+            self.scale.copy_(step)
+        return value
+
+    def _lsq_projection(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        step = self.step.detach().abs().clamp_min(torch.finfo(w.dtype).tiny)
+        if self.spec.bits == 1:
+            return torch.where(w >= 0, 1.0, -1.0).to(w.dtype), step
+        qmin, qmax = F.grid(self.spec.bits)
+        return torch.round(torch.clamp(w.detach() / step, qmin, qmax)), step
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._ready = bool(self.ready)
         self.stale = not self._ready  # a resumed run goes on with the saved codes
         self._eval = None
+
+
+class _SignStraight(torch.autograd.Function):
+    """``sign(x)`` (0 -> +1) forward; the gradient passes where ``|x| <= 1``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 1)
+
+
+def _sign_straight(x: Tensor) -> Tensor:
+    return _SignStraight.apply(x)
 
 
 def _mean_over_ranks(value: Tensor) -> Tensor:
@@ -228,6 +286,8 @@ class ActQuantizer(nn.Module):
         self.register_buffer("signed", torch.tensor(self._signed, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        if spec.method == "lsq":  # the learned scale; ``scale`` mirrors its magnitude
+            self.step = nn.Parameter(torch.ones(()))
 
     def extra_repr(self) -> str:
         return f"bits={self.spec.bits}, method={self.spec.method}"
@@ -239,6 +299,7 @@ class ActQuantizer(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._signed = int(self.signed)
+        self.__dict__.pop("_lsq_started", None)
 
     def _batch_scale(self, x: Tensor, signed: bool) -> Tensor:
         if self.spec.sample is not None:
@@ -259,6 +320,8 @@ class ActQuantizer(nn.Module):
                 self._signed = signed
                 self.signed.fill_(signed)
         signed = bool(signed)
+        if self.spec.method == "lsq" and not F.is_sign(self.spec.bits, signed):
+            return torch.lerp(x, self._lsq(x, signed), alpha.to(x.dtype))
         if self.training:
             with torch.no_grad():
                 batch = _mean_over_ranks(
@@ -276,6 +339,29 @@ class ActQuantizer(nn.Module):
         xq = F.quantize(x.detach(), scale, self.spec.bits, signed).mul_(scale)
         lo, hi = self._ste_range(scale, signed)
         return _mix(x, xq, alpha, self.spec.method, lo, hi)
+
+    def _lsq(self, x: Tensor, signed: bool) -> Tensor:
+        """LSQ's value of ``x``; the step starts at the first training batch's PPQ scale."""
+        if self.training and not self._lsq_ready:
+            with torch.no_grad():
+                scale = _mean_over_ranks(self._batch_scale(x.detach(), signed))
+                self.step.copy_(scale)
+                self.initialized.fill_(True)
+            self._lsq_started = True
+        step = self.step.abs().clamp_min(torch.finfo(x.dtype).tiny)
+        qmax = F.grid(self.spec.bits, signed)[1]
+        per_sample = x[0].numel() if x.dim() > 1 else x.numel()
+        value = F.lsq(x, step.to(x.dtype), self.spec.bits, signed,
+                      grad_scale=1.0 / math.sqrt(per_sample * qmax))
+        with torch.no_grad():
+            self.scale.copy_(step)
+        return value
+
+    @property
+    def _lsq_ready(self) -> bool:
+        if not self.__dict__.get("_lsq_started"):
+            self._lsq_started = bool(self.initialized)  # once per run (or after a load)
+        return self._lsq_started
 
     def _ste_range(self, scale: Tensor, signed: bool) -> tuple[Tensor | float, Tensor | float]:
         """Where a straight-through gradient passes: the grid's reach, ±1 for sign."""

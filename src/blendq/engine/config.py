@@ -30,8 +30,8 @@ class TrainConfig:
     """Everything a run depends on; written to ``config.json`` in the run directory.
 
     ``alpha_window``: ``[T0, T1]`` of the α ramp (eq. 6) — fractions of the total
-    steps when both are <= 1, else steps. ``method="ste"``
-    quantizes at once from ``T0`` (α jumps to 1 there); ``quantize=False`` trains fp32.
+    steps when both are <= 1, else steps. ``method="ste"`` and ``"lsq"``
+    quantize at once from ``T0`` (α jumps to 1 there); ``quantize=False`` trains fp32.
     ``bn_freeze``: from this point of a quantized run (a fraction of the total steps when
     <= 1, else a step) batch norms use and keep their running statistics, so the last
     part of training computes what the integer model computes; ``None``: never.
@@ -149,7 +149,7 @@ class TrainConfig:
     def alpha(self, total_steps: int) -> Schedule:
         """The α schedule of this run (STE: a jump to 1 at ``T0``)."""
         t0, t1 = self.window_steps(total_steps)
-        if self.method == "ste":
+        if self.method in ("ste", "lsq"):
             return cubic(t0, t0)
         if self.alpha_schedule == "exponential":
             return exponential(self.alpha_rate, t0, self.alpha_every)

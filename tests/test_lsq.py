@@ -1,0 +1,63 @@
+"""LSQ (learned step size, Esser et al. 2020): the scale is trained with LSQ's scaled
+gradient; LSQ-trained models convert exactly and export."""
+
+import copy
+
+import pytest
+import torch
+from conftest import small_cnn
+
+import blendq
+from blendq.export import export_onnx, onnx_session, run_onnx
+
+
+def test_lsq_function_value_and_gradients():
+    x = torch.tensor([-3.0, -0.26, 0.1, 0.74, 5.0], requires_grad=True)
+    step = torch.tensor(0.5, requires_grad=True)
+    out = blendq.functional.lsq(x, step, bits=3, grad_scale=0.1)  # grid [-3, 3]
+    assert out.tolist() == [-1.5, -0.5, 0.0, 0.5, 1.5]
+    out.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]  # straight through inside
+    # d/ds: qmin, round(v)-v inside (v = x/s), qmax; times grad_scale
+    v = torch.tensor([-0.52, 0.2, 1.48])
+    expected = 0.1 * (-3 + float((v.round() - v).sum()) + 3)
+    assert step.grad.item() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("w_bits, a_bits", [(4, 8), (2, 4), (1, 8)])
+def test_lsq_trains_its_steps_converts_exactly_and_exports(tmp_path, w_bits, a_bits):
+    torch.manual_seed(0)
+    model = blendq.prepare(small_cnn(), blendq.QuantPolicy(
+        w_bits=w_bits, a_bits=a_bits, per_channel=True, method="lsq", act_method="lsq"))
+    steps = [p for n, p in model.named_parameters() if n.endswith("step")]
+    assert len(steps) == 8  # a weight step and an activation step per layer
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
+    blendq.set_alpha(model, 1.0)
+    model.train()
+    model(x)  # the steps start at the PPQ scales
+    start = [p.detach().clone() for p in steps]
+    for _ in range(5):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(p.grad is not None for p in steps)
+    assert any(not torch.equal(a, b) for a, b in zip(start, steps, strict=True))  # learned
+    with blendq.quantized(model) as alpha_one:
+        ref = alpha_one(x)
+    converted = blendq.convert(copy.deepcopy(model))
+    with torch.no_grad():
+        assert torch.equal(converted(x), ref)
+    out = run_onnx(onnx_session(export_onnx(converted, tmp_path / "l.onnx", x)), x)
+    assert float((out - ref).abs().max()) <= float(ref.abs().max()) / 127 + 1e-6
+
+
+def test_lsq_run_from_the_command_line(tmp_path):
+    from blendq.cli import main
+
+    assert main(["train", "--model", "digits_cnn", "--data", "digits", "--method", "lsq",
+                 "--act-method", "lsq", "--w-bits", "4", "--a-bits", "4", "--epochs", "1",
+                 "--set", 'model_args={"width": 4}', "--out", str(tmp_path / "r"),
+                 "--quiet"]) == 0
+    assert (tmp_path / "r" / "converted.pt").exists()
