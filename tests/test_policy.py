@@ -12,7 +12,7 @@ from blendq import QuantPolicy
         ({"w_bits": 9}, r"w_bits must be an integer in 1..8, got 9"),
         ({"a_bits": 9}, r"a_bits must be an integer in 1..8 or None, got 9"),
         ({"w_bits": True}, r"w_bits must be an integer"),
-        ({"method": "sgd"}, r"method must be one of \('ab', 'ste'\), got 'sgd'"),
+        ({"method": "sgd"}, r"method must be one of \('ab', 'ste', 'lsq'\), got 'sgd'"),
         ({"act_method": "x"}, r"act_method must be one of"),
         ({"first_layer": (8, 9)}, r"first_layer\[1\] \(a_bits\) must be"),
         ({"last_layer": (1, 2, 3)}, r"last_layer must be bits or \(w_bits, a_bits\)"),
