@@ -61,3 +61,20 @@ def test_lsq_run_from_the_command_line(tmp_path):
                  "--set", 'model_args={"width": 4}', "--out", str(tmp_path / "r"),
                  "--quiet"]) == 0
     assert (tmp_path / "r" / "converted.pt").exists()
+
+
+def test_telemetry_in_metrics_and_plot(tmp_path):
+    import json
+
+    from blendq.cli import main
+    from blendq.engine import TrainConfig, train
+
+    cfg = TrainConfig(model="digits_cnn", data="digits", w_bits=2, a_bits=4, epochs=2,
+                      device="cpu", model_args={"width": 4})
+    train(cfg, tmp_path / "r", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text()
+            .splitlines()]
+    assert 0 < rows[0]["w_rel_dist"] < 1 and 0 <= rows[0]["act_clipped"] < 1
+    assert "codes_changed" not in rows[0] and 0 <= rows[1]["codes_changed"] <= 1
+    assert main(["plot", str(tmp_path / "r"), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 0

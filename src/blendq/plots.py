@@ -26,7 +26,10 @@ def plot_run(history: list[dict], path: str | Path, title: str = "") -> Path:
     view per epoch, with α on a second axis (the paper's Figure 4), and the train loss."""
     plt = _pyplot()
     epochs = [r["epoch"] for r in history]
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    telemetry = [k for k in ("w_rel_dist", "codes_changed", "act_clipped")
+                 if any(k in r for r in history)]
+    fig, axes = plt.subplots(1, 3 if telemetry else 2, figsize=(16 if telemetry else 11, 4))
+    acc_ax, loss_ax = axes[0], axes[1]
     for key, label, style in (("test_acc", "blended model", "-"),
                               ("fp_test_acc", "full-precision view (α = 0)", "--"),
                               ("q_test_acc", "quantized view (α = 1)", "-.")):
@@ -44,6 +47,16 @@ def plot_run(history: list[dict], path: str | Path, title: str = "") -> Path:
     loss_ax.plot(epochs, [r["train_loss"] for r in history], marker="o", ms=3)
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("train loss")
+    if telemetry:
+        labels = {"w_rel_dist": "‖w − P(w)‖ / ‖w‖", "codes_changed": "weight codes changed",
+                  "act_clipped": "inputs at the grid's ends"}
+        for key in telemetry:
+            points = [(r["epoch"], r[key]) for r in history if key in r]
+            axes[2].plot(*zip(*points, strict=True), marker="o", ms=3, label=labels[key])
+        axes[2].set_xlabel("epoch")
+        axes[2].set_ylabel("fraction")
+        axes[2].set_yscale("log")
+        axes[2].legend(fontsize=8, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

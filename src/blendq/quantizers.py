@@ -288,6 +288,9 @@ class ActQuantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         if spec.method == "lsq":  # the learned scale; ``scale`` mirrors its magnitude
             self.step = nn.Parameter(torch.ones(()))
+        # telemetry: training inputs at the grid's ends, and all seen (device-side counts)
+        self.register_buffer("clipped", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("seen", torch.zeros((), dtype=torch.float64), persistent=False)
 
     def extra_repr(self) -> str:
         return f"bits={self.spec.bits}, method={self.spec.method}"
@@ -336,9 +339,19 @@ class ActQuantizer(nn.Module):
         else:
             scale = self._batch_scale(x.detach(), signed)
         scale = scale.to(x.dtype)
-        xq = F.quantize(x.detach(), scale, self.spec.bits, signed).mul_(scale)
+        codes = F.quantize(x.detach(), scale, self.spec.bits, signed)
+        if self.training and not F.is_sign(self.spec.bits, signed):
+            self._count_clipped(codes, signed)
+        xq = codes.mul_(scale)
         lo, hi = self._ste_range(scale, signed)
         return _mix(x, xq, alpha, self.spec.method, lo, hi)
+
+    @torch.no_grad()
+    def _count_clipped(self, codes: Tensor, signed: bool) -> None:
+        qmin, qmax = F.grid(self.spec.bits, signed)
+        at_ends = torch.count_nonzero(codes <= qmin) if signed else codes.new_zeros(())
+        self.clipped += at_ends + torch.count_nonzero(codes >= qmax)
+        self.seen += codes.numel()
 
     def _lsq(self, x: Tensor, signed: bool) -> Tensor:
         """LSQ's value of ``x``; the step starts at the first training batch's PPQ scale."""
@@ -353,6 +366,9 @@ class ActQuantizer(nn.Module):
         per_sample = x[0].numel() if x.dim() > 1 else x.numel()
         value = F.lsq(x, step.to(x.dtype), self.spec.bits, signed,
                       grad_scale=1.0 / math.sqrt(per_sample * qmax))
+        if self.training:
+            self._count_clipped(torch.round(torch.clamp(x.detach() / step, *F.grid(
+                self.spec.bits, signed))), signed)
         with torch.no_grad():
             self.scale.copy_(step)
         return value

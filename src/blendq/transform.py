@@ -32,6 +32,7 @@ __all__ = [
     "blend_layers",
     "check_weights",
     "link_batch_norms",
+    "telemetry",
 ]
 
 
@@ -164,6 +165,43 @@ def check_weights(model: nn.Module) -> None:
         m.w_quant.nonfinite.zero_()
     raise ValueError(f"weights hold NaN or inf in layer(s) {', '.join(bad)}: training "
                      "diverged (lower the learning rate, or check the data)")
+
+
+@torch.no_grad()
+def telemetry(model: nn.Module, previous: dict[str, torch.Tensor] | None = None
+              ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """What quantization does to the model now, for per-epoch metrics, and the weight
+    codes to compare with next time:
+
+    - ``w_rel_dist``: ``||w - P(w)|| / ||w||`` over all blended weights together
+      (how far the latent weights are from their projection);
+    - ``codes_changed``: the fraction of weight codes that differ from ``previous``
+      (omitted without it);
+    - ``act_clipped``: the fraction of training inputs at the ends of their grids since
+      the last call (the counters are reset).
+    """
+    dist2 = norm2 = changed = total = clipped = seen = 0.0
+    codes_now = {}
+    for name, m in blend_layers(model):
+        w = m.float_weight.detach()
+        codes, scale = m.w_quant.eval_projection(m.float_weight)
+        dist2 += float((w - scale * codes).double().square().sum())
+        norm2 += float(w.double().square().sum())
+        codes_now[name] = codes.to(torch.int8).cpu()
+        if previous is not None and name in previous:
+            changed += float((previous[name] != codes_now[name]).sum())
+            total += codes_now[name].numel()
+        a = m.a_quant
+        if a is not None:
+            clipped, seen = clipped + float(a.clipped), seen + float(a.seen)
+            a.clipped.zero_()
+            a.seen.zero_()
+    out = {"w_rel_dist": (dist2 / norm2) ** 0.5 if norm2 > 0 else 0.0}
+    if total:
+        out["codes_changed"] = changed / total
+    if seen:
+        out["act_clipped"] = clipped / seen
+    return out, codes_now
 
 
 def blend_layers(model: nn.Module) -> Iterator[tuple[str, BlendMixin]]:

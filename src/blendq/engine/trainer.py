@@ -39,6 +39,7 @@ from ..transform import (
     freeze_batch_norms,
     get_alpha,
     prepare,
+    telemetry,
 )
 from .checkpoint import load_checkpoint, remove_stale, save_checkpoint
 from .config import TrainConfig
@@ -243,7 +244,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
     total = cfg.epochs * steps_per_epoch
     controller = AlphaController(model, cfg.alpha(total)) if cfg.quantize else None
     freeze_at = cfg.freeze_step(total)
-    history, start_epoch = [], 0
+    history, start_epoch, codes = [], 0, None
     ckpt_path = out_dir / CHECKPOINT
     if d.main:
         remove_stale(ckpt_path)  # a crash while saving left these; the checkpoint is intact
@@ -255,6 +256,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
         optimizer.load_state_dict(state["optimizer"])
         _restore_rng(state)
         history, start_epoch = list(state["history"]), int(state["epoch"])
+        codes = state.get("codes")
         if d.main:
             write_metrics(history, out_dir)  # consistent with the checkpoint after a crash
     elif resume and d.main:
@@ -311,6 +313,9 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
                "alpha": get_alpha(model) if cfg.quantize else 0.0,
                "lr": optimizer.param_groups[0]["lr"], "train_loss": float(loss_sum) / max(seen, 1),
                "epoch_time_s": round(train_time, 3)}
+        if cfg.quantize:  # AB telemetry: distance to the grid, codes moved, inputs clipped
+            quant_row, codes = telemetry(model, codes)
+            row.update(quant_row)
         skipped = getattr(train_loader, "skipped", 0)
         if skipped:
             row["skipped_images"] = skipped
@@ -322,7 +327,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
             row.update(_evaluate_views(model, test_loader, device, cfg, progress and d.main))
         except BaseException:  # never lose a finished epoch of training to its evaluation
             if d.main:
-                _save_epoch(model, optimizer, rng, epoch, step, [*history, row], cfg, out_dir)
+                _save_epoch(model, optimizer, rng, epoch, step, [*history, row], cfg, out_dir,
+                            codes)
             raise
         row["eval_time_s"] = round(time.perf_counter() - t1, 3)
         _restore_rng(rng)  # the next epoch starts from the state a resume starts from
@@ -330,7 +336,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
         if d.main:
             if progress:
                 print(_format_row(row), file=sys.stderr)
-            _save_epoch(model, optimizer, rng, epoch, step, history, cfg, out_dir)
+            _save_epoch(model, optimizer, rng, epoch, step, history, cfg, out_dir, codes)
     if d.main and cfg.quantize and get_alpha(model) >= 1.0:
         _save_converted(model, out_dir)
     return RunResult(history, model, out_dir)
@@ -353,9 +359,11 @@ def _restore_rng(state: dict) -> None:
 
 
 def _save_epoch(model, optimizer, rng: dict, epoch: int, step: int, history: list,
-                cfg: TrainConfig, out_dir: Path) -> None:
+                cfg: TrainConfig, out_dir: Path, codes: dict | None = None) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **rng,
              "epoch": epoch + 1, "step": step, "history": history, "config": cfg.to_dict()}
+    if codes is not None:  # this epoch's weight codes: the next one's codes_changed
+        state["codes"] = codes
     save_checkpoint(state, out_dir / CHECKPOINT)
     write_metrics(history, out_dir)
 
