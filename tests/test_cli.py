@@ -83,3 +83,13 @@ def test_export_and_verify_commands(tmp_path, capsys):
                  "--quiet", "--set", "model_args={\"width\": 8}"]) == 0
     assert main(["export", str(fp)]) == 2
     assert "float (fp32) run" in capsys.readouterr().err
+
+
+def test_compare_command_table_and_plots(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", "digits_cnn", "--data", "digits", "--w-bits", "2",
+                 "--a-bits", "4", "--epochs", "1", "--float-epochs", "1", "--seeds", "0",
+                 "--set", "model_args={\"width\": 4}", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "STE" in text and "AB" in text
+    assert (out / "compare.png").stat().st_size > 0 and (out / "ab_curves.png").exists()

@@ -237,7 +237,9 @@ def _write_compare(out: Path, base, result: dict, seeds: list[int], table: str) 
                "size_bytes": result["size"], "time_s": result["time"]}
     (out / "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "compare.txt").write_text(table + "\n")
-    plot_runs(result["histories"], out / "compare.png", f"{base.model} on {base.data}")
+    float_epochs = len(result["histories"]["fp32"])
+    plot_runs(result["histories"], out / "compare.png", f"{base.model} on {base.data}",
+              start={"ste": float_epochs, "ab": float_epochs})
     plot_run(result["histories"]["ab"], out / "ab_curves.png", "AB run: Figure 4 views and α")
 
 

@@ -42,8 +42,8 @@ def plot_run(history: list[dict], path: str | Path, title: str = "") -> Path:
         alpha_ax.plot(epochs, [r["alpha"] for r in history], color="gray", lw=1, label="α")
         alpha_ax.set_ylim(-0.05, 1.05)
         alpha_ax.set_ylabel("α (end of epoch)")
-        alpha_ax.legend(loc="lower right")
-    acc_ax.legend(loc="lower left", fontsize=8)
+        alpha_ax.legend(loc="center right", fontsize=8, framealpha=0.6)
+    acc_ax.legend(loc="best", fontsize=8, framealpha=0.6)
     loss_ax.plot(epochs, [r["train_loss"] for r in history], marker="o", ms=3)
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("train loss")
@@ -64,17 +64,20 @@ def plot_run(history: list[dict], path: str | Path, title: str = "") -> Path:
     return Path(path)
 
 
-def plot_runs(histories: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
-    """Test accuracy (quantized view where there is one) of several runs on one axis."""
+def plot_runs(histories: dict[str, list[dict]], path: str | Path, title: str = "",
+              start: dict[str, int] | None = None) -> Path:
+    """Test accuracy (quantized view where there is one) of several runs on one axis;
+    ``start``: epochs a run continues after (a quantized run from the float run)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    start = start or {}
     for label, history in histories.items():
         key = "q_test_acc" if "q_test_acc" in history[0] else "test_acc"
-        ax.plot([r["epoch"] for r in history], [r[key] for r in history], marker="o", ms=3,
-                label=label)
-    ax.set_xlabel("epoch")
+        ax.plot([start.get(label, 0) + r["epoch"] for r in history],
+                [r[key] for r in history], marker="o", ms=3, label=label)
+    ax.set_xlabel("epoch (quantized runs continue the float run)" if start else "epoch")
     ax.set_ylabel("test top-1 (%), quantized model")
-    ax.legend()
+    ax.legend(loc="best", framealpha=0.6, fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -13,7 +13,8 @@ __all__ = ["Progress", "write_metrics"]
 
 
 class Progress:
-    """A light progress bar on stderr: redrawn in place on a terminal, else a few lines."""
+    """A light progress bar on stderr: redrawn in place on a terminal; without one (a log
+    file, CI) one line when the loop ends and one every 30 s of a long loop."""
 
     def __init__(self, iterable: Iterable, total: int, desc: str, enabled: bool = True) -> None:
         self.iterable, self.total, self.desc, self.enabled = iterable, total, desc, enabled
@@ -21,15 +22,15 @@ class Progress:
         self.tty = sys.stderr.isatty()
 
     def __iter__(self) -> Iterator:
-        start, last_shown = time.perf_counter(), -1
+        start = last_shown = time.perf_counter()
         for i, item in enumerate(self.iterable, 1):
             yield item
             if not self.enabled:
                 continue
-            tenth = 10 * i // max(self.total, 1)
-            if self.tty or tenth != last_shown or i == self.total:
-                last_shown = tenth
-                self._show(i, time.perf_counter() - start)
+            now = time.perf_counter()
+            if self.tty or i == self.total or now - last_shown >= 30.0:
+                last_shown = now
+                self._show(i, now - start)
         if self.enabled and self.tty:
             sys.stderr.write("\n")
 
@@ -38,10 +39,7 @@ class Progress:
         bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
         eta = elapsed / frac - elapsed if frac > 0 else 0.0
         line = f"{self.desc} [{bar}] {i}/{self.total} {elapsed:5.1f}s<{eta:5.1f}s {self.postfix}"
-        if self.tty:
-            sys.stderr.write("\r" + line[:150])
-        elif i == self.total or 10 * i // max(self.total, 1) != 10 * (i - 1) // max(self.total, 1):
-            sys.stderr.write(line + "\n")
+        sys.stderr.write("\r" + line[:150] if self.tty else line + "\n")
         sys.stderr.flush()
 
 
