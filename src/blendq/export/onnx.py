@@ -14,6 +14,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -46,8 +47,8 @@ def to_onnx(program: torch.export.ExportedProgram, example_input):
             exported = torch.onnx.export(program, example_args(example_input), dynamo=True,
                                          external_data=False, optimize=True, verbose=False)
     except Exception as err:
-        raise ExportError(f"the ONNX exporter cannot translate the model: "
-                          f"{type(err).__name__}: {str(err).strip().splitlines()[0]}") from err
+        raise ExportError(f"the ONNX exporter (torch.onnx) cannot translate the captured "
+                          f"model: {_reason(err)}") from err
     finally:
         logger.setLevel(level)
     model = exported.model_proto
@@ -55,6 +56,16 @@ def to_onnx(program: torch.export.ExportedProgram, example_input):
     model.producer_name = "blendq"
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def _reason(err: Exception) -> str:
+    """The informative line of a torch.onnx error (its 'Exception summary'), or its first."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if "## Exception summary" in lines:
+        after = lines[lines.index("## Exception summary") + 1:]
+        if after:
+            return re.sub(r"\x1b\[[0-9;]*m", "", after[0])
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def _hoist_quantize(model) -> int:
