@@ -28,7 +28,9 @@ class UsageError(Exception):
 
 
 def _bits(text: str) -> int | None:
-    if text.lower() in ("none", "fp32", "float"):
+    from .functional import NONE_WORDS
+
+    if text.lower() in NONE_WORDS:
         return None
     try:
         return int(text)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["grid", "is_sign", "integer_input", "lsq", "ppq", "search_scale", "binarize", "quantize",
+__all__ = ["NONE_WORDS", "check_bits", "grid", "is_sign", "integer_input", "lsq", "ppq", "search_scale", "binarize", "quantize",
            "blend", "straight_through", "check_finite", "round_bias", "strided_sample",
            "pack_codes", "unpack_codes"]
 
@@ -31,14 +31,29 @@ def integer_input(bits: int | None, signed: bool | None) -> bool:
     return bits is not None and not is_sign(bits, signed)
 
 
+NONE_WORDS = ("none", "fp32", "float")  # how TOML files and flags write "no quantization"
+
+
+def check_bits(name: str, value, allow_none: bool = False) -> None:
+    """The one rule for a bit width: an integer in 1..8 (or ``None`` where allowed).
+
+    Raises:
+        ValueError: naming ``name``, the value and what is allowed.
+    """
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 8:
+        allowed = "an integer in 1..8" + (" or None" if allow_none else "")
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
 def grid(bits: int, signed: bool = True) -> tuple[int, int]:
     """Return ``(qmin, qmax)`` of the integer grid.
 
     Signed grids are narrow (symmetric): 8 bits -> [-127, 127], 4 bits -> [-7, 7]
     (docs/design.md, Grids). Unsigned grids are [0, 2^bits - 1]. One signed bit is {-1, +1}.
     """
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
+    check_bits("bits", bits)
     if not signed:
         return 0, 2**bits - 1
     if bits == 1:

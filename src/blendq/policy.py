@@ -12,20 +12,13 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .functional import check_bits
 from .layers import layer_kind
-from .quantizers import METHODS, ActSpec, WeightSpec
+from .quantizers import ActSpec, WeightSpec, check_method
 
 __all__ = ["QuantPolicy", "LayerPlan", "quantizable"]
 
 Bits = tuple[int, "int | None"]  # (w_bits, a_bits); a_bits None: the input stays float
-
-
-def _bits(name: str, value, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 8:
-        allowed = "an integer in 1..8" + (" or None" if allow_none else "")
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 def _pair(name: str, value) -> Bits | None:
@@ -35,8 +28,8 @@ def _pair(name: str, value) -> Bits | None:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2:
         raise ValueError(f"{name} must be bits or (w_bits, a_bits), got {value!r}")
-    _bits(f"{name}[0] (w_bits)", pair[0], allow_none=False)
-    _bits(f"{name}[1] (a_bits)", pair[1], allow_none=True)
+    check_bits(f"{name}[0] (w_bits)", pair[0])
+    check_bits(f"{name}[1] (a_bits)", pair[1], allow_none=True)
     return pair
 
 
@@ -97,12 +90,11 @@ class QuantPolicy:
     embedding: int | None = None
 
     def __post_init__(self) -> None:
-        _bits("w_bits", self.w_bits, allow_none=False)
-        _bits("embedding", self.embedding, allow_none=True)
-        _bits("a_bits", self.a_bits, allow_none=True)
+        check_bits("w_bits", self.w_bits)
+        check_bits("embedding", self.embedding, allow_none=True)
+        check_bits("a_bits", self.a_bits, allow_none=True)
         for name in ("method", "act_method"):
-            if getattr(self, name) not in METHODS:
-                raise ValueError(f"{name} must be one of {METHODS}, got {getattr(self, name)!r}")
+            check_method(name, getattr(self, name))
         for name in ("first_layer", "depthwise", "last_layer"):
             object.__setattr__(self, name, _pair(name, getattr(self, name)))
         if not isinstance(self.overrides, Mapping):

@@ -20,17 +20,14 @@ from torch import Tensor, nn
 
 from . import functional as F
 
-__all__ = ["WeightSpec", "ActSpec", "WeightQuantizer", "ActQuantizer", "METHODS"]
+__all__ = ["WeightSpec", "ActSpec", "WeightQuantizer", "ActQuantizer", "METHODS",
+           "check_method"]
 
 METHODS = ("ab", "ste", "lsq")
 
 
-def _check_bits(name: str, bits: int) -> None:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
-        raise ValueError(f"{name} must be an integer in 1..8, got {bits!r}")
-
-
-def _check_method(name: str, method: str) -> None:
+def check_method(name: str, method: str) -> None:
+    """The one rule for a method name."""
     if method not in METHODS:
         raise ValueError(f"{name} must be one of {METHODS}, got {method!r}")
 
@@ -57,8 +54,8 @@ class WeightSpec:
     init_iter: int = 10
 
     def __post_init__(self) -> None:
-        _check_bits("w_bits", self.bits)
-        _check_method("method", self.method)
+        F.check_bits("w_bits", self.bits)
+        check_method("method", self.method)
         if self.quant_every < 1:
             raise ValueError(f"quant_every must be >= 1, got {self.quant_every}")
 
@@ -86,8 +83,8 @@ class ActSpec:
     sample: int | None = 262144
 
     def __post_init__(self) -> None:
-        _check_bits("a_bits", self.bits)
-        _check_method("act_method", self.method)
+        F.check_bits("a_bits", self.bits)
+        check_method("act_method", self.method)
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.sample is not None and self.sample < 1:

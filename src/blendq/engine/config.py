@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..functional import NONE_WORDS
 from ..policy import QuantPolicy
 from ..schedules import Schedule, cubic, exponential, linear
 
@@ -177,7 +178,7 @@ def _choice(name: str, value, allowed) -> None:
 
 
 def _none(value):
-    if isinstance(value, str) and value.lower() in ("none", "fp32", "float"):
+    if isinstance(value, str) and value.lower() in NONE_WORDS:
         return None
     if isinstance(value, list | tuple):
         return [_none(v) for v in value]
