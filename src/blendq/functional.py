@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["NONE_WORDS", "check_bits", "grid", "is_sign", "integer_input", "lsq", "ppq",
-           "search_scale", "binarize", "quantize", "blend", "straight_through", "check_finite", "round_bias", "strided_sample",
-           "pack_codes", "unpack_codes"]
+           "search_scale", "binarize", "quantize", "blend", "straight_through", "check_finite",
+           "round_bias", "strided_sample", "pack_codes", "unpack_codes"]
 
 _ZERO_SCALE = 1.0  # scale given to an all-zero tensor or slice: any positive value is exact
 
