@@ -188,36 +188,6 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def _run_compare(base, out: Path, seeds: list[int], float_epochs: int | None,
-                 progress: bool) -> dict:
-    """fp32, then STE and AB from the fp32 weights with the same recipe, per seed."""
-    from .engine import train
-    from .transform import size_bytes
-
-    rows = {"fp32": [], "ste": [], "ab": []}
-    histories, sizes, times = {}, {}, {}
-    for seed in seeds:
-        fp_cfg = base.replace(quantize=False, seed=seed, epochs=float_epochs or base.epochs,
-                              init_from=None)
-        t0 = time.perf_counter()
-        fp = train(fp_cfg, out / f"fp32-s{seed}", progress=progress)
-        times.setdefault("fp32", []).append(time.perf_counter() - t0)
-        rows["fp32"].append(fp.history[-1]["test_acc"])
-        print(f"  seed {seed} fp32: {rows['fp32'][-1]:.2f}%", flush=True)
-        sizes["fp32"] = size_bytes(fp.model)
-        histories.setdefault("fp32", fp.history)
-        for method in ("ste", "ab"):
-            cfg = base.replace(method=method, seed=seed, init_from=str(out / f"fp32-s{seed}"))
-            t0 = time.perf_counter()
-            run = train(cfg, out / f"{method}-s{seed}", progress=progress)
-            times.setdefault(method, []).append(time.perf_counter() - t0)
-            rows[method].append(run.history[-1]["q_test_acc"])
-            print(f"  seed {seed} {method}: {rows[method][-1]:.2f}%", flush=True)
-            sizes[method] = size_bytes(run.model)
-            histories.setdefault(method, run.history)
-    return {"acc": rows, "size": sizes, "histories": histories, "time": times}
-
-
 def _print_compare(base, result: dict, seeds: list[int]) -> str:
     bits = f"W{base.w_bits}A{base.a_bits or 32}" + (" per-channel" if base.per_channel else "")
     lines = [f"{'model':7s} {'bits':18s} {'test top-1 (%)':>16s} {'size':>10s} {'time/run':>9s}"]
@@ -249,8 +219,10 @@ def cmd_compare(args) -> int:
     cfg = _config(args)
     seeds = getattr(args, "seeds", None) or [cfg.seed]
     out = Path(getattr(args, "out", None) or f"runs/compare-{cfg.model}")
-    result = _run_compare(cfg, out, seeds, getattr(args, "float_epochs", None),
-                          progress=not getattr(args, "quiet", False))
+    from .engine import compare_methods
+
+    result = compare_methods(cfg, out, seeds, getattr(args, "float_epochs", None),
+                             progress=not getattr(args, "quiet", False))
     table = _print_compare(cfg, result, seeds)
     _write_compare(out, cfg, result, seeds, table)
     print(table)
@@ -270,7 +242,9 @@ def cmd_demo(args) -> int:
     print(f"blendq demo: digits_cnn on scikit-learn digits (1,437 train / 360 test images), "
           f"fp32 for {args.float_epochs} epochs, then STE and AB for {args.epochs} epochs "
           f"each at W{args.w_bits}A{args.a_bits}, seeds {seeds}", flush=True)
-    result = _run_compare(cfg, out, seeds, args.float_epochs, progress=False)
+    from .engine import compare_methods
+
+    result = compare_methods(cfg, out, seeds, args.float_epochs, progress=False)
     table = _print_compare(cfg, result, seeds)
     _write_compare(out, cfg, result, seeds, table)
     from .plots import plot_toy
@@ -351,14 +325,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .engine.trainer import _Dist, make_loaders
+    from .engine.trainer import make_loaders
     from .export import capture
     from .export.verify import verify_model
     from .transform import quantized
 
     model, converted, example, cfg, data = _converted_run(args.run)
     cfg = cfg.replace(test_subset=args.test_subset) if args.test_subset else cfg
-    _, test = make_loaders(cfg, data, _Dist())
+    _, test = make_loaders(cfg, data)
     program = capture(converted, example)
     with quantized(model) as alpha_one:
         rows = verify_model(alpha_one, program, test, onnx=not args.no_onnx)

@@ -91,7 +91,10 @@ def _subset(x, y, n: int | None):
     return (x, y) if n is None or n >= len(y) else (x[:n], y[:n])
 
 
-def make_loaders(cfg: TrainConfig, data: DataSpec, d: _Dist):
+def make_loaders(cfg: TrainConfig, data: DataSpec, d: _Dist | None = None):
+    """Train and test loaders of ``cfg`` on ``data`` (sharded by rank in a distributed
+    run; ``d`` defaults to a single process)."""
+    d = d or _Dist()
     if data.folder is not None:
         from ..imagefolder import FolderLoader, ImageFolder
 
