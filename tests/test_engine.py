@@ -25,7 +25,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     full = train(QUICK, tmp_path / "full", progress=False)
     steps_per_epoch = full.history[0]["step"]
     part = train(QUICK, tmp_path / "part", progress=False,
-                 stop_after_steps=steps_per_epoch + 2)  # killed inside epoch 2
+                 max_steps=steps_per_epoch + 2)  # killed inside epoch 2
     assert len(part.history) == 1
     resumed = train(QUICK, tmp_path / "part", resume=True, progress=False)
     assert _strip_times(resumed.history) == _strip_times(full.history)

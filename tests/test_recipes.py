@@ -7,7 +7,7 @@ from datasets import make_cifar10, make_fashion_mnist, make_image_folder
 import blendq
 from blendq.data import load_dataset
 from blendq.engine import TrainConfig, load_recipe, recipe_names, train
-from blendq.engine.trainer import build
+from blendq.engine.trainer import build, data_shape
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,8 @@ def test_recipe_runs_at_smoke_size(name, tiny, tmp_path):
     assert 0.0 <= row.get("q_test_acc", row["test_acc"]) <= 100.0
     if cfg.quantize:
         data = load_dataset(cfg.data, cfg.data_root)
-        rows = blendq.summary(build(cfg, data))
-        w_bits = [r.w_bits for r in rows]
+        rows = blendq.summary(build(cfg, data_shape(cfg, data)))
+        w_bits = [r.w_bits for r in rows if r.fate == "quantized"]
         if cfg.first_layer:
             assert w_bits[0] == cfg.first_layer[0]
         if cfg.last_layer:

@@ -294,22 +294,22 @@ def cmd_plot(args) -> int:
 def _converted_run(run: str):
     import torch
 
-    from .engine.trainer import load_run_model
+    from .engine.trainer import load_run
     from .transform import convert
 
-    model, cfg, data = load_run_model(run)
+    model, cfg, _, shape = load_run(run, need_data=False)
     if not cfg.quantize:
         raise UsageError(f"{run} is a float (fp32) run: nothing to export as integers")
     converted = convert(model)
-    size = cfg.image_size or data.image_size
-    example = torch.zeros(2, data.in_channels, size, size)
-    return model, converted, example, cfg, data
+    size = shape["image_size"]
+    example = torch.zeros(2, shape["in_channels"], size, size)
+    return model, converted, example, cfg
 
 
 def cmd_export(args) -> int:
     from .export import export_onnx, save_artifact
 
-    model, converted, example, cfg, _ = _converted_run(args.run)
+    model, converted, example, cfg = _converted_run(args.run)
     fp32_bytes = 4 * (sum(p.numel() for p in model.parameters()) + sum(
         b.numel() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))))
     suffix = ".onnx" if args.format == "onnx" else ".pt2"
@@ -325,12 +325,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    from .data import load_dataset
     from .engine.trainer import make_loaders
     from .export import capture
     from .export.verify import verify_model
     from .transform import quantized
 
-    model, converted, example, cfg, data = _converted_run(args.run)
+    model, converted, example, cfg = _converted_run(args.run)
+    data = load_dataset(cfg.data, cfg.data_root)
     cfg = cfg.replace(test_subset=args.test_subset) if args.test_subset else cfg
     _, test = make_loaders(cfg, data)
     program = capture(converted, example)

@@ -17,8 +17,9 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ from .checkpoint import load_checkpoint, remove_stale, save_checkpoint
 from .config import TrainConfig
 from .progress import Progress, write_metrics
 
-__all__ = ["train", "evaluate", "evaluate_run", "build", "RunResult", "load_run_model",
+__all__ = ["train", "evaluate", "evaluate_run", "build", "RunResult", "load_run", "load_run_model",
            "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
@@ -116,20 +117,28 @@ def make_loaders(cfg: TrainConfig, data: DataSpec, d: _Dist | None = None):
     return train, test
 
 
-def build(cfg: TrainConfig, data: DataSpec) -> nn.Module:
-    """The model of a config: built, float weights loaded from ``init_from``, prepared."""
-    image_size = cfg.image_size or data.image_size
-    model = build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes,
-                        image_size=image_size, **cfg.model_args)
-    if cfg.init_from:
-        state = load_checkpoint(_checkpoint_path(cfg.init_from))["model"]
-        if any(k.endswith("w_quant.codes") for k in state):
-            raise ValueError(f"init_from={cfg.init_from} holds a quantized model; start from a "
-                             "float (quantize=false) run")
-        model.load_state_dict(state)
-    if cfg.quantize:
-        model = prepare(model, cfg.policy())
-    return model
+def data_shape(cfg: TrainConfig, data: DataSpec) -> dict:
+    """What the model of ``cfg`` needs to know of its data (kept in checkpoints)."""
+    return {"in_channels": data.in_channels, "num_classes": data.num_classes,
+            "image_size": cfg.image_size or data.image_size}
+
+
+def _float_model(cfg: TrainConfig, shape: dict) -> nn.Module:
+    return build_model(cfg.model, **shape, **cfg.model_args)
+
+
+def build(cfg: TrainConfig, shape: dict) -> nn.Module:
+    """The model of a config, prepared when it quantizes (no weights loaded)."""
+    model = _float_model(cfg, shape)
+    return prepare(model, cfg.policy()) if cfg.quantize else model
+
+
+def _load_float_weights(model: nn.Module, init_from: str) -> None:
+    state = load_checkpoint(_checkpoint_path(init_from))["model"]
+    if any(k.endswith(".alpha") or ".w_quant." in k or "weight_codes" in k for k in state):
+        raise ValueError(f"init_from={init_from} holds a quantized model; start from a "
+                         "float (quantize=false) run")
+    model.load_state_dict(state)
 
 
 def _checkpoint_path(path: str | os.PathLike) -> Path:
@@ -222,52 +231,81 @@ def _sync_buffers(model: nn.Module) -> None:
             dist.broadcast(b, 0)
 
 
+@dataclass
+class _Run:
+    """Everything one training run holds while it runs."""
+
+    cfg: TrainConfig
+    out_dir: Path
+    device: torch.device
+    dist: _Dist
+    model: nn.Module
+    net: nn.Module  # the model, wrapped for DDP in a distributed run
+    compiled: nn.Module  # ``net`` compiled (``cfg.compile``), used after the first step
+    optimizer: torch.optim.Optimizer
+    train_loader: object
+    test_loader: object
+    controller: AlphaController | None
+    freeze_at: int | None
+    channels_last: bool
+    progress: bool
+    data_shape: dict
+    history: list = field(default_factory=list)
+    start_epoch: int = 0
+    step: int = 0
+    codes: dict | None = None  # the last epoch's weight codes (telemetry)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
+
+
 def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
-          progress: bool = True, stop_after_steps: int | None = None) -> RunResult:
+          progress: bool = True, max_steps: int | None = None) -> RunResult:
     """Run ``cfg``; metrics, config and checkpoints go to ``out_dir``.
 
     ``resume`` continues from ``out_dir/checkpoint.pt`` (written at the end of
     every epoch); the resumed run ends with the same weights and metrics as an
-    uninterrupted one (bit for bit on CPU). ``stop_after_steps`` stops the run
-    abruptly after that many optimizer steps (used to test resuming).
+    uninterrupted one (bit for bit on CPU). ``max_steps`` stops the run after that many
+    optimizer steps in all, without finishing the epoch (as a crash would).
     """
-    out_dir = Path(out_dir)
+    run = _setup(cfg, Path(out_dir), progress)
+    if resume:
+        _resume(run)
+    _write_run_files(run)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        row = _train_epoch(run, epoch, max_steps)
+        if row is None:  # stopped at max_steps
+            return RunResult(run.history, run.model, run.out_dir)
+        _end_epoch(run, epoch, row)
+    if run.dist.main and cfg.quantize and get_alpha(run.model) >= 1.0:
+        _save_converted(run.model, run.out_dir)
+    return RunResult(run.history, run.model, run.out_dir)
+
+
+def _setup(cfg: TrainConfig, out_dir: Path, progress: bool) -> _Run:
+    """Device, process group, data, model (float weights from ``init_from``, then
+    prepared), optimizer, α controller."""
     device = _device(cfg.device)
     d = _init_distributed(device)
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data, cfg.data_root)
     train_loader, test_loader = make_loaders(cfg, data, d)
-    model = build(cfg, data).to(device)
+    shape = data_shape(cfg, data)
+    model = _float_model(cfg, shape)
+    if cfg.init_from:
+        _load_float_weights(model, cfg.init_from)
+    if cfg.quantize:
+        model = prepare(model, cfg.policy())
+    model = model.to(device)
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto"
                                                   and device.type == "cuda")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = _optimizer(cfg, model)
-    steps_per_epoch = len(train_loader)
-    total = cfg.epochs * steps_per_epoch
-    controller = AlphaController(model, cfg.alpha(total)) if cfg.quantize else None
-    freeze_at = cfg.freeze_step(total)
-    history, start_epoch, codes = [], 0, None
-    ckpt_path = out_dir / CHECKPOINT
-    if d.main:
-        remove_stale(ckpt_path)  # a crash while saving left these; the checkpoint is intact
-    if resume and ckpt_path.exists():
-        # loaded on the CPU whatever the device: load_state_dict moves tensors to the
-        # model's and the optimizer's devices, and RNG states must be CPU byte tensors
-        state = load_checkpoint(ckpt_path, map_location="cpu")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        _restore_rng(state)
-        history, start_epoch = list(state["history"]), int(state["epoch"])
-        codes = state.get("codes")
-        if d.main:
-            write_metrics(history, out_dir)  # consistent with the checkpoint after a crash
-    elif resume and d.main:
-        print(f"no checkpoint in {out_dir}; starting from scratch", file=sys.stderr)
-    if d.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        (out_dir / "env.json").write_text(json.dumps(_environment(cfg, device, d), indent=2))
     net = model
     if d.world_size > 1:
         net = nn.parallel.DistributedDataParallel(
@@ -275,74 +313,118 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
     # compiled after the first step, which decides the activation grids on the host; with
     # no host synchronisation left in a step, "reduce-overhead" can capture CUDA graphs
     compiled = torch.compile(net, mode=cfg.compile_mode) if cfg.compile else net
-    step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        train_loader.set_epoch(epoch)
-        model.train()
-        if freeze_at is not None and step >= freeze_at:
+    total = cfg.epochs * len(train_loader)
+    controller = AlphaController(model, cfg.alpha(total)) if cfg.quantize else None
+    return _Run(cfg, out_dir, device, d, model, net, compiled, _optimizer(cfg, model),
+                train_loader, test_loader, controller, cfg.freeze_step(total), channels_last,
+                progress, shape)
+
+
+def _resume(run: _Run) -> None:
+    """Continue from the checkpoint: model, optimizer, RNG, history, step; temporary
+    files a crash left are removed and the metrics rewritten from the history."""
+    ckpt_path = run.out_dir / CHECKPOINT
+    if run.dist.main:
+        remove_stale(ckpt_path)  # a crash while saving left these; the checkpoint is intact
+    if not ckpt_path.exists():
+        if run.dist.main:
+            print(f"no checkpoint in {run.out_dir}; starting from scratch", file=sys.stderr)
+        return
+    # loaded on the CPU whatever the device: load_state_dict moves tensors to the model's
+    # and the optimizer's devices, and RNG states must be CPU byte tensors
+    state = load_checkpoint(ckpt_path, map_location="cpu")
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    _restore_rng(state)
+    run.history, run.start_epoch = list(state["history"]), int(state["epoch"])
+    run.step = run.start_epoch * run.steps_per_epoch
+    run.codes = state.get("codes")
+    if run.dist.main:
+        write_metrics(run.history, run.out_dir)  # consistent with the checkpoint
+
+
+def _write_run_files(run: _Run) -> None:
+    if run.dist.main:
+        remove_stale(run.out_dir / CHECKPOINT)
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        (run.out_dir / "config.json").write_text(json.dumps(run.cfg.to_dict(), indent=2) + "\n")
+        (run.out_dir / "env.json").write_text(
+            json.dumps(_environment(run.cfg, run.device, run.dist), indent=2))
+
+
+def _train_epoch(run: _Run, epoch: int, max_steps: int | None) -> dict | None:
+    """One epoch of optimizer steps; its metrics row, or ``None`` if ``max_steps`` came."""
+    cfg, model, optimizer = run.cfg, run.model, run.optimizer
+    run.train_loader.set_epoch(epoch)
+    model.train()
+    if run.freeze_at is not None and run.step >= run.freeze_at:
+        freeze_batch_norms(model)
+    t0, loss_sum, seen = time.perf_counter(), torch.zeros((), device=run.device), 0
+    bar = Progress(run.train_loader, run.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}",
+                   run.progress and run.dist.main)
+    alpha = 0.0
+    for x, y in bar:
+        if max_steps is not None and run.step >= max_steps:
+            return None
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        if run.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        alpha = run.controller.step(run.step) if run.controller else 0.0
+        if run.step == run.freeze_at:
             freeze_batch_norms(model)
-        t0, loss_sum, seen = time.perf_counter(), torch.zeros((), device=device), 0
-        bar = Progress(train_loader, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}",
-                       progress and d.main)
-        for x, y in bar:
-            if stop_after_steps is not None and step >= stop_after_steps:
-                return RunResult(history, model, out_dir)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            alpha = controller.step(step) if controller else 0.0
-            if step == freeze_at:
-                freeze_batch_norms(model)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * _lr_factor(cfg, step, total, steps_per_epoch)
-            step_fn = compiled if step > 0 or not cfg.quantize else net
-            with _autocast(cfg, device):
-                loss = nn.functional.cross_entropy(step_fn(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if cfg.clip_latent:
-                _clip_latent(model)
-            loss_sum += loss.detach() * len(y)
-            seen += len(y)
-            step += 1
-            if step % 20 == 0 and bar.enabled:  # .item() waits for the device: only to show
-                bar.postfix = f"loss {loss.item():.3f} alpha {alpha:.3f}"
-        train_time = time.perf_counter() - t0
-        if cfg.quantize:
-            check_weights(model)  # the deferred NaN/inf check: once an epoch, names layers
-        _sync_buffers(model)
-        row = {"epoch": epoch + 1, "step": step,
-               "alpha": get_alpha(model) if cfg.quantize else 0.0,
-               "lr": optimizer.param_groups[0]["lr"], "train_loss": float(loss_sum) / max(seen, 1),
-               "epoch_time_s": round(train_time, 3)}
-        if cfg.quantize:  # AB telemetry: distance to the grid, codes moved, inputs clipped
-            quant_row, codes = telemetry(model, codes)
-            row.update(quant_row)
-        skipped = getattr(train_loader, "skipped", 0)
-        if skipped:
-            row["skipped_images"] = skipped
-            print(f"blendq: skipped {skipped} unreadable training images this epoch",
-                  file=sys.stderr)
-        rng = _rng_state()  # as after training: evaluation draws nothing a resume needs
-        t1 = time.perf_counter()
-        try:
-            row.update(_evaluate_views(model, test_loader, device, cfg, progress and d.main))
-        except BaseException:  # never lose a finished epoch of training to its evaluation
-            if d.main:
-                _save_epoch(model, optimizer, rng, epoch, step, [*history, row], cfg, out_dir,
-                            codes)
-            raise
-        row["eval_time_s"] = round(time.perf_counter() - t1, 3)
-        _restore_rng(rng)  # the next epoch starts from the state a resume starts from
-        history.append(row)
-        if d.main:
-            if progress:
-                print(_format_row(row), file=sys.stderr)
-            _save_epoch(model, optimizer, rng, epoch, step, history, cfg, out_dir, codes)
-    if d.main and cfg.quantize and get_alpha(model) >= 1.0:
-        _save_converted(model, out_dir)
-    return RunResult(history, model, out_dir)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(cfg, run.step, run.total_steps,
+                                              run.steps_per_epoch)
+        step_fn = run.compiled if run.step > 0 or not cfg.quantize else run.net
+        with _autocast(cfg, run.device):
+            loss = nn.functional.cross_entropy(step_fn(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if cfg.clip_latent:
+            _clip_latent(model)
+        loss_sum += loss.detach() * len(y)
+        seen += len(y)
+        run.step += 1
+        if run.step % 20 == 0 and bar.enabled:  # .item() waits for the device: only to show
+            bar.postfix = f"loss {loss.item():.3f} alpha {alpha:.3f}"
+    train_time = time.perf_counter() - t0
+    if cfg.quantize:
+        check_weights(model)  # the deferred NaN/inf check: once an epoch, names layers
+    _sync_buffers(model)
+    return {"epoch": epoch + 1, "step": run.step,
+            "alpha": get_alpha(model) if cfg.quantize else 0.0,
+            "lr": optimizer.param_groups[0]["lr"], "train_loss": float(loss_sum) / max(seen, 1),
+            "epoch_time_s": round(train_time, 3)}
+
+
+def _end_epoch(run: _Run, epoch: int, row: dict) -> None:
+    """Telemetry, evaluation, checkpoint and metrics of a finished epoch."""
+    cfg = run.cfg
+    if cfg.quantize:  # AB telemetry: distance to the grid, codes moved, inputs clipped
+        quant_row, run.codes = telemetry(run.model, run.codes)
+        row.update(quant_row)
+    skipped = getattr(run.train_loader, "skipped", 0)
+    if skipped:
+        row["skipped_images"] = skipped
+        print(f"blendq: skipped {skipped} unreadable training images this epoch",
+              file=sys.stderr)
+    rng = _rng_state()  # as after training: evaluation draws nothing a resume needs
+    t1 = time.perf_counter()
+    try:
+        row.update(_evaluate_views(run.model, run.test_loader, run.device, cfg,
+                                   run.progress and run.dist.main))
+    except BaseException:  # never lose a finished epoch of training to its evaluation
+        if run.dist.main:
+            _save_epoch(run, rng, epoch, [*run.history, row])
+        raise
+    row["eval_time_s"] = round(time.perf_counter() - t1, 3)
+    _restore_rng(rng)  # the next epoch starts from the state a resume starts from
+    run.history.append(row)
+    if run.dist.main:
+        if run.progress:
+            print(_format_row(row), file=sys.stderr)
+        _save_epoch(run, rng, epoch, run.history)
 
 
 def _rng_state() -> dict:
@@ -361,14 +443,16 @@ def _restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all([t.to("cpu", torch.uint8) for t in cuda])
 
 
-def _save_epoch(model, optimizer, rng: dict, epoch: int, step: int, history: list,
-                cfg: TrainConfig, out_dir: Path, codes: dict | None = None) -> None:
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **rng,
-             "epoch": epoch + 1, "step": step, "history": history, "config": cfg.to_dict()}
-    if codes is not None:  # this epoch's weight codes: the next one's codes_changed
-        state["codes"] = codes
-    save_checkpoint(state, out_dir / CHECKPOINT)
-    write_metrics(history, out_dir)
+def _save_epoch(run: _Run, rng: dict, epoch: int, history: list) -> None:
+    """The checkpoint holds what resuming needs and what rebuilding the model needs
+    without the dataset (``data_shape``)."""
+    state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), **rng,
+             "epoch": epoch + 1, "step": run.step, "history": history,
+             "config": run.cfg.to_dict(), "data_shape": run.data_shape}
+    if run.codes is not None:  # this epoch's weight codes: the next one's codes_changed
+        state["codes"] = run.codes
+    save_checkpoint(state, run.out_dir / CHECKPOINT)
+    write_metrics(history, run.out_dir)
 
 
 def _clip_latent(model: nn.Module) -> None:
@@ -393,14 +477,32 @@ def _format_row(row: dict) -> str:
     return "  ".join(parts)
 
 
-def load_run_model(run: str | os.PathLike, data: DataSpec | None = None):
-    """``(model, config, data)`` rebuilt from a run directory or checkpoint file."""
+class LoadedRun(NamedTuple):
+    model: nn.Module
+    config: TrainConfig
+    data: DataSpec | None
+    shape: dict  # in_channels, num_classes, image_size
+
+
+def load_run(run: str | os.PathLike, need_data: bool = True) -> LoadedRun:
+    """The model of a run directory or checkpoint file, rebuilt and loaded (eval mode);
+    the dataset is loaded only when ``need_data`` or the checkpoint predates
+    ``data_shape``."""
     state = load_checkpoint(_checkpoint_path(run))
     cfg = TrainConfig.from_dict(state["config"]).replace(init_from=None)
-    data = data or load_dataset(cfg.data, cfg.data_root)
-    model = build(cfg, data)
+    shape, data = state.get("data_shape"), None
+    if shape is None or need_data:
+        data = load_dataset(cfg.data, cfg.data_root)
+        shape = data_shape(cfg, data)
+    model = build(cfg, shape)
     model.load_state_dict(state["model"])
-    return model.eval(), cfg, data
+    return LoadedRun(model.eval(), cfg, data, shape)
+
+
+def load_run_model(run: str | os.PathLike):
+    """``(model, config, data)`` rebuilt from a run directory or checkpoint file."""
+    loaded = load_run(run)
+    return loaded.model, loaded.config, loaded.data
 
 
 def evaluate_run(run: str | os.PathLike, test_subset: int | None = None,
