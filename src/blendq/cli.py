@@ -74,10 +74,15 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-_FLAG_KEYS = ("model", "data", "data_root", "w_bits", "a_bits", "per_channel", "method",
-              "act_method", "epochs", "batch_size", "lr", "optimizer", "alpha_window",
-              "alpha_every", "quant_every", "seed", "device", "amp", "compile", "compile_mode",
-              "train_subset", "test_subset", "init_from")
+def _flag_keys(args) -> list[str]:
+    """The config keys given as flags: every flag whose name is a TrainConfig field
+    (flags not given are absent: argument_default=SUPPRESS)."""
+    import dataclasses
+
+    from .engine.config import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return [k for k in vars(args) if k in fields]
 
 
 def _config(args, **forced):
@@ -85,9 +90,8 @@ def _config(args, **forced):
 
     config = getattr(args, "config", None)
     values = load_recipe(config) if config else {}
-    for key in _FLAG_KEYS:  # flags not given are absent (argument_default=SUPPRESS)
-        if hasattr(args, key):
-            values[key] = getattr(args, key)
+    for key in _flag_keys(args):
+        values[key] = getattr(args, key)
     for item in getattr(args, "set", []):
         key, sep, raw = item.partition("=")
         if not sep:
@@ -118,7 +122,7 @@ def _resume_config(args, out: Path):
                                                                               False):
         raise UsageError("--resume takes the recipe from the run; drop --config/--set/--fp32")
     clashes = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (run: {getattr(saved, k)!r})"
-               for k in _FLAG_KEYS if hasattr(args, k) and k not in _RESUME_FLAGS
+               for k in _flag_keys(args) if k not in _RESUME_FLAGS
                and _same(getattr(args, k)) != _same(getattr(saved, k))]
     if clashes:
         raise UsageError(f"--resume continues {out} with its own recipe; these flags "

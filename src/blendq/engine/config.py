@@ -60,6 +60,7 @@ class TrainConfig:
     alpha_every: int = 1
     alpha_rate: float = 1e-3
     quant_every: int = 1
+    embedding: int | None = None
     clip_latent: bool = False
     bn_freeze: float | None = 0.9
     epochs: int = 10
@@ -88,6 +89,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # TOML has no null: "none" stands for float activations (a_bits None).
         object.__setattr__(self, "a_bits", _none(self.a_bits))
+        object.__setattr__(self, "embedding", _none(self.embedding))
         for name in ("first_layer", "depthwise", "last_layer"):
             object.__setattr__(self, name, _none(getattr(self, name)))
         object.__setattr__(self, "overrides", {k: _none(v) for k, v in self.overrides.items()})
@@ -126,13 +128,15 @@ class TrainConfig:
             self.policy()  # validates bits, methods, rules
 
     def policy(self) -> QuantPolicy:
-        return QuantPolicy(
-            w_bits=self.w_bits, a_bits=self.a_bits, per_channel=self.per_channel,
-            method=self.method, act_method=self.act_method, binary_scale=self.binary_scale,
-            first_layer=_tuple(self.first_layer), depthwise=_tuple(self.depthwise),
-            last_layer=_tuple(self.last_layer),
-            overrides={k: _tuple(v) for k, v in self.overrides.items()},
-            skip=self.skip, quant_every=self.quant_every)
+        """The :class:`QuantPolicy` of this run: every policy field this config holds
+        (same names), so a field added to the policy needs one line here, its default."""
+        own = {f.name for f in dataclasses.fields(self)}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(QuantPolicy)
+                  if f.name in own}
+        values["overrides"] = {k: _tuple(v) for k, v in values["overrides"].items()}
+        for name in ("first_layer", "depthwise", "last_layer"):
+            values[name] = _tuple(values[name])
+        return QuantPolicy(**values)
 
     def window_steps(self, total_steps: int) -> tuple[int, int]:
         t0, t1 = self.alpha_window
