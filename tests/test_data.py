@@ -4,8 +4,7 @@ import pytest
 import torch
 from datasets import make_cifar10, make_fashion_mnist, make_image_folder
 
-from blendq.data import DataError, TensorLoader, load_dataset, read_idx
-from blendq.imagefolder import FolderLoader, ImageFolder
+from blendq.data import DataError, FolderLoader, ImageFolder, TensorLoader, load_dataset, read_idx
 
 
 def test_digits_bundled():

@@ -97,7 +97,7 @@ def make_loaders(cfg: TrainConfig, data: DataSpec, d: _Dist | None = None):
     run; ``d`` defaults to a single process)."""
     d = d or _Dist()
     if data.folder is not None:
-        from ..imagefolder import FolderLoader, ImageFolder
+        from ..data import FolderLoader, ImageFolder
 
         size = cfg.image_size or data.image_size
         train_ds = ImageFolder(data.folder / "train", size, train=True, seed=cfg.seed,

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .dataspec import _STATS, DataError, DataSpec
+from .order import epoch_generator, epoch_order
+from .spec import _STATS, DataError, DataSpec
 
 __all__ = ["ImageFolder", "FolderLoader", "image_folder_spec"]
 
@@ -123,12 +124,9 @@ class FolderLoader:
         self.dataset.epoch = epoch
 
     def _indices(self) -> list[int]:
-        n = len(self.dataset)
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.dataset.epoch)
-        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
-        if self.world_size > 1:
-            order = order[: n - n % self.world_size][self.rank :: self.world_size]
-        return order.tolist()
+        gen = epoch_generator(self.seed, self.dataset.epoch)
+        return epoch_order(len(self.dataset), gen, self.shuffle, self.rank,
+                           self.world_size).tolist()
 
     def __len__(self) -> int:
         n = len(self.dataset) // self.world_size

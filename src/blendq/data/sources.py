@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .dataspec import _STATS, DataError, DataSpec
+from .order import epoch_generator, epoch_order
+from .spec import _STATS, DataError, DataSpec
 
 __all__ = ["DataSpec", "TensorLoader", "load_dataset", "DATASETS", "FASHION_MNIST_DIR"]
 
@@ -57,18 +58,14 @@ class TensorLoader:
         self.epoch = epoch
 
     def _indices(self, gen: torch.Generator) -> Tensor:
-        n = len(self.labels)
-        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
-        if self.world_size > 1:
-            order = order[: n - n % self.world_size][self.rank :: self.world_size]
-        return order
+        return epoch_order(len(self.labels), gen, self.shuffle, self.rank, self.world_size)
 
     def __len__(self) -> int:
         n = len(self.labels) // self.world_size if self.world_size > 1 else len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        gen = epoch_generator(self.seed, self.epoch)
         order = self._indices(gen)
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
@@ -231,6 +228,6 @@ def load_dataset(name: str, root: str | os.PathLike | None = None) -> DataSpec:
         return load_fashion_mnist(path)
     if (path / "test_batch").exists() or (path / "cifar-10-batches-py").exists():
         return load_cifar10(path)
-    from .imagefolder import image_folder_spec
+    from .folder import image_folder_spec
 
     return image_folder_spec(path)
