@@ -248,3 +248,34 @@ def test_onnxruntime_agrees_with_alpha_one_on_fashion_mnist_w8a8(tmp_path):
     for row in (engine, fused, unfused):
         assert row.top1_agreement >= 99.9 and row.max_steps <= 1.0, row.row()
     assert ref.accuracy > 60.0
+
+
+def test_padding_and_relu6_between_convolutions_still_fuse(tmp_path):
+    """TensorFlow-style explicit padding and ReLU6 between two convolutions (Hugging Face
+    MobileNetV2): the quantizer moves back across both, so ORT fuses QLinearConv."""
+
+    class PadNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = torch.nn.functional.relu6(self.a(nn.functional.pad(x, [1, 1, 1, 1])))
+            y = torch.nn.functional.relu6(self.b(nn.functional.pad(y, [1, 1, 1, 1])))
+            return self.fc(y.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = blendq.prepare(PadNet(), blendq.QuantPolicy(w_bits=8, a_bits=8))
+    x = torch.randn(16, 3, 8, 8)
+    model.train()(x)
+    blendq.set_alpha(model.eval(), 1.0)
+    converted = blendq.convert(model)
+    path = export_onnx(converted, tmp_path / "p.onnx", x)
+    session = onnx_session(path, optimized_path=tmp_path / "opt.onnx")
+    # the first convolution fuses; the second feeds global pooling, which does not commute
+    ops = fused_ops(tmp_path / "opt.onnx")
+    assert ops.get("QLinearConv", 0) == 1 and ops.get("Relu", 0) == 0
+    ref = converted(x).detach()
+    out = run_onnx(session, x)
+    assert float((out - ref).abs().max()) <= float(ref.abs().max()) / 127

@@ -69,13 +69,14 @@ def _reason(err: Exception) -> str:
 
 
 def _hoist_quantize(model) -> int:
-    """Move each QuantizeLinear back across the MaxPools (and, for an unsigned grid with
-    zero point 0, the Relus) between it and the value they start from, where every value
-    on the way has that one reader: ``V -> Relu -> MaxPool -> Q -> DQ`` becomes
-    ``V -> Q -> MaxPool -> DQ``. Max pooling commutes with the monotone quantizer and the
-    unsigned grid's clamp at 0 does the Relu's work, so the values are the same; the Q
-    then sits right after the convolution, the pattern ONNX Runtime fuses into
-    QLinearConv, and the pool runs on 8-bit codes. Returns the number of moves."""
+    """Move each QuantizeLinear back across the operations between it and the value they
+    start from that commute with it, where every value on the way has one reader: max
+    pooling and zero padding (they then work on the 8-bit codes), and a Relu or Clip
+    that the quantizer's own clamping makes redundant (a Relu before an unsigned grid
+    with zero point 0; ReLU6 where the grid ends below 6). ``V -> Relu -> Pad -> Q -> DQ``
+    becomes ``V -> Q -> Pad' -> DQ``. The
+    values are the same; the Q then sits right after the convolution, the pattern ONNX
+    Runtime fuses into QLinearConv. Returns the number of moves."""
     from onnx import numpy_helper
 
     graph = model.graph
@@ -90,30 +91,32 @@ def _hoist_quantize(model) -> int:
     outputs = {o.name for o in graph.output}
     moves, dropped = 0, []
     for q in [n for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) == 3]:
-        zp = consts.get(q.input[2])
-        unsigned = zp is not None and str(zp.dtype) == "uint8" and not zp.any()
-        chain, value = [], q.input[0]
+        zp, scale = consts.get(q.input[2]), consts.get(q.input[1])
+        if zp is None or scale is None or zp.size != 1 or scale.size != 1:
+            continue
+        chain, drop, value = [], [], q.input[0]
         while value in producer and value not in outputs and len(readers[value]) == 1:
             node = producer[value]
-            if node.op_type != "MaxPool" and not (node.op_type == "Relu" and unsigned):
+            how = _commutes(node, zp, float(scale), consts)
+            if how is None:
                 break
-            if node.op_type == "MaxPool" and len(node.output) > 1:
-                break
-            chain.append(node)
+            (drop if how == "drop" else chain).append(node)
             value = node.input[0]
-        if not any(n.op_type == "MaxPool" for n in chain) and not chain:
+        if not chain and not drop:
             continue
-        pools = [n for n in reversed(chain) if n.op_type == "MaxPool"]
-        dropped += [n for n in chain if n.op_type == "Relu"]
+        kept = list(reversed(chain))  # in graph order
+        dropped += drop
         q.input[0] = value
         codes = q.output[0]
-        if pools:  # the pools read the codes; the readers of the codes read the last pool
-            last = pools[-1].output[0]
+        if kept:  # the kept ops read the codes; the codes' readers read the last one
+            last = kept[-1].output[0]
             for reader in readers.get(codes, []):
                 reader.input[:] = [last if i == codes else i for i in reader.input]
-            pools[0].input[0] = codes
-            for a, b in zip(pools, pools[1:], strict=False):
+            kept[0].input[0] = codes
+            for a, b in zip(kept, kept[1:], strict=False):
                 b.input[0] = a.output[0]
+            for node in kept:
+                _to_codes(graph, node, zp)
         moves += 1
     if moves:  # types and shapes of moved values changed: let shape inference redo them
         del graph.value_info[:]
@@ -121,6 +124,50 @@ def _hoist_quantize(model) -> int:
         graph.node.remove(node)
     _topological_sort(graph)
     return moves
+
+
+def _commutes(node, zp, scale: float, consts) -> str | None:
+    """How ``node`` passes behind a quantizer of zero point ``zp`` and ``scale``:
+    ``"keep"`` (max pooling, zero padding: they work on the codes), ``"drop"`` (a Relu
+    before an unsigned grid with zero point 0, or a Clip whose bounds the quantizer's
+    own range makes redundant), ``None`` (it does not commute: the move stops)."""
+    import numpy as np
+
+    zero = not zp.any()
+    if node.op_type == "MaxPool":
+        return "keep" if len(node.output) == 1 else None
+    if node.op_type == "Relu":
+        return "drop" if zero and str(zp.dtype) == "uint8" else None
+    if node.op_type == "Clip":
+        info = np.iinfo(zp.dtype)
+        lo, hi = (node.input[k] if len(node.input) > k else "" for k in (1, 2))
+        if any(b and (b not in consts or consts[b].size != 1) for b in (lo, hi)):
+            return None
+        low_ok = not lo or np.round(float(consts[lo]) / scale) + int(zp) <= info.min
+        high_ok = not hi or np.round(float(consts[hi]) / scale) + int(zp) >= info.max
+        return "drop" if low_ok and high_ok else None
+    if node.op_type == "Pad":
+        mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
+        value = node.input[2] if len(node.input) > 2 else ""
+        fill_zero = value == "" or (value in consts and not consts[value].any())
+        axes = len(node.input) < 4 or node.input[3] == "" or node.input[3] in consts
+        ok = zero and mode == b"constant" and node.input[1] in consts and fill_zero and axes
+        return "keep" if ok else None
+    return None
+
+
+def _to_codes(graph, node, zp) -> None:
+    """A Pad now working on codes fills with the zero point (in the codes' type)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    if node.op_type != "Pad":
+        return
+    while len(node.input) < 3:
+        node.input.append("")
+    name = f"{node.name or node.output[0]}.fill"
+    graph.initializer.append(numpy_helper.from_array(np.array(int(zp), dtype=zp.dtype), name))
+    node.input[2] = name
 
 
 def _topological_sort(graph) -> None:
