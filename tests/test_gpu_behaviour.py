@@ -87,3 +87,59 @@ def test_training_forward_compiles_whole(method, alpha):
     explained = torch._dynamo.explain(model)(x)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the operations that compute (a kernel launch on a GPU); views and detach
+    only change metadata."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not getattr(func, "is_view", False) and func.__name__.split(".")[0] != "detach":
+            self.count += 1
+            self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _deep_mlp(depth: int, per_channel: bool):
+    torch.manual_seed(0)
+    layers = [m for _ in range(depth) for m in (torch.nn.Linear(16, 16), torch.nn.ReLU())]
+    model = blendq.prepare(torch.nn.Sequential(*layers), blendq.QuantPolicy(
+        w_bits=4, a_bits=8, per_channel=per_channel))
+    controller = blendq.AlphaController(model, blendq.linear(0, 8))
+    x = torch.randn(4, 16)
+    model.train()
+    for step in range(2):  # first projections (scale search) happen here
+        controller.step(step)
+        model(x).sum().backward()
+    return model, controller
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_weight_refresh_op_count_does_not_grow_with_depth(per_channel):
+    counts = {}
+    for depth in (10, 40):
+        model, controller = _deep_mlp(depth, per_channel)
+        with CountOps() as ops:
+            controller.step(2)  # alpha for every layer, then one grouped weight refresh
+        counts[depth] = ops.count
+    assert counts[40] - counts[10] <= 4, counts
+    assert counts[40] < 60  # a fixed number of whole-buffer operations
+
+
+def test_grouped_refresh_equals_per_layer_projection():
+    model, controller = _deep_mlp(6, per_channel=True)
+    assert len(controller.groups) == 1 and len(controller.groups[0].quantizers) == 6
+    controller.step(2)
+    for m in model.modules():
+        if isinstance(m, blendq.layers.BlendMixin):
+            q = m.w_quant
+            codes, scale = blendq.functional.ppq(
+                m.float_weight.detach(), 4, axis=0, max_iter=q.spec.max_iter,
+                scale=q.scale.clone(), fixed=True)  # the group wrote q.scale in place
+            grouped = q.scale * q.codes
+            torch.testing.assert_close(grouped, scale * codes, rtol=1e-5, atol=1e-6)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["NONE_WORDS", "check_bits", "grid", "is_sign", "integer_input", "lsq", "ppq",
+           "ppq_segments",
            "search_scale", "binarize", "quantize", "blend", "straight_through", "check_finite",
            "round_bias", "strided_sample", "pack_codes", "unpack_codes"]
 
@@ -414,3 +415,24 @@ def lsq(x: Tensor, step: Tensor, bits: int, signed: bool = True,
     qmin, qmax = grid(bits, signed)
     s = _ScaleGradient.apply(step, grad_scale)
     return _RoundStraight.apply(torch.clamp(x / s, qmin, qmax)) * s
+
+
+def ppq_segments(x: Tensor, lengths: Tensor, bits: int, scale: Tensor, max_iter: int,
+                 codes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`ppq` of many tensors at once: ``x`` is their flat concatenation, cut into
+    consecutive segments of ``lengths`` (one per output channel, or one per tensor),
+    each with its own scale (``scale``, one per segment, the warm start). Runs exactly
+    ``max_iter`` iterations (no host synchronisation); the number of operations does not
+    grow with the number of tensors. ``codes``: an output buffer like ``x``.
+
+    Returns ``(codes, scale)`` flat, as :func:`ppq` would per segment (up to the order of
+    floating-point summation)."""
+    qmin, qmax = grid(bits, True)
+    gamma = scale
+    for _ in range(max_iter):
+        per_element = torch.repeat_interleave(gamma, lengths)  # (N,) from (S,)
+        codes = torch.div(x, per_element, out=codes).round_().clamp_(qmin, qmax)
+        num = torch.segment_reduce(x * codes, "sum", lengths=lengths)  # (S,)
+        den = torch.segment_reduce(codes * codes, "sum", lengths=lengths)  # (S,)
+        gamma = torch.where(den > 0, num / den.clamp(min=1), gamma)
+    return codes, gamma

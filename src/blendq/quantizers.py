@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from . import functional as F
 
-__all__ = ["WeightSpec", "ActSpec", "WeightQuantizer", "ActQuantizer", "METHODS",
-           "check_method"]
+__all__ = ["WeightSpec", "ActSpec", "WeightQuantizer", "WeightGroup", "ActQuantizer",
+           "METHODS", "check_method"]
 
 METHODS = ("ab", "ste", "lsq")
 
@@ -118,6 +118,7 @@ class WeightQuantizer(nn.Module):
         self.name = name
         self.axis = axis  # the weight's output-channel axis (1 for transposed convolutions)
         self.stale = True  # training cache out of date (a Python flag: no sync in forward)
+        self.grouped = False  # a WeightGroup projected this step's codes already
         self._eval: tuple | None = None  # (weight key, codes, scale) for eval mode
         # Fixed-shape buffers updated in place, so DDP and optimizers see stable tensors.
         scale_shape = [1] * weight.dim()
@@ -172,7 +173,9 @@ class WeightQuantizer(nn.Module):
         """``scale * codes`` for ``w``: the cached training projection, or in eval
         the projection of the current weight (kept apart from the training cache)."""
         if self.training:
-            if self.stale or self.spec.quant_every == 1:
+            if self.grouped:  # projected with its group (one flat PPQ for many layers)
+                self.grouped = False
+            elif self.stale or self.spec.quant_every == 1:
                 codes, scale = self.project(w)
                 self.codes.copy_(codes)
                 self.scale.copy_(scale)
@@ -234,6 +237,70 @@ class WeightQuantizer(nn.Module):
         self._ready = bool(self.ready)
         self.stale = not self._ready  # a resumed run goes on with the saved codes
         self._eval = None
+
+
+class WeightGroup:
+    """Weight quantizers of one bit width, granularity and method whose training
+    projection runs as one PPQ over a flat buffer (:func:`blendq.functional.ppq_segments`):
+    the number of operations per refresh does not grow with depth. Each quantizer's
+    ``codes``, ``scale`` and ``nonfinite`` buffers are views into the group's flat buffers,
+    so results land in place; if a module move (``model.to``) replaced them, the group
+    binds anew on its next refresh. Quantizers project alone until all have their first
+    projection (which searches the scale)."""
+
+    def __init__(self, quantizers: list[WeightQuantizer], weights: list[Tensor]) -> None:
+        self.quantizers, self.weights = quantizers, weights
+        self.spec = quantizers[0].spec
+        self._bound: list | None = None
+
+    @staticmethod
+    def key(q: WeightQuantizer) -> tuple | None:
+        """Quantizers with equal keys can share a group (``None``: never grouped)."""
+        s = q.spec
+        if s.bits < 2 or s.method not in ("ab", "ste"):
+            return None
+        return (s.bits, s.per_channel, s.method, s.max_iter, q.axis if s.per_channel else None)
+
+    def _bind(self) -> None:
+        qs = self.quantizers
+        if self._bound == [(q.codes.data_ptr(), q.scale.data_ptr()) for q in qs]:
+            return
+        flat_codes = torch.cat([q.codes.detach().reshape(-1) for q in qs])
+        flat_scale = torch.cat([q.scale.detach().reshape(-1) for q in qs])
+        flags = torch.cat([q.nonfinite.reshape(1) for q in qs])
+        c = s = 0
+        for i, (q, w) in enumerate(zip(qs, self.weights, strict=True)):
+            n, k = w.numel(), q.scale.numel()
+            q._buffers["codes"] = flat_codes[c:c + n].view(q.codes.shape)
+            q._buffers["scale"] = flat_scale[s:s + k].view(q.scale.shape)
+            q._buffers["nonfinite"] = flags[i:i + 1].view(())
+            c, s = c + n, s + k
+        self.codes, self.scale, self.flags = flat_codes, flat_scale, flags
+        per_scale = [w.numel() // q.scale.numel() for q, w in zip(qs, self.weights,
+                                                                   strict=True)]
+        device = flat_codes.device
+        self.lengths = torch.tensor([n for q, n in zip(qs, per_scale, strict=True)
+                                     for _ in range(q.scale.numel())], device=device)
+        self.layer_lengths = torch.tensor([w.numel() for w in self.weights], device=device)
+        self._bound = [(q.codes.data_ptr(), q.scale.data_ptr()) for q in qs]
+
+    @torch.no_grad()
+    def project(self) -> bool:
+        """Refresh every member's training codes and scale at once; ``False`` (nothing
+        done) until every member had its first projection."""
+        if not all(q._ready and q.training for q in self.quantizers):
+            return False
+        self._bind()
+        flat = torch.cat([w.detach().reshape(-1).to(self.codes.dtype) for w in self.weights])
+        bad = torch.segment_reduce((~torch.isfinite(flat)).to(flat.dtype), "max",
+                                   lengths=self.layer_lengths)  # (layers,)
+        self.flags.logical_or_(bad > 0)
+        _, scale = F.ppq_segments(flat, self.lengths, self.spec.bits, self.scale,
+                                  self.spec.max_iter, codes=self.codes)
+        self.scale.copy_(scale)
+        for q in self.quantizers:
+            q.grouped, q.stale = True, False
+        return True
 
 
 class _SignStraight(torch.autograd.Function):

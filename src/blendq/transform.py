@@ -14,6 +14,7 @@ from torch import nn
 from .converted import QuantMixin, quant_class
 from .layers import FOLDED_BN_MAP, BlendMixin, blend_class, layer_kind, rebuild
 from .policy import QuantPolicy
+from .quantizers import WeightGroup
 from .schedules import Schedule
 
 __all__ = [
@@ -237,21 +238,41 @@ class AlphaController:
     no counter of its own, so a resumed run passes the step it resumes at.
     """
 
-    def __init__(self, model: nn.Module, schedule: Schedule) -> None:
+    def __init__(self, model: nn.Module, schedule: Schedule, group: bool = True) -> None:
         self.layers = _require_blend(model)
         self.schedule = schedule
         self.alpha: float | None = None  # last α applied; None: nothing applied yet
+        self.groups = _weight_groups(self.layers) if group else []
 
     def step(self, step: int) -> float:
+        """Apply α of ``step`` and refresh the weight codes that are due: every layer of a
+        group in one flat projection (the count of operations does not grow with depth),
+        the others at their forward."""
         alpha = self.schedule(step)
         if alpha != self.alpha:
-            for layer in self.layers:
-                layer.alpha.fill_(alpha)
+            alphas = [layer.alpha for layer in self.layers]
+            torch._foreach_mul_(alphas, 0.0)  # fill every layer's α in two operations
+            torch._foreach_add_(alphas, alpha)
             self.alpha = alpha
         for layer in self.layers:
             if step % layer.w_quant.spec.quant_every == 0:
                 layer.w_quant.stale = True
+        for group in self.groups:
+            if all(q.stale for q in group.quantizers):
+                group.project()
         return alpha
+
+
+def _weight_groups(layers: list[BlendMixin]) -> list[WeightGroup]:
+    """The blended layers' weight quantizers grouped by bit width, granularity and
+    method (groups of two or more)."""
+    by_key: dict[tuple, list[BlendMixin]] = {}
+    for layer in layers:
+        key = WeightGroup.key(layer.w_quant)
+        if key is not None:
+            by_key.setdefault(key, []).append(layer)
+    return [WeightGroup([m.w_quant for m in ms], [m.float_weight for m in ms])
+            for ms in by_key.values() if len(ms) > 1]
 
 
 @contextlib.contextmanager
