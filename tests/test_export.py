@@ -285,6 +285,6 @@ def test_tied_logits_are_not_counted_as_disagreement():
     from blendq.export.verify import compare_logits
 
     ref = torch.tensor([[1.0, 3.0, 3.0], [0.0, 2.0, 1.0]])
-    other = torch.tensor([[1.0, 2.9999999, 3.0], [0.0, 1.0, 2.0]])  # a tie; a real flip
+    other = torch.tensor([[1.0, 2.999, 3.0], [0.0, 1.0, 2.0]])  # a tie; a real flip
     row = compare_logits("x", ref, other, step=3.0 / 127)
     assert row.ties == 1 and row.strict_top1 == 0.0 and row.top1_agreement == 50.0
