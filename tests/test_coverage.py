@@ -190,3 +190,18 @@ def test_prepared_state_dict_is_at_most_one_tenth_larger():
 
     assert size(model) <= 1.1 * size(float_model)
     assert set(float_model.state_dict()) <= set(model.state_dict())  # the float keys kept
+
+
+def test_prepared_and_converted_models_pickle(tmp_path):
+    """torch.save of a whole model: the generated layer classes pickle by their float
+    class and kind (a subclass's class is made again on load)."""
+    _, model = _prepared()
+    x = _tokens()
+    model.train()(x)
+    blendq.set_alpha(model.eval(), 1.0)
+    for m in (model, blendq.convert(model)):
+        torch.save(m, tmp_path / "m.pt")
+        again = torch.load(tmp_path / "m.pt", weights_only=False)
+        with torch.no_grad():
+            assert torch.equal(again(x), m(x))
+        assert type(again.same).__name__ == type(m.same).__name__

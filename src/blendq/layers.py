@@ -248,8 +248,31 @@ def specialise(mixin: type, float_cls: type, prefix: str, kind: LayerKind,
                  kind.weight: _param_property(kind.weight, weight_getter)}
         if kind.weight == "weight":
             attrs["bias"] = _param_property("bias", bias_getter)
+        attrs["__reduce_ex__"] = _reduce_layer
+        attrs["_specialised"] = (mixin.__module__, prefix, key)
         cache[key] = type(f"{prefix}{float_cls.__name__}", (mixin, float_cls), attrs)
     return cache[key]
+
+
+def _reduce_layer(self, protocol):
+    """Pickle (and deepcopy) a specialised layer by its float class and kind, which are
+    importable, not by the generated class, which exists only once created."""
+    module, prefix, key = type(self)._specialised
+    return (_make_layer, (module, prefix, key), self.__dict__)
+
+
+def _make_layer(module: str, prefix: str, key: tuple) -> nn.Module:
+    import importlib
+
+    float_cls, weight, axis, integer_bias, has_input = key
+    kind = LayerKind(float_cls, weight, axis, integer_bias, has_input)
+    owner = importlib.import_module(module)
+    mixin = owner.BlendMixin if prefix == "Blend" else owner.QuantMixin
+    getters = ("blended_weight", "layer_bias") if prefix == "Blend" else \
+        ("weight_value", "layer_bias")
+    cache = owner._BLEND_CLASSES if prefix == "Blend" else owner._QUANT_CLASSES
+    cls = specialise(mixin, float_cls, prefix, kind, cache, *getters)
+    return cls.__new__(cls)
 
 
 def blend_class(module: nn.Module) -> type:
