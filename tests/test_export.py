@@ -288,3 +288,54 @@ def test_tied_logits_are_not_counted_as_disagreement():
     other = torch.tensor([[1.0, 2.999, 3.0], [0.0, 1.0, 2.0]])  # a tie; a real flip
     row = compare_logits("x", ref, other, step=3.0 / 127)
     assert row.ties == 1 and row.strict_top1 == 0.0 and row.top1_agreement == 50.0
+
+
+def _eval_equals_export(model, x):
+    model.train()(x)
+    blendq.set_alpha(model.eval(), 1.0)
+    converted = blendq.convert(model)
+    with torch.no_grad():
+        ref = converted(x)
+        torch.testing.assert_close(deployable(converted)(x), ref, rtol=1e-4,
+                                   atol=1e-4 * float(ref.abs().max()))
+        engine = IntegerEngine(capture(converted, x))(x)
+    torch.testing.assert_close(engine.float(), ref, rtol=1e-4,
+                               atol=1e-4 * float(ref.abs().max()))
+
+
+def test_batch_norm_on_a_linear_over_3d_input_is_not_folded():
+    """BatchNorm1d on (N, L, C) normalises L, not the Linear's C outputs."""
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = nn.Linear(16, 16), nn.BatchNorm1d(16)
+
+        def forward(self, x):
+            return self.bn(self.fc(x))
+
+    torch.manual_seed(0)
+    _eval_equals_export(blendq.prepare(Seq(), blendq.QuantPolicy(w_bits=4, a_bits=8)),
+                        torch.randn(4, 16, 16))
+
+
+def test_a_batch_norm_called_twice_is_not_folded():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.bn = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.c2(self.bn(self.c1(x))))
+
+    torch.manual_seed(0)
+    model = blendq.prepare(Twice(), blendq.QuantPolicy(w_bits=4, a_bits=8))
+    assert type(model.bn) is nn.BatchNorm2d
+    _eval_equals_export(model, torch.randn(4, 4, 6, 6))
+
+
+def test_batch_norm_without_running_statistics_exports():
+    torch.manual_seed(0)
+    model = blendq.prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(
+        4, track_running_stats=False), nn.Flatten(), nn.Linear(144, 3)),
+        blendq.QuantPolicy(w_bits=4, a_bits=8))
+    _eval_equals_export(model, torch.randn(4, 3, 8, 8))

@@ -143,3 +143,11 @@ def test_grouped_refresh_equals_per_layer_projection():
                 scale=q.scale.clone(), fixed=True)  # the group wrote q.scale in place
             grouped = q.scale * q.codes
             torch.testing.assert_close(grouped, scale * codes, rtol=1e-5, atol=1e-6)
+
+
+def test_transposed_convolutions_are_not_grouped():
+    """Their output channels are axis 1 of the weight, not contiguous runs."""
+    model = blendq.prepare(torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 3, 3),
+                                               torch.nn.ConvTranspose2d(3, 3, 3)),
+                           blendq.QuantPolicy(w_bits=4, a_bits=8, per_channel=True))
+    assert blendq.AlphaController(model, blendq.linear(0, 4)).groups == []

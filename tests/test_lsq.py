@@ -78,3 +78,24 @@ def test_telemetry_in_metrics_and_plot(tmp_path):
     assert "codes_changed" not in rows[0] and 0 <= rows[1]["codes_changed"] <= 1
     assert main(["plot", str(tmp_path / "r"), "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_lsq_convert_right_after_an_optimizer_step():
+    torch.manual_seed(0)
+    model = blendq.prepare(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(),
+                                               torch.nn.Linear(8, 4)),
+                           blendq.QuantPolicy(w_bits=4, a_bits=4, method="lsq",
+                                              act_method="lsq"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    blendq.set_alpha(model, 1.0)
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        model.train()
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()  # the steps move after the last forward
+    with blendq.quantized(model) as alpha_one:
+        ref = alpha_one(x)
+    with torch.no_grad():
+        assert torch.equal(blendq.convert(model)(x), ref)

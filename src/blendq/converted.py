@@ -77,7 +77,7 @@ class QuantMixin:
         a = layer.a_quant
         new.a_bits = None if a is None else a.spec.bits
         new.a_signed = None if a is None else a.is_signed
-        act_scale = torch.ones(()) if a is None else a.scale.detach().clone()
+        act_scale = torch.ones(()) if a is None else a.current_scale().detach().clone()
         new.register_buffer("act_scale", act_scale)
         return new
 

@@ -177,7 +177,7 @@ class BlendMixin:
             if not bool(a.initialized):
                 return None
             w_scale = self.w_quant.eval_projection(self.float_weight)[1]
-        return w_scale.double().reshape(-1) * a.scale.double()
+        return w_scale.double().reshape(-1) * a.current_scale().double()
 
     def layer_bias(self) -> Tensor | None:
         """The bias added: blended toward whole accumulator units with α,
@@ -328,12 +328,21 @@ class _FoldedBatchNorm:
 
     def forward(self, input: Tensor) -> Tensor:
         out = super().forward(input)
+        if not self.normalises_producer(input):
+            return out
         delta = self._buffers.get("deploy_delta")  # export of a pair it could not fold
         if delta is None:
             delta = self.rounding_delta()
         if delta is None:
             return out
         return out + delta.to(out.dtype).reshape(1, -1, *([1] * (out.dim() - 2)))
+
+    def normalises_producer(self, input: Tensor) -> bool:
+        """Whether this input's channels (dim 1) are the linked layer's outputs: always for
+        a convolution; for a Linear only on 2-D input (BatchNorm1d on ``(N, L, C)``
+        normalises ``L``, not the Linear's ``C`` outputs)."""
+        layer = self.__dict__.get("producer")
+        return layer is None or input.dim() == 2 or not issubclass(layer._kind.base, nn.Linear)
 
     def rounding_delta(self) -> Tensor | None:
         """What evaluation adds to the batch norm's output: ``α·(R(t) - t)`` per channel

@@ -257,9 +257,9 @@ class WeightGroup:
     def key(q: WeightQuantizer) -> tuple | None:
         """Quantizers with equal keys can share a group (``None``: never grouped)."""
         s = q.spec
-        if s.bits < 2 or s.method not in ("ab", "ste"):
-            return None
-        return (s.bits, s.per_channel, s.method, s.max_iter, q.axis if s.per_channel else None)
+        if s.bits < 2 or s.method not in ("ab", "ste") or (s.per_channel and q.axis != 0):
+            return None  # segments must be contiguous runs of the flat weights: axis 0
+        return (s.bits, s.per_channel, s.method, s.max_iter, q.scale.dtype, q.scale.device)
 
     def _bind(self) -> None:
         qs = self.quantizers
@@ -436,6 +436,13 @@ class ActQuantizer(nn.Module):
         with torch.no_grad():
             self.scale.copy_(step)
         return value
+
+    def current_scale(self) -> Tensor:
+        """The scale evaluation quantizes with now: ``|step|`` for LSQ (which the ``scale``
+        buffer mirrors only after a forward), else the EMA ``scale``."""
+        if self.spec.method == "lsq" and not F.is_sign(self.spec.bits, self.is_signed):
+            return self.step.detach().abs().clamp_min(torch.finfo(self.step.dtype).tiny)
+        return self.scale
 
     @property
     def _lsq_ready(self) -> bool:

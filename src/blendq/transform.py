@@ -108,13 +108,22 @@ def _link_within(root: nn.Module, module: nn.Module, prefix: str) -> int:
                 links += _link(root, layer, f"{prefix}.{name}" if prefix else name, bn, False)
         return links
     links = 0
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     for node in graph.nodes:
         layer = module.get_submodule(node.target) if node.op == "call_module" else None
         if not isinstance(layer, BlendMixin | QuantMixin):
             continue
+        if calls[node.target] > 1:  # a layer called twice: no single batch norm follows it
+            layer.bias_folded = False
+            continue
         users = list(node.users)
         target = users[0].target if len(users) == 1 and users[0].op == "call_module" else None
         bn = module.get_submodule(target) if target is not None else None
+        if bn is not None and calls.get(target, 0) > 1:
+            bn = None  # a batch norm called twice normalises more than this layer's output
         if _linkable(layer, bn):
             links += _link(root, layer, f"{prefix}.{target}" if prefix else target, bn, True)
         elif not isinstance(bn, _FOLDED):
@@ -130,6 +139,8 @@ def _linkable(layer: nn.Module, bn: nn.Module | None) -> bool:
         return False
     if type(bn) not in FOLDED_BN_MAP and not isinstance(bn, _FOLDED):
         return False
+    if bn.running_mean is None:  # batch statistics in evaluation too: nothing to fold
+        return False
     out_channels = getattr(layer, "out_channels", getattr(layer, "out_features", None))
     return bn.num_features == out_channels
 
@@ -141,7 +152,8 @@ def _link(root: nn.Module, layer: nn.Module, bn_name: str, bn: nn.Module, proven
         bn = rebuild(bn, FOLDED_BN_MAP[type(bn)])
         _replace(root, bn_name, bn)
     object.__setattr__(bn, "producer", layer)  # a link, not a submodule
-    bn.link_proven = proven
+    # a Linear's link holds only on 2-D input: export checks the captured shapes
+    bn.link_proven = proven and not issubclass(layer._kind.base, nn.Linear)
     layer.bias_folded = True
     return 1
 

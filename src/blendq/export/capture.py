@@ -144,7 +144,10 @@ def proven_links(converted_model: nn.Module, args: tuple) -> set[str]:
                  if any(op in str(n.target) for op in _LAYER_OPS)]
         norms = [n for n in by_module.get(name, []) if "batch_norm" in str(n.target)]
         if len(cores) == 1 and len(norms) == 1 and list(cores[0].users) == norms:
-            proven.add(name)
+            val = cores[0].meta.get("val")
+            linear = issubclass(bn.producer._kind.base, nn.Linear)
+            if not linear or (val is not None and val.dim() == 2):
+                proven.add(name)
     return proven
 
 
