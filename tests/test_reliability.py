@@ -103,6 +103,15 @@ def test_killed_at_random_moments_resumes_exactly(tmp_path):
     temporary files left, metrics equal to the checkpoint's history."""
     cfg = TrainConfig(model="digits_cnn", data="digits", epochs=4, device="cpu", seed=1,
                       model_args={"width": 4}, w_bits=2, a_bits=4, quant_every=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the killed processes: bit-exact needs the same sums
+    try:
+        _kill_and_resume(cfg, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _kill_and_resume(cfg: TrainConfig, tmp_path: Path) -> None:
     full = train(cfg, tmp_path / "full", progress=False)
     run = tmp_path / "killed"
     code = ("import sys, blendq.engine as e; cfg = e.TrainConfig.from_dict("
