@@ -51,6 +51,13 @@ def _converted(name, bits, per_channel, seed=0):
     return blendq.convert(model), x
 
 
+def _calibrated_convert(model, x):
+    """Calibrate a prepared model on ``x`` (one training forward), then convert at α = 1."""
+    model.train()(x)
+    blendq.set_alpha(model.eval(), 1.0)
+    return blendq.convert(model)
+
+
 def _batch_norms(program) -> int:
     return sum("batch_norm" in str(n.target) for n in program.graph.nodes)
 
@@ -106,9 +113,7 @@ def test_artifact_round_trip_and_size(tmp_path, bits, ratio):
                                 first_layer=(bits, None))
     model = blendq.prepare(model, policy)
     x = torch.randn(4, 3, 32, 32)
-    model.train()(x)
-    blendq.set_alpha(model.eval(), 1.0)
-    converted = blendq.convert(model)
+    converted = _calibrated_convert(model, x)
     size = save_artifact(converted, tmp_path / "m.pt2", x)
     loaded = load_artifact(tmp_path / "m.pt2")
     assert torch.equal(IntegerEngine(loaded)(x), IntegerEngine(capture(converted, x))(x))
@@ -137,9 +142,7 @@ def test_residual_branch_reads_the_float_value(tmp_path):
     torch.manual_seed(0)
     model = blendq.prepare(Block(), blendq.QuantPolicy(w_bits=4, a_bits=4))
     x = torch.randn(64, 8)
-    model.train()(x)
-    blendq.set_alpha(model.eval(), 1.0)
-    converted = blendq.convert(model)
+    converted = _calibrated_convert(model, x)
     path = export_onnx(converted, tmp_path / "r.onnx", x)
     ref = converted(x).detach()
     for optimize in (True, False):
@@ -184,9 +187,7 @@ def test_optional_forward_arguments_and_functional_ops_export(tmp_path):
     torch.manual_seed(0)
     model = blendq.prepare(Net(), blendq.QuantPolicy(w_bits=4, a_bits=8))
     x = torch.randn(8, 3, 8, 8)
-    model.train()(x)
-    blendq.set_alpha(model.eval(), 1.0)
-    converted = blendq.convert(model)
+    converted = _calibrated_convert(model, x)
     out = run_onnx(onnx_session(export_onnx(converted, tmp_path / "n.onnx", x)), x)
     assert float((out - converted(x)).abs().max()) <= float(converted(x).abs().max()) / 127
 
@@ -268,9 +269,7 @@ def test_padding_and_relu6_between_convolutions_still_fuse(tmp_path):
     torch.manual_seed(0)
     model = blendq.prepare(PadNet(), blendq.QuantPolicy(w_bits=8, a_bits=8))
     x = torch.randn(16, 3, 8, 8)
-    model.train()(x)
-    blendq.set_alpha(model.eval(), 1.0)
-    converted = blendq.convert(model)
+    converted = _calibrated_convert(model, x)
     path = export_onnx(converted, tmp_path / "p.onnx", x)
     session = onnx_session(path, optimized_path=tmp_path / "opt.onnx")
     # the first convolution fuses; the second feeds global pooling, which does not commute
@@ -291,9 +290,7 @@ def test_tied_logits_are_not_counted_as_disagreement():
 
 
 def _eval_equals_export(model, x):
-    model.train()(x)
-    blendq.set_alpha(model.eval(), 1.0)
-    converted = blendq.convert(model)
+    converted = _calibrated_convert(model, x)
     with torch.no_grad():
         ref = converted(x)
         torch.testing.assert_close(deployable(converted)(x), ref, rtol=1e-4,

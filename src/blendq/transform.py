@@ -399,7 +399,7 @@ class LayerRow:
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
-def _float_fate(model: nn.Module, name: str, m: nn.Module) -> str:
+def _float_fate(m: nn.Module) -> str:
     kind = layer_kind(m)
     if not isinstance(kind, str):
         return "float (policy)"
@@ -429,7 +429,7 @@ def summary(model: nn.Module) -> list[LayerRow]:
             )
         elif own:
             rows.append(LayerRow(name, type(m).__name__, None, None, "-", "float", None,
-                                 sum(p.numel() for p in own), _float_fate(model, name, m)))
+                                 sum(p.numel() for p in own), _float_fate(m)))
     return rows
 
 

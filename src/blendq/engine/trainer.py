@@ -324,8 +324,6 @@ def _resume(run: _Run) -> None:
     """Continue from the checkpoint: model, optimizer, RNG, history, step; temporary
     files a crash left are removed and the metrics rewritten from the history."""
     ckpt_path = run.out_dir / CHECKPOINT
-    if run.dist.main:
-        remove_stale(ckpt_path)  # a crash while saving left these; the checkpoint is intact
     if not ckpt_path.exists():
         if run.dist.main:
             print(f"no checkpoint in {run.out_dir}; starting from scratch", file=sys.stderr)
@@ -345,7 +343,7 @@ def _resume(run: _Run) -> None:
 
 def _write_run_files(run: _Run) -> None:
     if run.dist.main:
-        remove_stale(run.out_dir / CHECKPOINT)
+        remove_stale(run.out_dir / CHECKPOINT)  # a crash while saving left these
         run.out_dir.mkdir(parents=True, exist_ok=True)
         (run.out_dir / "config.json").write_text(json.dumps(run.cfg.to_dict(), indent=2) + "\n")
         (run.out_dir / "env.json").write_text(
