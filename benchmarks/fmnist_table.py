@@ -63,7 +63,8 @@ def main() -> None:
     out = Path(args.out)
     base = TrainConfig(model="fmnist_cnn", data="fashion-mnist", seed=args.seed,
                        batch_size=128, lr=1e-3, alpha_window=(0.0, 0.5))
-    rows = []
+    table = out / "table.json"  # rows of settings not run this time are kept
+    rows = json.loads(table.read_text()) if table.exists() else []
 
     def record(label, method, cfg, run_dir):
         last, seconds = run(cfg, run_dir)
@@ -73,10 +74,11 @@ def main() -> None:
         if cfg.quantize:  # the same weights with float biases: what the rounding costs
             row["acc_float_bias"] = evaluate_run(run_dir, float_biases=True,
                                                  views=False)["test_acc"]
+        rows[:] = [r for r in rows if (r["setting"], r["method"]) != (label, method)]
         rows.append(row)
         extra = f"  float bias {row['acc_float_bias']:6.2f}%" if cfg.quantize else ""
         print(f"{label:22s} {method:5s} {acc:6.2f}%{extra}  {seconds:6.0f}s", flush=True)
-        (out / "table.json").write_text(json.dumps(rows, indent=2))
+        table.write_text(json.dumps(rows, indent=2))
 
     out.mkdir(parents=True, exist_ok=True)
     fp_dir = out / "fp32"

@@ -173,6 +173,22 @@ def test_alpha_controller_sets_alpha_and_marks_codes_stale(cnn):
     assert ctl.step(10) == 1.0 and float(model[0].alpha) == 1.0
 
 
+@pytest.mark.parametrize("after", ["freeze", "ste"])
+def test_ab_weights_after_alpha_one_freeze_or_train_straight_through(cnn, images, after):
+    model = blendq.prepare(cnn, blendq.QuantPolicy(w_bits=4, a_bits=None))
+    ctl = blendq.AlphaController(model, blendq.cubic(0, 4), after=after)
+    model.train()
+    for step in (2, 4):  # α < 1: AB gradient (1 - α) > 0 in both; α = 1: only the hybrid
+        ctl.step(step)
+        model.zero_grad()
+        model(images).square().mean().backward()
+        grad = model[0].float_weight.grad
+        assert (grad.abs().sum() > 0) == (step < 4 or after == "ste")
+    assert model[0].w_quant.spec.method == ("ste" if after == "ste" else "ab")
+    with pytest.raises(ValueError, match="after must be one of"):
+        blendq.AlphaController(model, blendq.cubic(0, 4), after="thaw")
+
+
 def test_nan_weight_error_names_the_layer(cnn, images):
     model = blendq.prepare(cnn, blendq.QuantPolicy(a_bits=None))
     with torch.no_grad():

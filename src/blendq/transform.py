@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,7 +35,12 @@ __all__ = [
     "check_weights",
     "link_batch_norms",
     "telemetry",
+    "AFTER_ALPHA",
 ]
+
+# What AB's latent weights do once α reaches 1: "freeze" (the paper: the gradient 1 - α is
+# zero) or "ste" (a hybrid that goes on training them straight-through).
+AFTER_ALPHA = ("freeze", "ste")
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -250,9 +256,13 @@ class AlphaController:
     no counter of its own, so a resumed run passes the step it resumes at.
     """
 
-    def __init__(self, model: nn.Module, schedule: Schedule, group: bool = True) -> None:
+    def __init__(self, model: nn.Module, schedule: Schedule, group: bool = True,
+                 after: str = "freeze") -> None:
+        if after not in AFTER_ALPHA:
+            raise ValueError(f"after must be one of {AFTER_ALPHA}, got {after!r}")
         self.layers = _require_blend(model)
         self.schedule = schedule
+        self.after = after
         self.alpha: float | None = None  # last α applied; None: nothing applied yet
         self.groups = _weight_groups(self.layers) if group else []
 
@@ -266,6 +276,8 @@ class AlphaController:
             torch._foreach_mul_(alphas, 0.0)  # fill every layer's α in two operations
             torch._foreach_add_(alphas, alpha)
             self.alpha = alpha
+            if alpha >= 1.0 and self.after == "ste":
+                _straight_through_weights(self.layers)
         for layer in self.layers:
             if step % layer.w_quant.spec.quant_every == 0:
                 layer.w_quant.stale = True
@@ -273,6 +285,16 @@ class AlphaController:
             if all(q.stale for q in group.quantizers):
                 group.project()
         return alpha
+
+
+def _straight_through_weights(layers: list[BlendMixin]) -> None:
+    """Switch AB layers' weights (and biases) to straight-through gradients. At α = 1 the
+    forward value is the same (the quantized weight); AB's gradient ``1 - α`` is zero
+    there, the straight-through one keeps training the latent weights."""
+    for layer in layers:
+        spec = layer.w_quant.spec
+        if spec.method == "ab":
+            layer.w_quant.spec = dataclasses.replace(spec, method="ste")
 
 
 def _weight_groups(layers: list[BlendMixin]) -> list[WeightGroup]:

@@ -17,6 +17,7 @@ from typing import Any
 from ..functional import NONE_WORDS
 from ..policy import QuantPolicy
 from ..schedules import Schedule, cubic, exponential, linear
+from ..transform import AFTER_ALPHA
 
 __all__ = ["TrainConfig", "load_recipe", "recipe_names", "RECIPE_DIR"]
 
@@ -33,6 +34,8 @@ class TrainConfig:
     ``alpha_window``: ``[T0, T1]`` of the α ramp (eq. 6) — fractions of the total
     steps when both are <= 1, else steps. ``method="ste"`` and ``"lsq"``
     quantize at once from ``T0`` (α jumps to 1 there); ``quantize=False`` trains fp32.
+    ``ab_after``: what AB's weights do once α = 1: ``"freeze"`` (the paper; their
+    gradient ``1 - α`` is zero) or ``"ste"`` (go on training them straight-through).
     ``bn_freeze``: from this point of a quantized run (a fraction of the total steps when
     <= 1, else a step) batch norms use and keep their running statistics, so the last
     part of training computes what the integer model computes; ``None``: never.
@@ -59,6 +62,7 @@ class TrainConfig:
     alpha_window: tuple = (0.0, 0.75)
     alpha_every: int = 1
     alpha_rate: float = 1e-3
+    ab_after: str = "freeze"
     quant_every: int = 1
     embedding: int | None = None
     clip_latent: bool = False
@@ -102,6 +106,7 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, _OPTIMIZERS)
         _choice("lr_schedule", self.lr_schedule, _LR_SCHEDULES)
         _choice("alpha_schedule", self.alpha_schedule, _ALPHA_SCHEDULES)
+        _choice("ab_after", self.ab_after, AFTER_ALPHA)
         _choice("amp", self.amp, ("auto", "bf16", "off"))
         _choice("compile_mode", self.compile_mode, ("default", "reduce-overhead",
                                                     "max-autotune"))

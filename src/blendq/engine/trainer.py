@@ -314,7 +314,8 @@ def _setup(cfg: TrainConfig, out_dir: Path, progress: bool) -> _Run:
     # no host synchronisation left in a step, "reduce-overhead" can capture CUDA graphs
     compiled = torch.compile(net, mode=cfg.compile_mode) if cfg.compile else net
     total = cfg.epochs * len(train_loader)
-    controller = AlphaController(model, cfg.alpha(total)) if cfg.quantize else None
+    controller = (AlphaController(model, cfg.alpha(total), after=cfg.ab_after)
+                  if cfg.quantize else None)
     return _Run(cfg, out_dir, device, d, model, net, compiled, _optimizer(cfg, model),
                 train_loader, test_loader, controller, cfg.freeze_step(total), channels_last,
                 progress, shape)
