@@ -11,10 +11,14 @@ from torch import nn
 import blendq
 
 
-def train_step(model: nn.Module, x, y, lr: float, bf16: bool = False):
+def train_step(model: nn.Module, x, y, lr: float, bf16: bool = False,
+               compile_mode: str | None = None):
     """A closure running one SGD step of ``model`` on ``(x, y)``; a blended model gets an
-    :class:`~blendq.AlphaController` holding its current α (and marking stale codes)."""
+    :class:`~blendq.AlphaController` holding its current α (and marking stale codes).
+    ``compile_mode``: steps after the first run ``torch.compile(model, mode=...)`` (the
+    first, eager, decides the activation grids, as ``blendq train --compile`` does)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    compiled = torch.compile(model, mode=compile_mode) if compile_mode else model
     controller = None
     if any(True for _ in blendq.transform.blend_layers(model)):
         alpha = blendq.transform.get_alpha(model)
@@ -28,7 +32,7 @@ def train_step(model: nn.Module, x, y, lr: float, bf16: bool = False):
             controller.step(counter[0])
         counter[0] += 1
         with autocast():
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = nn.functional.cross_entropy((compiled if counter[0] > 1 else model)(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -12,7 +12,14 @@ Rows (ratios measured in this process, same model, data and batch; alternating r
   tried under bf16 autocast, else run in fp32 against a plain fp32 step).
 - BinaryNet W1A1 (scaled sign, first layer's input real), batch 256, 32 px, bf16,
   channels-last: plain, AB, STE.
-- Peak memory of a step above what the model and optimizer hold, per variant.
+- The same ResNet-50 rows compiled (``torch.compile`` after one eager step): plain, AB and
+  STE W4A8 per-channel, ``quant_every=1`` (on a GPU; ``--compile`` elsewhere).
+- MobileNet v1 (depthwise convolutions), batch 128, 224 px, bf16, channels-last: plain,
+  AB and STE W4A8 per-channel.
+- Peak memory of a step above what the model and optimizer hold, per variant; kernel
+  launches and host synchronisations per step from the profiler (on a CPU: ATen
+  operations and operations that copy a value to the host, counted at dispatch).
+- Every row also goes to ``--json`` (default ``gpu_step.json``).
 - PPQ of every ResNet-50 conv weight per output channel: one layer at a time to
   convergence, and the fixed 3-iteration warm refresh that training runs; against
   the bandwidth floor (one read of all weights at this device's measured copy rate).
@@ -22,16 +29,28 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 from _harness import torch_ao_qat, train_step
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import blendq
 from blendq.functional import ppq, search_scale
 from blendq.models import build_model
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def _sync(device: torch.device) -> None:
@@ -71,38 +90,97 @@ def _peak_bytes(fn, device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def _table(title: str, variants: dict[str, tuple[nn.Module, bool]], x, y, args) -> None:
-    """``variants``: name -> (model, bf16). The first bf16 and fp32 rows are baselines."""
+_LAUNCH = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+           "cudaGraphLaunch")
+_SYNC = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+# ATen operations that copy a value to the host (a device synchronisation on a GPU)
+_HOST_READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "item", "tolist"}
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.reads += func.__name__.split(".")[0] in _HOST_READS
+        return func(*args, **(kwargs or {}))
+
+
+def _per_step_counts(fn, device: torch.device, n: int = 3) -> tuple[float, float]:
+    """(kernel launches, host synchronisations) per step from the profiler on CUDA; on
+    other devices (ATen operations, host reads) per step counted at dispatch."""
+    if device.type != "cuda":
+        with _CountOps() as count:
+            for _ in range(n):
+                fn()
+        return count.ops / n, count.reads / n
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        _sync(device)
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in _LAUNCH)
+    syncs = sum(e.count for e in events if e.key in _SYNC) - 1  # less the one after the loop
+    return launches / n, max(syncs, 0) / n
+
+
+def _table(title: str, variants: dict[str, tuple], x, y, args) -> list[dict]:
+    """``variants``: name -> (model, bf16, compile mode or None). The first row of each
+    (bf16, compiled) kind is the baseline of that kind's ratios."""
     device = x.device
     steps, models = {}, {}
-    for name, (model, bf16) in variants.items():
+    for name, (model, bf16, mode) in variants.items():
         model = model.to(device).train()
         if args.channels_last and x.dim() == 4:
             model = model.to(memory_format=torch.channels_last)
         models[name] = model
-        step = train_step(model, x, y, lr=1e-4, bf16=bf16)
+        step = train_step(model, x, y, lr=1e-4, bf16=bf16, compile_mode=mode)
+        t0 = time.perf_counter()
         try:
-            for _ in range(args.warmup):
+            for _ in range(max(args.warmup, 3 if mode else 0)):
                 step()
         except Exception as err:  # noqa: BLE001 - e.g. torch.ao under bf16 autocast
             print(f"{name}: does not run ({type(err).__name__}: {str(err).splitlines()[0]})")
             continue
+        if mode:
+            print(f"{name}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
         steps[name] = step
     peaks = {name: _peak_bytes(fn, device) for name, fn in steps.items()}
+    counts = {name: _per_step_counts(fn, device) for name, fn in steps.items()}
     med = _time(steps, device, args.rounds, args.steps)
-    base = {bf16: next((n for n in steps if variants[n][1] == bf16), None)
-            for bf16 in (True, False)}
-    print(f"\n{title}")
-    print(f"{'variant':44s} {'ms/step':>9s} {'ratio':>7s} {'peak MiB':>9s} {'mem ratio':>9s}")
+
+    def kind(name):
+        return variants[name][1], variants[name][2] is not None
+
+    base = {}
     for name in steps:
-        ref = base[variants[name][1]]
-        mem = f"{peaks[name] / peaks[ref]:9.3f}" if peaks[ref] else f"{'-':>9s}"
+        base.setdefault(kind(name), name)
+    what = ("launches", "syncs") if device.type == "cuda" else ("ATen ops", "host reads")
+    print(f"\n{title}")
+    print(f"{'variant':44s} {'ms/step':>9s} {'ratio':>7s} {'peak MiB':>9s} {'mem ratio':>9s} "
+          f"{what[0]:>9s} {what[1]:>10s}")
+    rows = []
+    for name in steps:
+        ref = base[kind(name)]
+        mem = peaks[name] / peaks[ref] if peaks[ref] else None
         print(f"{name:44s} {med[name] * 1e3:9.2f} {med[name] / med[ref]:7.3f} "
-              f"{peaks[name] / 2**20:9.0f} {mem}")
+              f"{peaks[name] / 2**20:9.0f} " + (f"{mem:9.3f}" if mem else f"{'-':>9s}") +
+              f" {counts[name][0]:9.0f} {counts[name][1]:10.0f}")
+        rows.append({"table": title, "variant": name, "ms_per_step": med[name] * 1e3,
+                     "ratio": med[name] / med[ref], "baseline": ref,
+                     "peak_mib": peaks[name] / 2**20, "mem_ratio": mem,
+                     what[0].replace(" ", "_").lower() + "_per_step": counts[name][0],
+                     what[1].replace(" ", "_").lower() + "_per_step": counts[name][1]})
     for model in models.values():
         model.cpu()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return rows
 
 
 def _copy_bandwidth(device: torch.device) -> float:
@@ -118,7 +196,7 @@ def _copy_bandwidth(device: torch.device) -> float:
     return 2 * x.numel() * 4 * 10 / (time.perf_counter() - t0)
 
 
-def _ppq_rows(base: nn.Module, device: torch.device, bits: int = 4) -> None:
+def _ppq_rows(base: nn.Module, device: torch.device, bits: int = 4) -> list[dict]:
     weights = [m.weight.detach().to(device) for m in base.modules() if isinstance(m, nn.Conv2d)]
     n = sum(w.numel() for w in weights)
     starts = [search_scale(w, bits, axis=0) for w in weights]
@@ -134,6 +212,7 @@ def _ppq_rows(base: nn.Module, device: torch.device, bits: int = 4) -> None:
     floor = n * 4 / _copy_bandwidth(device)
     print(f"\nPPQ, {len(weights)} conv weights, {n:,} values, {bits}-bit per channel; "
           f"bandwidth floor (one read) {floor * 1e3:.3f} ms")
+    rows = []
     for label, fn in (("converged, one layer at a time", converged),
                       ("3 warm iterations (training refresh)", refresh)):
         fn()
@@ -144,29 +223,55 @@ def _ppq_rows(base: nn.Module, device: torch.device, bits: int = 4) -> None:
         _sync(device)
         dt = (time.perf_counter() - t0) / 5
         print(f"{label:44s} {dt * 1e3:9.3f} ms  ({dt / floor:.0f}x the floor)")
+        rows.append({"table": "PPQ", "variant": label, "ms": dt * 1e3,
+                     "floor_ms": floor * 1e3, "values": n})
+    return rows
 
 
-def _resnet_table(resnet: nn.Module, side: int, batch: int, device: torch.device, args) -> None:
+def _resnet_table(resnet: nn.Module, side: int, batch: int, device: torch.device,
+                  args) -> list[dict]:
     x = torch.randn(batch, 3, side, side, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    variants = {"plain (bf16)": (copy.deepcopy(resnet), True)}
+    variants = {"plain (bf16)": (copy.deepcopy(resnet), True, None)}
     for method, alpha in (("ab", 0.5), ("ste", 1.0)):
         for every in (1, 8):
             policy = blendq.QuantPolicy(w_bits=4, a_bits=8, per_channel=True, method=method,
                                         quant_every=every)
             variants[f"{method.upper()} W4A8 per-channel, quant_every={every}"] = (
-                _quantized(resnet, policy, alpha), True)
+                _quantized(resnet, policy, alpha), True, None)
     qat = torch_ao_qat(resnet)
     if qat is not None:
-        variants["torch.ao QAT under bf16 autocast"] = (qat, True)
-        variants["plain (fp32)"] = (copy.deepcopy(resnet), False)
-        variants["torch.ao QAT (fp32)"] = (copy.deepcopy(qat), False)
-    _table(f"ResNet-50 v1, batch {batch}, {side} px", variants, x, y, args)
+        variants["torch.ao QAT under bf16 autocast"] = (qat, True, None)
+    if args.compile:  # compiled rows, against the compiled plain step
+        variants["plain (bf16), compiled"] = (copy.deepcopy(resnet), True, "default")
+        for method, alpha in (("ab", 0.5), ("ste", 1.0)):
+            policy = blendq.QuantPolicy(w_bits=4, a_bits=8, per_channel=True, method=method)
+            variants[f"{method.upper()} W4A8 per-channel, compiled"] = (
+                _quantized(resnet, policy, alpha), True, "default")
+    if qat is not None:
+        variants["plain (fp32)"] = (copy.deepcopy(resnet), False, None)
+        variants["torch.ao QAT (fp32)"] = (copy.deepcopy(qat), False, None)
+    return _table(f"ResNet-50 v1, batch {batch}, {side} px", variants, x, y, args)
 
 
-def _binarynet_table(device: torch.device, args) -> None:
+def _mobilenet_table(device: torch.device, args) -> list[dict]:
+    side, batch, width = (32, 4, 0.25) if args.smoke else (224, 128, 1.0)
+    net = build_model("mobilenet_v1", num_classes=1000, image_size=side, width=width)
+    x = torch.randn(batch, 3, side, side, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    variants = {"plain (bf16)": (copy.deepcopy(net), True, None)}
+    for method, alpha in (("ab", 0.5), ("ste", 1.0)):
+        policy = blendq.QuantPolicy(w_bits=4, a_bits=8, per_channel=True, method=method)
+        variants[f"{method.upper()} W4A8 per-channel"] = (_quantized(net, policy, alpha),
+                                                          True, None)
+    return _table(f"MobileNet v1, batch {batch}, {side} px", variants, x, y, args)
+
+
+def _binarynet_table(device: torch.device, args) -> list[dict]:
     side, batch, width = (32, 8, 0.125) if args.smoke else (32, 256, 1.0)
     bnn = build_model("binarynet", image_size=side, width=width)
     x = torch.randn(batch, 3, side, side, device=device)
@@ -175,10 +280,11 @@ def _binarynet_table(device: torch.device, args) -> None:
         x = x.contiguous(memory_format=torch.channels_last)
     policy = {m: blendq.QuantPolicy(w_bits=1, a_bits=1, first_layer=(1, None), method=m)
               for m in ("ab", "ste")}
-    _table(f"BinaryNet W1A1, batch {batch}, {side} px",
-           {"plain (bf16)": (copy.deepcopy(bnn), True),
-            "AB W1A1": (_quantized(bnn, policy["ab"], 0.5), True),
-            "STE W1A1": (_quantized(bnn, policy["ste"], 1.0), True)}, x, y, args)
+    return _table(f"BinaryNet W1A1, batch {batch}, {side} px",
+                  {"plain (bf16)": (copy.deepcopy(bnn), True, None),
+                   "AB W1A1": (_quantized(bnn, policy["ab"], 0.5), True, None),
+                   "STE W1A1": (_quantized(bnn, policy["ste"], 1.0), True, None)},
+                  x, y, args)
 
 
 def main() -> None:
@@ -189,13 +295,19 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    p.add_argument("--only", choices=("resnet50", "binarynet", "ppq"), help="one part only")
+    p.add_argument("--only", choices=("resnet50", "mobilenet", "binarynet", "ppq"),
+                   help="one part only")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="the compiled rows (default: on a GPU, and not with --smoke)")
+    p.add_argument("--json", default="gpu_step.json", help="where the rows are written")
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_step: no CUDA device (use --device cpu --smoke to check the script)")
     if args.smoke:
         args.steps, args.rounds, args.warmup = 1, 1, 1
+    if args.compile is None:
+        args.compile = device.type == "cuda" and not args.smoke
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {name}, torch {torch.__version__}, blendq {blendq.__version__}")
     torch.manual_seed(0)
@@ -203,13 +315,21 @@ def main() -> None:
 
     side, batch, width = (32, 4, 0.125) if args.smoke else (224, 128, 1.0)
     resnet = build_model("resnet50_v1", num_classes=1000, image_size=side, width=width)
+    rows = []
     if args.only in (None, "resnet50"):
-        _resnet_table(resnet, side, batch, device, args)
+        rows += _resnet_table(resnet, side, batch, device, args)
+    if args.only in (None, "mobilenet"):
+        rows += _mobilenet_table(device, args)
     if args.only in (None, "binarynet"):
-        _binarynet_table(device, args)
+        rows += _binarynet_table(device, args)
     if args.only in (None, "ppq"):
-        _ppq_rows(resnet, device)
-    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+        rows += _ppq_rows(resnet, device)
+    total = time.perf_counter() - t_start
+    print(f"\ntotal {total:.0f} s")
+    with open(args.json, "w") as f:
+        json.dump({"device": name, "torch": torch.__version__, "commit": _commit(),
+                   "total_s": total, "rows": rows}, f, indent=2)
+    print(f"rows written to {args.json}")
 
 
 if __name__ == "__main__":

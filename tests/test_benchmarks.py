@@ -1,5 +1,6 @@
 """The benchmark scripts run (tiny shapes); their figures are read by people, not asserted."""
 
+import json
 import os
 import subprocess
 import sys
@@ -24,3 +25,20 @@ def test_gpu_step_script_runs_in_smoke_mode_on_cpu():
     for row in ("plain (bf16)", "AB W4A8 per-channel, quant_every=1", "STE W1A1",
                 "3 warm iterations (training refresh)"):
         assert row in out
+    for row in ("MobileNet v1", "ATen ops"):
+        assert row in out
+
+
+def test_ab_study_script_runs_resumes_and_reports(tmp_path):
+    args = ("--smoke", "--data", "digits", "--seeds", "0", "1", "--settings", "W4A4",
+            "--only", "STE", "LSQ", "float start", "--out", str(tmp_path))
+    out = _run("ab_study.py", *args)
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    # per seed: the float run, STE, LSQ, the hybrid "AB, then STE", STE/AB float start, STE SGD
+    assert len(rows) == 2 * 7
+    assert {r["variant"] for r in rows} >= {"fp32", "STE", "LSQ", "AB, float start"}
+    assert all(0 <= r["acc"] <= 100 and r["alpha"] in (0.0, 1.0) for r in rows)
+    assert "| LSQ |" in out and "W4A4 − STE" in out
+    again = _run("ab_study.py", *args)  # finished runs are not trained again
+    assert "0 float runs, then 0 study runs" in again
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == len(rows)

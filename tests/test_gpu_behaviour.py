@@ -151,3 +151,79 @@ def test_transposed_convolutions_are_not_grouped():
                                                torch.nn.ConvTranspose2d(3, 3, 3)),
                            blendq.QuantPolicy(w_bits=4, a_bits=8, per_channel=True))
     assert blendq.AlphaController(model, blendq.linear(0, 4)).groups == []
+
+
+def _fake_quant_both(x, alpha, bits, signed, method):
+    """``fake_quantize`` eagerly and through its compiled kernel: values, grads, counts."""
+    scale = torch.tensor(0.37)
+    out = []
+    for fused in (False, True):
+        xx = x.clone().requires_grad_()
+        value, clipped = blendq.functional.fake_quantize(
+            xx, scale, torch.tensor(alpha), bits, signed, method, fused=fused)
+        value.backward(torch.linspace(-1, 1, value.numel()).reshape(value.shape))
+        out.append((value.detach(), xx.grad, clipped))
+    return out
+
+
+@pytest.mark.parametrize(("bits", "signed", "method"), [(4, False, "ste"), (3, True, "ab")])
+def test_fused_activation_quantization_equals_the_eager_math(bits, signed, method):
+    # the compiled kernel (what CUDA runs) against the same math run eagerly: the codes,
+    # the straight-through mask and the clip count exactly, the value exactly at α = 1
+    # (what is deployed) and within one rounding of the blend below it
+    torch.manual_seed(0)
+    qmin, qmax = blendq.functional.grid(bits, signed)
+    x = torch.randn(3, 5, 7, 4) * 2
+    x.view(-1)[:4] = torch.tensor([qmax + 0.5, qmin - 0.5, 2.5, qmax + 0.5001]) * 0.37
+    for alpha in (1.0, 0.6):
+        (v0, g0, c0), (v1, g1, c1) = _fake_quant_both(x, alpha, bits, signed, method)
+        assert torch.equal(g0, g1) and torch.equal(c0, c1) and c0 > 0
+        if alpha == 1.0:
+            assert torch.equal(v0, v1)
+        else:
+            torch.testing.assert_close(v1, v0, rtol=2.4e-7, atol=0)
+
+
+def test_fused_activation_quantization_saves_one_byte_per_element_at_most():
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    for method in ("ste", "ab"):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            blendq.functional.fake_quantize(x, torch.tensor(0.1), torch.tensor(0.5), 4, True,
+                                            method, fused=False)
+        per_element = sum(t.numel() * t.element_size() for t in saved) / x.numel()
+        assert per_element <= (1.0 if method == "ste" else 0.01)
+        assert all(not t.is_floating_point() or t.numel() == 1 for t in saved)
+
+
+def test_fused_path_trains_a_model_as_the_eager_path_does(monkeypatch):
+    # the layer-level switch: the same model and batch, eager path against the fused
+    # function (its math run eagerly here: the kernel itself is compared above)
+    def step(fused):
+        monkeypatch.setattr(blendq.functional, "FUSED_FAKE_QUANT", fused)
+        monkeypatch.setattr(blendq.functional, "_fused_math",
+                            lambda: blendq.functional._fake_quant_math)
+        torch.manual_seed(0)
+        model = blendq.prepare(build_model("fmnist_cnn", in_channels=1, width=8),
+                               blendq.QuantPolicy(w_bits=4, a_bits=4, method="ste"))
+        blendq.set_alpha(model, 1.0)
+        model.train()
+        x = torch.randn(8, 1, 28, 28)
+        loss = model(x).square().mean()
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        quant = [m for m in model.modules() if isinstance(m, blendq.quantizers.ActQuantizer)]
+        return loss.detach(), grads, [(q.clipped.clone(), q.seen.clone()) for q in quant]
+
+    loss0, grads0, counts0 = step(False)
+    loss1, grads1, counts1 = step(True)
+    assert torch.equal(loss0, loss1)
+    assert all(torch.equal(a, b) for a, b in zip(grads0, grads1, strict=True))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(counts0, counts1, strict=True))

@@ -15,7 +15,7 @@ from torch import Tensor
 __all__ = ["NONE_WORDS", "check_bits", "grid", "is_sign", "integer_input", "lsq", "ppq",
            "ppq_segments",
            "search_scale", "binarize", "quantize", "blend", "straight_through", "check_finite",
-           "round_bias", "strided_sample", "pack_codes", "unpack_codes"]
+           "round_bias", "strided_sample", "pack_codes", "unpack_codes", "fake_quantize"]
 
 _ZERO_SCALE = 1.0  # scale given to an all-zero tensor or slice: any positive value is exact
 
@@ -344,6 +344,82 @@ def straight_through(
         lo = torch.as_tensor(lo, dtype=x.dtype, device=x.device)
         hi = torch.as_tensor(hi, dtype=x.dtype, device=x.device)
     return _StraightThrough.apply(x, value, lo, hi)
+
+
+FUSED_FAKE_QUANT = "auto"  # "auto": fused on CUDA outside a compiled graph; True / False
+
+
+def _fake_quant_math(x: Tensor, scale: Tensor, alpha: Tensor, qmin: int, qmax: int,
+                     ste: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The value a layer computes with (codes·scale blended with ``x`` by ``alpha``), the
+    straight-through mask (``ste``) and the count of inputs at the grid's ends, computed
+    as the eager path does, operation for operation (so both round alike)."""
+    codes = torch.clamp(torch.round(x / scale), qmin, qmax)
+    value = torch.lerp(x, codes * scale, alpha)
+    at_ends = codes >= qmax
+    if qmin < 0:
+        at_ends = at_ends | (codes <= qmin)
+    clipped = at_ends.sum(dtype=torch.float64)
+    mask = (x >= scale * (qmin - 0.5)) & (x <= scale * (qmax + 0.5)) if ste else None
+    return value, mask, clipped
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def fuses(x: Tensor) -> bool:
+    """Whether :func:`fake_quantize` runs its compiled kernel for ``x`` (see
+    ``FUSED_FAKE_QUANT``): inside a graph torch.compile traces, the graph fuses it."""
+    if torch.compiler.is_compiling():
+        return False
+    return x.is_cuda if FUSED_FAKE_QUANT == "auto" else bool(FUSED_FAKE_QUANT)
+
+
+def _fused_math():
+    """:func:`_fake_quant_math` compiled once (dynamic shapes): one kernel on CUDA that
+    reads ``x`` once and writes the value and a one-byte mask."""
+    if "math" not in _COMPILED:
+        _COMPILED["math"] = torch.compile(_fake_quant_math, dynamic=True, fullgraph=True)
+    return _COMPILED["math"]
+
+
+class _FakeQuant(torch.autograd.Function):
+    """Activation fake quantization in one forward pass and one backward pass, saving at
+    most one byte per element (the STE mask; nothing for AB, whose gradient is
+    ``(1 - alpha)·grad``)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, alpha, qmin, qmax, ste, fused):
+        math = _fused_math() if fused else _fake_quant_math
+        value, mask, clipped = math(x.detach(), scale.detach(), alpha.detach(), qmin, qmax,
+                                    ste)
+        ctx.mark_non_differentiable(clipped)
+        ctx.ste = ste
+        ctx.save_for_backward(mask if ste else alpha.detach())
+        return value, clipped
+
+    @staticmethod
+    def backward(ctx, grad, _clipped_grad):
+        (saved,) = ctx.saved_tensors
+        grad = grad * saved if ctx.ste else grad * (1 - saved)
+        return grad, None, None, None, None, None, None
+
+
+def fake_quantize(x: Tensor, scale: Tensor, alpha: Tensor, bits: int, signed: bool,
+                  method: str, fused: bool | None = None) -> tuple[Tensor, Tensor]:
+    """``(value, clipped)``: ``x`` on the grid at ``scale`` blended with ``x`` by ``alpha``,
+    with the gradient of ``method`` (``"ste"``: passed where ``x`` lies within half a step
+    of the grid, ``"ab"``: ``(1 - alpha)``), and the number of elements at the grid's
+    ends (a float64 scalar on the device). ``fused``: one compiled kernel (default: on
+    CUDA, outside a graph torch.compile traces); else the same math eagerly."""
+    if is_sign(bits, signed):
+        raise ValueError("fake_quantize takes grids of 2 or more levels; sign has its own")
+    if fused is None:
+        fused = fuses(x)
+    qmin, qmax = grid(bits, signed)
+    alpha = alpha.to(x.dtype).reshape(())
+    return _FakeQuant.apply(x, scale.to(x.dtype).reshape(()), alpha, qmin, qmax,
+                            method == "ste", fused)
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:

@@ -403,6 +403,13 @@ class ActQuantizer(nn.Module):
         else:
             scale = self._batch_scale(x.detach(), signed)
         scale = scale.to(x.dtype)
+        if F.fuses(x) and not F.is_sign(self.spec.bits, signed):  # one pass each way
+            value, clipped = F.fake_quantize(x, scale, alpha, self.spec.bits, signed,
+                                             self.spec.method, fused=True)
+            if self.training:
+                self.clipped += clipped
+                self.seen += x.numel()
+            return value
         codes = F.quantize(x.detach(), scale, self.spec.bits, signed)
         if self.training and not F.is_sign(self.spec.bits, signed):
             self._count_clipped(codes, signed)

@@ -40,6 +40,7 @@ from ..transform import (
     freeze_batch_norms,
     get_alpha,
     prepare,
+    set_alpha,
     telemetry,
 )
 from .checkpoint import load_checkpoint, remove_stale, save_checkpoint
@@ -506,11 +507,14 @@ def load_run_model(run: str | os.PathLike):
 
 def evaluate_run(run: str | os.PathLike, test_subset: int | None = None,
                  progress: bool = False, float_biases: bool = False,
-                 views: bool = True) -> dict:
+                 views: bool = True, alpha: float | None = None) -> dict:
     """Test loss and accuracy of a saved run: blended, full-precision and quantized views
     (``views=False``: the blended model only). ``float_biases``: without rounding the
-    biases to accumulator units (what the rounding costs, against the default)."""
+    biases to accumulator units (what the rounding costs, against the default).
+    ``alpha``: the blended model at this α (1.0: as deployed) instead of the run's last."""
     model, cfg, data = load_run_model(run)
+    if alpha is not None:
+        set_alpha(model, alpha)
     cfg = cfg.replace(eval_views=views and cfg.eval_views)
     if test_subset:
         cfg = cfg.replace(test_subset=test_subset)
