@@ -300,6 +300,7 @@ def main() -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="the compiled rows (default: on a GPU, and not with --smoke)")
     p.add_argument("--json", default="gpu_step.json", help="where the rows are written")
+
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -309,7 +310,8 @@ def main() -> None:
     if args.compile is None:
         args.compile = device.type == "cuda" and not args.smoke
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device {name}, torch {torch.__version__}, blendq {blendq.__version__}")
+    print(f"device {name}, torch {torch.__version__}, blendq {blendq.__version__}, "
+          f"fused activation quantization {blendq.functional.FUSED_FAKE_QUANT}")
     torch.manual_seed(0)
     t_start = time.perf_counter()
 
