@@ -42,3 +42,13 @@ def test_ab_study_script_runs_resumes_and_reports(tmp_path):
     again = _run("ab_study.py", *args)  # finished runs are not trained again
     assert "0 float runs, then 0 study runs" in again
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_bnn_gpu_script_trains_its_runs_side_by_side_in_smoke_mode(tmp_path):
+    out = _run("bnn_gpu.py", "--smoke", "--device", "cpu", "--data", "digits",
+               "--runs", "STE", "AB, then STE at α = 1", "--out", str(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["variant"] for r in summary["runs"]] == ["STE", "AB, then STE at α = 1"]
+    assert all(len(r["curve"]) == 1 for r in summary["runs"]) and "wall" in out
+    config = json.loads((tmp_path / "ste" / "config.json").read_text())
+    assert config["clip_latent"] and config["method"] == "ste" and config["w_bits"] == 1
