@@ -228,12 +228,17 @@ def _ppq_rows(base: nn.Module, device: torch.device, bits: int = 4) -> list[dict
     return rows
 
 
-def _resnet_table(resnet: nn.Module, side: int, batch: int, device: torch.device,
-                  args) -> list[dict]:
+def _batch(batch: int, side: int, classes: int, device: torch.device, args):
+    """A random image batch (channels-last unless told otherwise) and its labels."""
     x = torch.randn(batch, 3, side, side, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, classes, (batch,), device=device)
+
+
+def _resnet_table(resnet: nn.Module, side: int, batch: int, device: torch.device,
+                  args) -> list[dict]:
+    x, y = _batch(batch, side, 1000, device, args)
     variants = {"plain (bf16)": (copy.deepcopy(resnet), True, None)}
     for method, alpha in (("ab", 0.5), ("ste", 1.0)):
         for every in (1, 8):
@@ -259,10 +264,7 @@ def _resnet_table(resnet: nn.Module, side: int, batch: int, device: torch.device
 def _mobilenet_table(device: torch.device, args) -> list[dict]:
     side, batch, width = (32, 4, 0.25) if args.smoke else (224, 128, 1.0)
     net = build_model("mobilenet_v1", num_classes=1000, image_size=side, width=width)
-    x = torch.randn(batch, 3, side, side, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x, y = _batch(batch, side, 1000, device, args)
     variants = {"plain (bf16)": (copy.deepcopy(net), True, None)}
     for method, alpha in (("ab", 0.5), ("ste", 1.0)):
         policy = blendq.QuantPolicy(w_bits=4, a_bits=8, per_channel=True, method=method)
@@ -274,10 +276,7 @@ def _mobilenet_table(device: torch.device, args) -> list[dict]:
 def _binarynet_table(device: torch.device, args) -> list[dict]:
     side, batch, width = (32, 8, 0.125) if args.smoke else (32, 256, 1.0)
     bnn = build_model("binarynet", image_size=side, width=width)
-    x = torch.randn(batch, 3, side, side, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x, y = _batch(batch, side, 10, device, args)
     policy = {m: blendq.QuantPolicy(w_bits=1, a_bits=1, first_layer=(1, None), method=m)
               for m in ("ab", "ste")}
     return _table(f"BinaryNet W1A1, batch {batch}, {side} px",
