@@ -370,7 +370,7 @@ _COMPILED: dict[str, object] = {}
 def fuses(x: Tensor) -> bool:
     """Whether :func:`fake_quantize` runs its compiled kernel for ``x`` (see
     ``FUSED_FAKE_QUANT``): inside a graph torch.compile traces, the graph fuses it."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not isinstance(x, Tensor):  # traced: not a tensor
         return False
     return x.is_cuda if FUSED_FAKE_QUANT == "auto" else bool(FUSED_FAKE_QUANT)
 
