@@ -18,6 +18,8 @@ at 50 % or 100 % of the run; AB with α raised in a staircase of 10 steps (the p
 AB under SGD (momentum 0.9, lr 0.05); STE and AB from a float warm start (a float run of
 the same protocol, then the same 5 epochs at lr 2e-4); at W1A1 STE and AB with and
 without BinaryNet's latent clipping to [-1, 1] (STE's recipe has it, AB's did not).
+A convergence check trains STE twice as long (10 epochs): if it gains little, the
+5-epoch budget has let STE converge on this subset.
 
 Each finished run is one line of ``rows.jsonl`` (run again to go on after a stop); the
 report gives mean ± sd over seeds and each variant's paired difference to STE.
@@ -50,9 +52,11 @@ WARM_LR = 2e-4
 STAIRS = 10
 
 
-def variants(setting: str, steps: int) -> list[tuple[str, dict, bool]]:
+def variants(setting: str, steps: int, epochs: int = PROTOCOL["epochs"]
+             ) -> list[tuple[str, dict, bool]]:
     """``(name, config changes, float warm start)`` of each run of ``setting``; ``steps``:
-    the run's optimizer steps (the staircase's ``f`` is a tenth of the α window)."""
+    the run's optimizer steps (the staircase's ``f`` is a tenth of the α window);
+    ``epochs``: the run's epochs (the convergence check trains STE twice as long)."""
     clip = setting == "W1A1"  # BinaryNet's STE recipe clips 1-bit latent weights
     ste = {"method": "ste", "clip_latent": clip}
     rows = [
@@ -69,6 +73,8 @@ def variants(setting: str, steps: int) -> list[tuple[str, dict, bool]]:
         ("STE, float start", {**ste, "lr": WARM_LR}, True),
         ("AB, float start", {"method": "ab", "lr": WARM_LR}, True),
     ]
+    rows.append(("STE, twice the epochs (convergence check)", {**ste, "epochs": 2 * epochs},
+                 False))
     if clip:
         rows += [("STE, no latent clipping", {"method": "ste"}, False),
                  ("AB, latent clipping", {"method": "ab", "clip_latent": True}, False)]
@@ -129,7 +135,7 @@ def _jobs(args, done: set) -> tuple[list[dict], list[dict]]:
             if (setting, "fp32", seed) not in done:
                 floats.append({**common, "variant": "fp32", "warm": False, "config": fp,
                                "dir": str(fp_dir)})
-            for name, changes, warm in variants(setting, steps):
+            for name, changes, warm in variants(setting, steps, base["epochs"]):
                 if args.only and not any(o in name for o in args.only):
                     continue
                 if (setting, name, seed) in done:

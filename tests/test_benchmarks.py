@@ -34,8 +34,9 @@ def test_ab_study_script_runs_resumes_and_reports(tmp_path):
             "--only", "STE", "LSQ", "float start", "--out", str(tmp_path))
     out = _run("ab_study.py", *args)
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
-    # per seed: the float run, STE, LSQ, the hybrid "AB, then STE", STE/AB float start, STE SGD
-    assert len(rows) == 2 * 7
+    # per seed: the float run, STE, LSQ, the hybrid "AB, then STE", STE/AB float start,
+    # STE SGD, STE twice as long
+    assert len(rows) == 2 * 8
     assert {r["variant"] for r in rows} >= {"fp32", "STE", "LSQ", "AB, float start"}
     assert all(0 <= r["acc"] <= 100 and r["alpha"] in (0.0, 1.0) for r in rows)
     assert "| LSQ |" in out and "W4A4 − STE" in out
