@@ -81,8 +81,10 @@ def variants(setting: str, steps: int, epochs: int = PROTOCOL["epochs"]
     return rows
 
 
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
+def slug(text: str) -> str:
+    """A folder name for a variant: ASCII letters and digits, runs of others as one '-'."""
+    kept = "".join(c if c.isascii() and c.isalnum() else " " for c in text.lower())
+    return "-".join(kept.split())
 
 
 def _run_one(job: dict) -> dict:
@@ -143,7 +145,7 @@ def _jobs(args, done: set) -> tuple[list[dict], list[dict]]:
                 config = {**base, **changes, **({"init_from": str(fp_dir)} if warm else {})}
                 TrainConfig.from_dict(config)  # a bad variant fails here, not an hour in
                 runs.append({**common, "variant": name, "warm": warm, "config": config,
-                             "dir": str(fp_dir.parent / _slug(name))})
+                             "dir": str(fp_dir.parent / slug(name))})
     return floats, runs
 
 

@@ -22,7 +22,7 @@ import multiprocessing as mp
 import time
 from pathlib import Path
 
-from ab_study import variants
+from ab_study import slug, variants
 
 from blendq.engine import TrainConfig, load_recipe, train
 
@@ -65,8 +65,7 @@ def main() -> None:
     for name in args.runs:
         config = {**recipe.to_dict(), **table[name]}
         TrainConfig.from_dict(config)  # a bad variant fails before anything trains
-        jobs.append((config, str(out / "".join(c if c.isalnum() else "-" for c in
-                                                name.lower()))))
+        jobs.append((config, str(out / slug(name))))
     t0 = time.perf_counter()
     ctx = mp.get_context("spawn")  # CUDA needs spawned workers
     with ctx.Pool(len(jobs)) as pool:
