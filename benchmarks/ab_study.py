@@ -163,9 +163,13 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+# two-sided 95 % quantiles of Student's t by degrees of freedom (n - 1 paired seeds)
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
 def report(rows: list[dict], settings: list[str]) -> str:
     """Markdown: accuracy mean ± sd per variant and setting, and the paired (same seed)
-    difference to STE, marked when it exceeds twice its standard error."""
+    difference to STE, marked * when its 95 % t-interval excludes zero."""
     by = {(r["setting"], r["variant"], r["seed"]): r["acc"] for r in rows}
     names = list(dict.fromkeys(r["variant"] for r in rows))
     settings = [s for s in settings if any(r["setting"] == s for r in rows)]
@@ -181,7 +185,7 @@ def report(rows: list[dict], settings: list[str]) -> str:
             cell = "–"
             if name not in ("STE", "fp32") and len(diffs) > 1:
                 mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
-                beyond = abs(mean) > 2 * sd / len(diffs) ** 0.5
+                beyond = abs(mean) > _T95.get(len(diffs) - 1, 2.0) * sd / len(diffs) ** 0.5
                 cell = f"{mean:+.2f} ± {sd:.2f}" + (" *" if beyond else "")
             elif name not in ("STE", "fp32") and diffs:
                 cell = f"{diffs[0]:+.2f} (n=1)"
@@ -236,8 +240,8 @@ def main() -> None:
     print(report(rows, list(SETTINGS)))
     commits = sorted({r.get("commit", "?") for r in rows})
     print(f"\n{len(rows)} runs; commit(s) {', '.join(commits)}; seeds "
-          f"{sorted({r['seed'] for r in rows})}; * = paired difference beyond 2 standard "
-          "errors")
+          f"{sorted({r['seed'] for r in rows})}; * = the paired difference's 95 % "
+          "t-interval excludes 0")
 
 
 if __name__ == "__main__":
