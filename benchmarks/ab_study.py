@@ -167,9 +167,24 @@ def _ms(values: list[float]) -> str:
 _T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
 
+def _paired(by: dict, setting: str, name: str, ref: str) -> str:
+    """``name − ref`` over the seeds both have: mean ± sd, * when the 95 % t-interval
+    excludes zero."""
+    diffs = [a - by[(s, ref, sd)] for (s, v, sd), a in by.items()
+             if (s, v) == (setting, name) and (s, ref, sd) in by]
+    if name in (ref, "fp32") or not diffs:
+        return "–"
+    if len(diffs) == 1:
+        return f"{diffs[0]:+.2f} (n=1)"
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    beyond = abs(mean) > _T95.get(len(diffs) - 1, 2.0) * sd / len(diffs) ** 0.5
+    return f"{mean:+.2f} ± {sd:.2f}" + (" *" if beyond else "")
+
+
 def report(rows: list[dict], settings: list[str]) -> str:
-    """Markdown: accuracy mean ± sd per variant and setting, and the paired (same seed)
-    difference to STE, marked * when its 95 % t-interval excludes zero."""
+    """Markdown: accuracy mean ± sd per variant and setting with the paired (same seed)
+    difference to STE; then each AB variant's paired difference to AB as the library's
+    defaults. * marks a difference whose 95 % t-interval excludes zero."""
     by = {(r["setting"], r["variant"], r["seed"]): r["acc"] for r in rows}
     names = list(dict.fromkeys(r["variant"] for r in rows))
     settings = [s for s in settings if any(r["setting"] == s for r in rows)]
@@ -179,18 +194,14 @@ def report(rows: list[dict], settings: list[str]) -> str:
         cells = []
         for s in settings:
             accs = [a for (s2, v, _), a in by.items() if (s2, v) == (s, name)]
-            seeds = [sd for (s2, v, sd) in by if (s2, v) == (s, name)]
-            diffs = [by[(s, name, sd)] - by[(s, "STE", sd)] for sd in seeds
-                     if (s, "STE", sd) in by]
-            cell = "–"
-            if name not in ("STE", "fp32") and len(diffs) > 1:
-                mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
-                beyond = abs(mean) > _T95.get(len(diffs) - 1, 2.0) * sd / len(diffs) ** 0.5
-                cell = f"{mean:+.2f} ± {sd:.2f}" + (" *" if beyond else "")
-            elif name not in ("STE", "fp32") and diffs:
-                cell = f"{diffs[0]:+.2f} (n=1)"
-            cells += [_ms(accs) if accs else "–", cell]
+            cells += [_ms(accs) if accs else "–", _paired(by, s, name, "STE")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "| AB variant − AB | " + " | ".join(settings) + " |",
+              "|---|" + "---|" * len(settings)]
+    for name in names:
+        if name.startswith("AB,"):
+            lines.append(f"| {name} | " + " | ".join(_paired(by, s, name, "AB")
+                                                      for s in settings) + " |")
     return "\n".join(lines)
 
 
