@@ -118,6 +118,10 @@ def test_config_validation():
         TrainConfig.from_dict({"wbits": 4})
     assert TrainConfig(a_bits="none").a_bits is None
     assert TrainConfig(alpha_window=(0.1, 0.5)).window_steps(1000) == (100, 500)
+    # a window to the end of the run reaches α = 1 exactly at its last step
+    assert TrainConfig().window_steps(1000) == (0, 999)
+    assert TrainConfig().alpha(1000)(999) == 1.0 > TrainConfig().alpha(1000)(998)
+    assert TrainConfig(alpha_window=(1.0, 1.0)).window_steps(10) == (9, 9)
     assert TrainConfig(alpha_window=(100, 500)).window_steps(1000) == (100, 500)
     ste = TrainConfig(method="ste", alpha_window=(0.2, 0.5)).alpha(100)
     assert ste(20) == 0.0 and ste(21) == 1.0

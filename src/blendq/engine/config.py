@@ -32,7 +32,9 @@ class TrainConfig:
     """Everything a run depends on; written to ``config.json`` in the run directory.
 
     ``alpha_window``: ``[T0, T1]`` of the α ramp (eq. 6) — fractions of the total
-    steps when both are <= 1, else steps. ``method="ste"`` and ``"lsq"``
+    steps when both are <= 1, else steps. Default ``[0, 1]``: α reaches 1 at the last
+    step, which beat ending at 0.75 or 0.5 of the run in the Fashion-MNIST study
+    (docs/results.md §6). ``method="ste"`` and ``"lsq"``
     quantize at once from ``T0`` (α jumps to 1 there); ``quantize=False`` trains fp32.
     ``ab_after``: what AB's weights do once α = 1: ``"freeze"`` (the paper; their
     gradient ``1 - α`` is zero) or ``"ste"`` (go on training them straight-through).
@@ -59,7 +61,7 @@ class TrainConfig:
     overrides: dict = field(default_factory=dict)
     skip: tuple = ()
     alpha_schedule: str = "cubic"
-    alpha_window: tuple = (0.0, 0.75)
+    alpha_window: tuple = (0.0, 1.0)
     alpha_every: int = 1
     alpha_rate: float = 1e-3
     ab_after: str = "freeze"
@@ -144,9 +146,13 @@ class TrainConfig:
         return QuantPolicy(**values)
 
     def window_steps(self, total_steps: int) -> tuple[int, int]:
+        """The α window in steps; a window given as fractions ends by the run's last step
+        (``T1 = 1.0``: α reaches exactly 1 there, so the run ends quantized)."""
         t0, t1 = self.alpha_window
         if t1 <= 1:  # fractions of the run
-            return round(t0 * total_steps), round(t1 * total_steps)
+            last = max(total_steps - 1, 0)
+            end = min(round(t1 * total_steps), last)
+            return min(round(t0 * total_steps), end), end
         return int(t0), int(t1)
 
     def freeze_step(self, total_steps: int) -> int | None:
