@@ -135,12 +135,15 @@ def _jobs(args, done: set) -> tuple[list[dict], list[dict]]:
             fp = {**base, "quantize": False}
             common = {"setting": setting, "seed": seed, "threads": args.threads,
                       "full_test": args.full_test}
-            if (setting, "fp32", seed) not in done:
+            chosen = [(name, changes, warm) for name, changes, warm
+                      in variants(setting, steps, base["epochs"])
+                      if (not args.only or any(o in name for o in args.only))
+                      and (not args.variants or name in args.variants)]
+            if (setting, "fp32", seed) not in done and (
+                    any(warm for *_, warm in chosen) or not (args.only or args.variants)):
                 floats.append({**common, "variant": "fp32", "warm": False, "config": fp,
                                "dir": str(fp_dir)})
-            for name, changes, warm in variants(setting, steps, base["epochs"]):
-                if args.only and not any(o in name for o in args.only):
-                    continue
+            for name, changes, warm in chosen:
                 if (setting, name, seed) in done:
                     continue
                 config = {**base, **changes, **({"init_from": str(fp_dir)} if warm else {})}
@@ -213,6 +216,8 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--only", nargs="+", help="run only variants whose name contains one of "
                                              "these texts")
+    p.add_argument("--variants", nargs="+", help="run only the variants of these exact names")
+    p.add_argument("--epochs", type=int, help="another budget (the study: 5 epochs)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained side by side")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--data", help="another dataset (the smoke test uses digits)")
@@ -221,6 +226,8 @@ def main() -> None:
     p.add_argument("--report", action="store_true", help="print the tables of rows.jsonl")
     args = p.parse_args()
     args.protocol, args.full_test = {}, FULL_TEST
+    if args.epochs:
+        args.protocol["epochs"] = args.epochs
     if args.smoke:
         args.protocol = {"train_subset": 128, "test_subset": 64, "epochs": 1,
                          "batch_size": 64}
