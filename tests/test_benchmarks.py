@@ -20,8 +20,12 @@ def _run(script: str, *args: str) -> str:
 
 
 @pytest.mark.slow
-def test_gpu_step_script_runs_in_smoke_mode_on_cpu():
-    out = _run("gpu_step.py", "--smoke", "--device", "cpu")
+def test_gpu_step_script_runs_in_smoke_mode_on_cpu(tmp_path):
+    out = _run("gpu_step.py", "--smoke", "--device", "cpu", "--json",
+               str(tmp_path / "rows.json"))
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert {r["table"].split(",")[0] for r in rows} >= {"ResNet-50 v1", "MobileNet v1",
+                                                        "BinaryNet W1A1", "PPQ"}
     for row in ("plain (bf16)", "AB W4A8 per-channel, quant_every=1", "STE W1A1",
                 "3 warm iterations (training refresh)"):
         assert row in out
