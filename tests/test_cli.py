@@ -43,10 +43,12 @@ def test_train_eval_plot_round_trip(tmp_path, capsys):
     run = tmp_path / "run"
     argv = ["train", "--model", "digits_cnn", "--data", "digits", "--w-bits", "4", "--a-bits",
             "8", "--per-channel", "--epochs", "2", "--alpha-window", "0", "0.5", "--quant-every",
-            "2", "--seed", "1", "--out", str(run), "--quiet", "--set", "model_args={\"width\": 8}"]
+            "2", "--seed", "1", "--out", str(run), "--quiet", "--set", "model_args={\"width\": 8}",
+            "--ab-after", "ste"]
     assert main(argv) == 0
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["per_channel"] and cfg["quant_every"] == 2 and cfg["model_args"] == {"width": 8}
+    assert cfg["ab_after"] == "ste"
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     assert main(["eval", str(run), "--quiet"]) == 0
     assert "q_test_acc" in capsys.readouterr().out

@@ -58,6 +58,8 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha-window", type=float, nargs=2, metavar=("T0", "T1"),
                    help="α ramp window: fractions of the run if both <= 1, else steps")
     p.add_argument("--alpha-every", type=int, help="update α every f steps")
+    p.add_argument("--ab-after", choices=("freeze", "ste"),
+                   help="AB weights once α = 1: freeze (the paper) or keep training (STE)")
     p.add_argument("--quant-every", type=int, help="recompute weight codes every n steps")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
