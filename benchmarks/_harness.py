@@ -1,14 +1,40 @@
-"""What the step benchmarks share: one training step as a closure, torch.ao's QAT model."""
+"""What the benchmarks share: one training step as a closure, torch.ao's QAT model, the
+reuse of finished runs and the commit a figure was measured at."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import subprocess
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import blendq
+from blendq.engine import TrainConfig, load_checkpoint
+
+
+def finished_history(cfg: TrainConfig, out: Path) -> list[dict] | None:
+    """The per-epoch history of a finished run of exactly ``cfg`` in ``out``, or ``None``
+    (no run there, another config, or not finished): what lets a benchmark go on after a
+    stop without training anything twice."""
+    done = Path(out) / "checkpoint.pt"
+    if not done.exists():
+        return None
+    state = load_checkpoint(done)
+    if state["config"] != cfg.to_dict() or state["epoch"] != cfg.epochs:
+        return None
+    return state["history"]
+
+
+def commit() -> str:
+    """The short commit of this checkout (``"unknown"`` outside git)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def train_step(model: nn.Module, x, y, lr: float, bf16: bool = False,

@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -93,15 +92,15 @@ def _run_one(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(job["threads"])
-    from blendq.engine import TrainConfig, evaluate_run, load_checkpoint, train
+    from _harness import finished_history
+
+    from blendq.engine import TrainConfig, evaluate_run, train
 
     cfg = TrainConfig.from_dict(job["config"])
     out = Path(job["dir"])
-    done = out / "checkpoint.pt"
     t0 = time.perf_counter()
-    if done.exists() and load_checkpoint(done)["epoch"] == cfg.epochs:
-        history = load_checkpoint(done)["history"]
-    else:
+    history = finished_history(cfg, out)
+    if history is None:
         history = train(cfg, out, progress=False).history
     seconds = time.perf_counter() - t0
     last = history[-1]
@@ -151,14 +150,6 @@ def _jobs(args, done: set) -> tuple[list[dict], list[dict]]:
                 runs.append({**common, "variant": name, "warm": warm, "config": config,
                              "dir": str(fp_dir.parent / slug(name))})
     return floats, runs
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _ms(values: list[float]) -> str:
@@ -243,7 +234,9 @@ def main() -> None:
         print(f"{len(floats)} float runs, then {len(runs)} study runs, {args.jobs} at a time "
               f"({args.threads} thread(s) each); rows in {rows_path}", flush=True)
         t0 = time.perf_counter()
-        meta = {"commit": _commit(), "machine": platform.processor() or platform.machine(),
+        from _harness import commit  # torch loads after OMP_NUM_THREADS is set
+
+        meta = {"commit": commit(), "machine": platform.processor() or platform.machine(),
                 "threads": args.threads, "jobs": args.jobs}
         with ProcessPoolExecutor(args.jobs) as pool, rows_path.open("a") as sink:
             for batch in (floats, runs):  # warm starts need their float runs first

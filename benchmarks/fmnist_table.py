@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 
 import torch
+from _harness import finished_history
 
-from blendq.engine import TrainConfig, evaluate_run, load_checkpoint, train
+from blendq.engine import TrainConfig, evaluate_run, train
 
 SETTINGS = [  # (label, w_bits, a_bits, per_channel)
     ("W8A8 per-layer", 8, 8, False), ("W8A8 per-channel", 8, 8, True),
@@ -35,13 +36,9 @@ SETTINGS = [  # (label, w_bits, a_bits, per_channel)
 def run(cfg: TrainConfig, out: Path) -> tuple[dict, float]:
     """Train, or reuse a finished run of the same config (its recorded time), evaluated
     again by the current code (evaluation may have changed since it trained)."""
-    done = out / "checkpoint.pt"
-    if done.exists():
-        state = load_checkpoint(done)
-        if state["config"] == cfg.to_dict() and state["epoch"] == cfg.epochs:
-            history = state["history"]
-            return evaluate_run(out), sum(r["epoch_time_s"] + r["eval_time_s"]
-                                          for r in history)
+    history = finished_history(cfg, out)
+    if history is not None:
+        return evaluate_run(out), sum(r["epoch_time_s"] + r["eval_time_s"] for r in history)
     t0 = time.perf_counter()
     result = train(cfg, out, progress=False)
     return result.history[-1], time.perf_counter() - t0

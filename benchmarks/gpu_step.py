@@ -31,26 +31,16 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import torch
-from _harness import torch_ao_qat, train_step
+from _harness import commit, torch_ao_qat, train_step
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import blendq
 from blendq.functional import ppq, search_scale
 from blendq.models import build_model
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _sync(device: torch.device) -> None:
@@ -328,7 +318,7 @@ def main() -> None:
     total = time.perf_counter() - t_start
     print(f"\ntotal {total:.0f} s")
     with open(args.json, "w") as f:
-        json.dump({"device": name, "torch": torch.__version__, "commit": _commit(),
+        json.dump({"device": name, "torch": torch.__version__, "commit": commit(),
                    "total_s": total, "rows": rows}, f, indent=2)
     print(f"rows written to {args.json}")
 

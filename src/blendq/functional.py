@@ -9,6 +9,8 @@ float, per tensor or per slice along one axis.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -364,9 +366,6 @@ def _fake_quant_math(x: Tensor, scale: Tensor, alpha: Tensor, qmin: int, qmax: i
     return value, mask, clipped
 
 
-_COMPILED: dict[str, object] = {}
-
-
 def fuses(x: Tensor) -> bool:
     """Whether :func:`fake_quantize` runs its compiled kernel for ``x`` (see
     ``FUSED_FAKE_QUANT``): inside a graph torch.compile traces, the graph fuses it."""
@@ -375,12 +374,11 @@ def fuses(x: Tensor) -> bool:
     return x.is_cuda if FUSED_FAKE_QUANT == "auto" else bool(FUSED_FAKE_QUANT)
 
 
+@functools.cache
 def _fused_math():
     """:func:`_fake_quant_math` compiled once (dynamic shapes): one kernel on CUDA that
     reads ``x`` once and writes the value and a one-byte mask."""
-    if "math" not in _COMPILED:
-        _COMPILED["math"] = torch.compile(_fake_quant_math, dynamic=True, fullgraph=True)
-    return _COMPILED["math"]
+    return torch.compile(_fake_quant_math, dynamic=True, fullgraph=True)
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -390,8 +388,8 @@ class _FakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, alpha, qmin, qmax, ste, fused):
-        math = _fused_math() if fused else _fake_quant_math
-        value, mask, clipped = math(x.detach(), scale.detach(), alpha.detach(), qmin, qmax,
+        impl = _fused_math() if fused else _fake_quant_math
+        value, mask, clipped = impl(x.detach(), scale.detach(), alpha.detach(), qmin, qmax,
                                     ste)
         ctx.mark_non_differentiable(clipped)
         ctx.ste = ste
