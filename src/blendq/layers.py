@@ -27,7 +27,7 @@ from .quantizers import ActQuantizer, ActSpec, WeightQuantizer, WeightSpec
 
 __all__ = ["BlendLinear", "BlendConv1d", "BlendConv2d", "BlendConv3d", "BlendMixin",
            "blend_class", "layer_kind", "LayerKind", "rebuild", "is_hf_conv1d",
-           "FoldedBatchNorm1d", "FoldedBatchNorm2d", "FOLDED_BN_MAP", "bn_affine"]
+           "FoldedBatchNorm1d", "FoldedBatchNorm2d", "FOLDED_BN_MAP", "bn_affine", "BlendSite"]
 
 _MODULE_STATE = {"_parameters", "_buffers", "_modules", "training"}
 
@@ -110,6 +110,9 @@ class BlendMixin:
     a_quant: ActQuantizer | None
     bias_folded = False  # a FoldedBatchNorm right after rounds the folded bias instead
     round_bias = True  # False: the float-bias view (``blendq.transform.float_bias``)
+    # True: the input arrives quantized by a BlendSite whose quantizer ``a_quant`` is
+    # (set by ``blendq.placement``); the layer then passes it on as it is
+    input_from_site = False
     _kind: LayerKind
 
     def __init__(self, *args, w_spec: WeightSpec | None = None, a_spec: ActSpec | None = None,
@@ -153,7 +156,9 @@ class BlendMixin:
         return self.w_quant(self.float_weight, self.alpha)
 
     def blended_input(self, x: Tensor) -> Tensor:
-        return x if self.a_quant is None else self.a_quant(x, self.alpha)
+        if self.a_quant is None or self.input_from_site:
+            return x
+        return self.a_quant(x, self.alpha)
 
     def forward(self, input: Tensor, *args, **kwargs):
         x = self.blended_input(input)
@@ -380,3 +385,28 @@ FOLDED_BN_MAP: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm2d: FoldedBatchNorm2d,
     nn.BatchNorm3d: FoldedBatchNorm3d,
 }
+
+
+# ---------------------------------------------------------------------------
+# Quantization sites apart from weight layers
+
+
+class BlendSite(nn.Module):
+    """One activation tensor quantized where no weight layer consumes it: the input of a
+    residual add, of a concatenation or of an average pool (placed by
+    :mod:`blendq.placement`, which finds them in a graph capture). It holds an α and an
+    :class:`ActQuantizer` like a weight layer's input, and the controller, the α views,
+    telemetry, ``convert`` and export treat it the same way; ``x -> a_quant(x, α)``.
+    A weight layer reading the site's output shares its quantizer
+    (``input_from_site``), so the tensor is quantized once, with one scale."""
+
+    def __init__(self, a_spec: ActSpec, name: str = "") -> None:
+        super().__init__()
+        self.register_buffer("alpha", torch.zeros(()))
+        self.a_quant = ActQuantizer(a_spec, name=name)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.a_quant(x, self.alpha)
+
+    def extra_repr(self) -> str:
+        return f"alpha={float(self.alpha):.4g}"

@@ -16,8 +16,9 @@ from .functional import check_bits
 from .layers import layer_kind
 from .quantizers import ActSpec, WeightSpec, check_method
 
-__all__ = ["QuantPolicy", "LayerPlan", "quantizable"]
+__all__ = ["QuantPolicy", "LayerPlan", "quantizable", "PLACEMENTS"]
 
+PLACEMENTS = ("graph", "layers")
 Bits = tuple[int, "int | None"]  # (w_bits, a_bits); a_bits None: the input stays float
 
 
@@ -68,6 +69,15 @@ class QuantPolicy:
         quant_every: recompute weight codes every this many steps (paper: ``f``).
         embedding: weight bits of ``nn.Embedding`` tables (their input is indices, so
             weights only); ``None`` keeps them float.
+        placement: where activations are quantized. ``"graph"`` (default): each weight
+            layer's input, and also the tensors an int8 runtime keeps in integers apart
+            from weight layers: the inputs of residual adds, concatenations and average
+            pools, found in a ``torch.fx`` capture of the model (so ``out += identity``
+            inside a ``forward`` counts); each tensor is quantized once, and a layer
+            reading a quantized tensor shares its scale. ``"layers"``: weight-layer
+            inputs only (the placement of blendq 0.1; residual branches stay float).
+        site_bits: bits of the activation sites apart from weight layers (default 8, the
+            int8 runtime's); unused with ``placement="layers"`` or ``a_bits=None``.
 
     Raises:
         ValueError: bits outside 1..8, an unknown method, a malformed rule; at
@@ -88,6 +98,8 @@ class QuantPolicy:
     skip: tuple[str, ...] = ()
     quant_every: int = 1
     embedding: int | None = None
+    placement: str = "graph"
+    site_bits: int = 8
 
     def __post_init__(self) -> None:
         check_bits("w_bits", self.w_bits)
@@ -106,6 +118,16 @@ class QuantPolicy:
         object.__setattr__(self, "skip", tuple(self.skip))
         if not isinstance(self.quant_every, int) or self.quant_every < 1:
             raise ValueError(f"quant_every must be an integer >= 1, got {self.quant_every!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        check_bits("site_bits", self.site_bits)
+
+    def site_spec(self) -> ActSpec | None:
+        """The activation spec of the sites apart from weight layers (``placement="graph"``);
+        ``None`` where there are none (layer placement, or float activations)."""
+        if self.placement != "graph" or self.a_bits is None or self.site_bits < 2:
+            return None
+        return ActSpec(bits=self.site_bits, signed=self.a_signed, method=self.act_method)
 
     def __hash__(self) -> int:
         return hash((self.w_bits, self.a_bits, self.method, tuple(self.overrides.items())))

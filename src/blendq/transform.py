@@ -12,8 +12,9 @@ import torch
 import torch.fx
 from torch import nn
 
-from .converted import QuantMixin, quant_class
-from .layers import FOLDED_BN_MAP, BlendMixin, blend_class, layer_kind, rebuild
+from .converted import QuantMixin, QuantSite, quant_class
+from .layers import FOLDED_BN_MAP, BlendMixin, BlendSite, blend_class, layer_kind, rebuild
+from .placement import place_sites, sites
 from .policy import QuantPolicy
 from .quantizers import WeightGroup
 from .schedules import Schedule
@@ -68,13 +69,17 @@ def prepare(model: nn.Module, policy: QuantPolicy) -> nn.Module:
             module, plan.w_spec, plan.a_spec, name=plan.name or type(module).__name__
         )
         model = _replace(model, plan.name, blended)
+    site_spec = policy.site_spec()
+    if site_spec is not None:
+        place_sites(model, site_spec)
     link_batch_norms(model)
     return model
 
 
 class _LinkTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, BlendMixin | QuantMixin | nn.modules.batchnorm._BatchNorm) or \
+        return isinstance(m, BlendMixin | QuantMixin | BlendSite | QuantSite |
+                          nn.modules.batchnorm._BatchNorm) or \
             super().is_leaf_module(m, qualname)
 
 
@@ -210,17 +215,28 @@ def telemetry(model: nn.Module, previous: dict[str, torch.Tensor] | None = None
         if previous is not None and name in previous:
             changed += float((previous[name] != codes_now[name]).sum())
             total += codes_now[name].numel()
-        a = m.a_quant
-        if a is not None:
-            clipped, seen = clipped + float(a.clipped), seen + float(a.seen)
-            a.clipped.zero_()
-            a.seen.zero_()
+    for a in _act_quantizers(model):
+        clipped, seen = clipped + float(a.clipped), seen + float(a.seen)
+        a.clipped.zero_()
+        a.seen.zero_()
     out = {"w_rel_dist": (dist2 / norm2) ** 0.5 if norm2 > 0 else 0.0}
     if total:
         out["codes_changed"] = changed / total
     if seen:
         out["act_clipped"] = clipped / seen
     return out, codes_now
+
+
+def _act_quantizers(model: nn.Module) -> list:
+    """Every activation quantizer once (a layer reading a site shares the site's)."""
+    found = {id(m.a_quant): m.a_quant for m in model.modules()
+             if isinstance(m, BlendMixin | BlendSite) and m.a_quant is not None}
+    return list(found.values())
+
+
+def _alpha_holders(model: nn.Module) -> list[nn.Module]:
+    """Blended layers and sites: everything that holds an α."""
+    return [m for m in model.modules() if isinstance(m, BlendMixin | BlendSite)]
 
 
 def blend_layers(model: nn.Module) -> Iterator[tuple[str, BlendMixin]]:
@@ -240,13 +256,15 @@ def set_alpha(model: nn.Module, alpha: float) -> None:
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    for layer in _require_blend(model):
-        layer.alpha.fill_(alpha)
+    _require_blend(model)
+    for holder in _alpha_holders(model):
+        holder.alpha.fill_(alpha)
 
 
 def get_alpha(model: nn.Module) -> float:
-    """The smallest α over the blended layers."""
-    return min(float(m.alpha) for m in _require_blend(model))
+    """The smallest α over the blended layers and sites."""
+    _require_blend(model)
+    return min(float(m.alpha) for m in _alpha_holders(model))
 
 
 class AlphaController:
@@ -261,6 +279,7 @@ class AlphaController:
         if after not in AFTER_ALPHA:
             raise ValueError(f"after must be one of {AFTER_ALPHA}, got {after!r}")
         self.layers = _require_blend(model)
+        self.alphas = [m.alpha for m in _alpha_holders(model)]  # layers' and sites'
         self.schedule = schedule
         self.after = after
         self.alpha: float | None = None  # last α applied; None: nothing applied yet
@@ -272,9 +291,8 @@ class AlphaController:
         the others at their forward."""
         alpha = self.schedule(step)
         if alpha != self.alpha:
-            alphas = [layer.alpha for layer in self.layers]
-            torch._foreach_mul_(alphas, 0.0)  # fill every layer's α in two operations
-            torch._foreach_add_(alphas, alpha)
+            torch._foreach_mul_(self.alphas, 0.0)  # fill every α in two operations
+            torch._foreach_add_(self.alphas, alpha)
             self.alpha = alpha
             if alpha >= 1.0 and self.after == "ste":
                 _straight_through_weights(self.layers)
@@ -326,7 +344,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 def alpha_view(model: nn.Module, alpha: float | None = None) -> Iterator[nn.Module]:
     """Evaluate at ``alpha`` (``None``: the current blend) in eval mode, then put back
     α and train/eval modes. Training state (EMA scales, cached codes) is untouched."""
-    layers = _require_blend(model)
+    _require_blend(model)
+    layers = _alpha_holders(model)
     saved_alpha = [m.alpha.clone() for m in layers]
     try:
         with eval_mode(model):
@@ -397,10 +416,19 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
                 f"layer {name}: activation scale never calibrated; run training "
                 "(or forward passes in train mode) before convert"
             )
+    for name, site in sites(model):
+        if float(site.alpha) < 1.0 or not bool(site.a_quant.initialized):
+            raise ValueError(
+                f"quantization site {name} has alpha={float(site.alpha):.4g}"
+                + ("" if bool(site.a_quant.initialized) else " and was never calibrated")
+                + "; convert needs alpha = 1 and a calibrated scale (set_alpha(model, 1.0) "
+                "after training forwards)")
     if not inplace:
         model = copy.deepcopy(model)
     for name, layer in list(blend_layers(model)):
         model = _replace(model, name, quant_class(layer).from_blend(layer))
+    for name, site in sites(model):
+        model = _replace(model, name, QuantSite.from_blend(site))
     link_batch_norms(model)
     return model.eval()
 
@@ -449,6 +477,12 @@ def summary(model: nn.Module) -> list[LayerRow]:
             rows.append(
                 LayerRow(name, type(m).__name__, m.w_bits, m.a_bits, gran, "int", 1.0, params)
             )
+        elif isinstance(m, BlendSite | QuantSite):
+            bits = m.a_quant.spec.bits if isinstance(m, BlendSite) else m.a_bits
+            method = m.a_quant.spec.method if isinstance(m, BlendSite) else "int"
+            rows.append(LayerRow(name, type(m).__name__, None, bits, "tensor", method,
+                                 float(getattr(m, "alpha", 1.0)), 0,
+                                 "quantized (activation site)"))
         elif own:
             rows.append(LayerRow(name, type(m).__name__, None, None, "-", "float", None,
                                  sum(p.numel() for p in own), _float_fate(m)))

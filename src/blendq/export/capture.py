@@ -24,7 +24,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ..converted import Deploy, QuantMixin
+from ..converted import Deploy, QuantMixin, QuantSite
 from ..functional import pack_codes, round_bias
 from ..layers import BlendMixin, bn_affine
 
@@ -114,6 +114,8 @@ def deployable(converted_model: nn.Module, packed: bool = False,
     for name, m in model.named_modules():
         if isinstance(m, QuantMixin):
             _deploy_layer(m, folded.get(id(m)), packed, name)
+        elif isinstance(m, QuantSite):
+            m.set_deploy()
     return model
 
 

@@ -18,7 +18,12 @@ from torch import Tensor, nn
 
 from .capture import example_args
 
-__all__ = ["IntegerEngine", "first_tensor"]
+__all__ = ["IntegerEngine", "first_tensor", "TIE_WINDOW"]
+
+# An activation whose value sits this close (in codes) to the midpoint between two codes
+# is on a rounding tie: float paths that sum in another order (another CPU, float32
+# against float64) may round it either way, and so may every value computed from it.
+TIE_WINDOW = 1e-6
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -58,9 +63,10 @@ class _Codes:
 
 
 class _Interpreter(torch.fx.Interpreter):
-    def __init__(self, module: torch.fx.GraphModule, stats: dict | None) -> None:
+    def __init__(self, module: torch.fx.GraphModule, stats: dict | None, batch: int) -> None:
         super().__init__(module)
         self.codes: dict[str, _Codes] = {}
+        self.tied = torch.zeros(batch, dtype=torch.long)  # tied activations per sample
         self.stats = stats
         self.integer_layers = 0
         qd = _qd()
@@ -85,6 +91,7 @@ class _Interpreter(torch.fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         if n.target in self.quantize:  # codes of the float64 value: round(x / s) + zp
             x, scale, zero, qmin, qmax = args[:5]
+            self._count_ties(x / scale)
             return torch.clamp(torch.round(x / scale) + zero, qmin, qmax)
         if n.target in self.dequantize:
             q, scale, zero = args[0].double(), args[1], args[2]
@@ -102,6 +109,15 @@ class _Interpreter(torch.fx.Interpreter):
             if out is not None:
                 return out
         return n.target(*_wide(args), **{k: _wide(v) for k, v in kwargs.items()})
+
+    def _count_ties(self, codes: Tensor) -> None:
+        """Count the values within :data:`TIE_WINDOW` of a rounding midpoint, per sample
+        where the tensor's first dimension is the batch (else against every sample)."""
+        tied = ((codes - torch.floor(codes)) - 0.5).abs() <= TIE_WINDOW
+        if codes.dim() > 0 and codes.shape[0] == len(self.tied):
+            self.tied += tied.reshape(len(self.tied), -1).sum(1)
+        else:
+            self.tied += int(tied.sum())
 
     def _integer_core(self, n: torch.fx.Node, args) -> Tensor | None:
         """``(s_x·s_w)·(q_x ⋆ q_w) + b`` where input and weight are codes (one input scale,
@@ -147,11 +163,14 @@ class IntegerEngine(nn.Module):
         self.program = program
         self.graph_module = program.module()
         self.integer_layers = 0  # layers run on integer codes in the last call
+        # per sample of the last call: activations on a rounding tie (``TIE_WINDOW``)
+        self.tied_activations = torch.zeros(0, dtype=torch.long)
 
     def _run(self, example_input, stats: dict | None):
         args = example_args(example_input)
         flat = torch.utils._pytree.tree_leaves(args)
-        interpreter = _Interpreter(self.graph_module, stats)
+        batch = flat[0].shape[0] if flat and flat[0].dim() > 0 else 1
+        interpreter = _Interpreter(self.graph_module, stats, batch)
         with torch.no_grad():
             outputs = interpreter.run(*flat)
         spec = getattr(self.graph_module, "_out_spec", None)
@@ -159,6 +178,7 @@ class IntegerEngine(nn.Module):
             leaves = [outputs] if isinstance(outputs, Tensor) else list(outputs)
             outputs = torch.utils._pytree.tree_unflatten(leaves, spec)
         self.integer_layers = interpreter.integer_layers
+        self.tied_activations = interpreter.tied
         return outputs
 
     def forward(self, example_input) -> Tensor:

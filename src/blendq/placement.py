@@ -1,0 +1,312 @@
+"""Quantization sites apart from weight layers, found in a ``torch.fx`` capture.
+
+An int8 runtime keeps a tensor in integers where every reader of it is an integer
+kernel: the inputs of a residual add (``QLinearAdd``), of a concatenation
+(``QLinearConcat``) and of an average pool (``QLinearGlobalAveragePool``), besides
+the inputs of convolutions and matrix products. A weight layer quantizes its own
+input; :func:`place_sites` quantizes the others. Each module's own ``forward`` is
+captured with ``torch.fx`` (its children as leaves, so the capture is local and
+small), and wherever an add, a concatenation or an average pool reads a tensor that
+is not quantized yet, a :class:`~blendq.layers.BlendSite` is inserted right after the
+tensor's producer and every reader of the tensor reads the site's output: one
+tensor, one quantization, one scale. A weight layer that reads a site's output
+(directly, or through max pooling, flattening or reshaping, which keep the grid)
+shares the site's quantizer instead of quantizing again.
+
+The module keeps its class and its state-dict keys (the sites are added under
+``quant_sites``); its ``forward`` becomes the captured one with the sites in it (a
+subclass generated per instance). A module whose ``forward`` cannot be captured
+(data-dependent control flow, or a capture that depends on ``self.training``) keeps
+its ``forward``: its children are tried in turn, and one warning names the modules
+where adds or concatenations may stay float.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import warnings
+
+import torch
+import torch.fx
+from torch import nn
+from torch.nn import functional as TF
+
+from .converted import QuantMixin, QuantSite
+from .layers import BlendMixin, BlendSite
+from .quantizers import ActSpec
+
+__all__ = ["place_sites", "sites", "SiteTracer"]
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
+_CATS = {torch.cat, torch.concat, torch.concatenate}
+_POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                 nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_POOL_FUNCTIONS = {TF.adaptive_avg_pool1d, TF.adaptive_avg_pool2d, TF.adaptive_avg_pool3d,
+                   TF.avg_pool1d, TF.avg_pool2d, TF.avg_pool3d}
+# operations that keep every value on its grid: a layer reading their output reads the grid
+_KEEP_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity)
+_KEEP_FUNCTIONS = {TF.max_pool1d, TF.max_pool2d, TF.max_pool3d, torch.flatten,
+                   torch.reshape}
+_KEEP_METHODS = {"flatten", "view", "reshape", "contiguous"}
+_SHAPE_METHODS = {"size", "dim", "numel", "__len__"}
+_QUANTIZED = (BlendMixin, BlendSite, QuantMixin, QuantSite)
+
+
+class SiteTracer(torch.fx.Tracer):
+    """Captures one module's own ``forward``: every child is a leaf."""
+
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__()
+        self.root_module = root
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return m is not self.root_module
+
+
+def sites(model: nn.Module) -> list[tuple[str, BlendSite | QuantSite]]:
+    """``(name, site)`` of every quantization site apart from weight layers."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BlendSite | QuantSite)]
+
+
+def place_sites(model: nn.Module, spec: ActSpec) -> int:
+    """Insert a :class:`~blendq.layers.BlendSite` (quantizing with ``spec``) on every input
+    of an add, a concatenation or an average pool that is not quantized yet, in every
+    module whose ``forward`` ``torch.fx`` captures; returns the number of sites. Warns,
+    naming them, about modules whose own ``forward`` could not be captured."""
+    skipped: list[str] = []
+    count = _place_within(model, "", spec, skipped)
+    if skipped:
+        shown = "; ".join(skipped[:6]) + (f"; and {len(skipped) - 6} more"
+                                          if len(skipped) > 6 else "")
+        warnings.warn(f"blendq: the forward of these modules could not be captured with "
+                      f"torch.fx, so residual adds or concatenations inside them (if any) "
+                      f"keep weight-layer-input placement and stay float in the deployed "
+                      f"graph: {shown}", stacklevel=3)
+    return count
+
+
+def _holds_layers(m: nn.Module) -> bool:
+    return any(isinstance(x, BlendMixin) for x in m.modules())
+
+
+def _own_forward(m: nn.Module) -> bool:
+    """Whether ``m`` has a forward of its own that is not a torch container's."""
+    forward = type(m).forward
+    return not forward.__module__.startswith("torch.") and \
+        not isinstance(m, nn.Sequential | nn.ModuleList | nn.ModuleDict)
+
+
+def _place_within(module: nn.Module, prefix: str, spec: ActSpec, skipped: list[str]) -> int:
+    if isinstance(module, _QUANTIZED) or not _holds_layers(module):
+        return 0
+    count = sum(_place_within(child, f"{prefix}.{name}" if prefix else name, spec, skipped)
+                for name, child in module.named_children())
+    if not isinstance(module, nn.Sequential) and \
+            type(module).forward.__module__.startswith("torch."):
+        return count  # a torch module (container, attention): nothing of its own to see
+    if isinstance(module, nn.Sequential):  # its elements keep their indices: sites go in front
+        return count + _sequential_sites(module, spec)
+    graph, why = _capture(module)
+    if graph is None:
+        skipped.append(f"{prefix or '<root>'} ({type(module).__name__}: {why})")
+        return count
+    return count + _rewrite(module, graph, spec)
+
+
+def _sequential_sites(seq: nn.Sequential, spec: ActSpec) -> int:
+    """In a Sequential, an average pool's input is quantized by a site the pool holds
+    (``pool.quant_site``), so the Sequential's indices and length stay as they were."""
+    count = 0
+    for i, m in enumerate(seq):
+        if isinstance(m, _POOL_MODULES) and i > 0 and "quant_site" not in m._modules:
+            m.quant_site = BlendSite(spec, name=f"{type(m).__name__}.input").to(_device(seq))
+            base = type(m)
+            m.__class__ = type(base.__name__, (base,), {
+                "forward": _site_then_forward, "_blendq_base": base,
+                "__module__": base.__module__})
+            count += 1
+    return count
+
+
+def _site_then_forward(self, input):
+    return self._blendq_base.forward(self, self.quant_site(input))
+
+
+def _capture(module: nn.Module) -> tuple[torch.fx.Graph | None, str]:
+    """The graph of ``module``'s own forward, or ``None`` and why not. The rewritten
+    forward must compute what the old one computes for every call, so a capture that
+    changes with ``self.training`` or with the optional arguments (a branch on
+    ``mask is None`` is taken once, at capture) is refused."""
+    was = module.training
+    optional = {name: p.default for name, p in
+                inspect.signature(type(module).forward).parameters.items()
+                if p.default is not inspect.Parameter.empty
+                and p.kind is p.POSITIONAL_OR_KEYWORD}
+    try:
+        shapes = []
+        for mode, concrete in ((True, None), (False, None), (was, optional or None)):
+            module.train(mode)
+            graph = SiteTracer(module).trace(module, concrete_args=concrete)
+            shapes.append([(n.op, str(n.target)) for n in graph.nodes
+                           if n.op not in ("placeholder", "output")
+                           and "_assert_is_none" not in str(n.target)])
+        if shapes[0] != shapes[1]:
+            return None, "its forward reads self.training"
+        if shapes[2] != shapes[0]:
+            return None, "its forward branches on an optional argument"
+        module.train(was)
+        return SiteTracer(module).trace(module), ""
+    except Exception as err:  # torch.fx's reason, in one line
+        return None, f"{type(err).__name__}: {str(err).strip().splitlines()[0][:120]}"
+    finally:
+        module.train(was)
+
+
+def _is_shape(n: torch.fx.Node) -> bool:
+    """Whether an fx value is a size or a number computed from one, not a tensor."""
+    if n.op == "call_method" and n.target in _SHAPE_METHODS:
+        return True
+    if n.op == "call_function" and n.target in (getattr, len):
+        return True
+    if n.op == "call_function" and n.target in (operator.getitem, operator.add, operator.mul,
+                                                operator.sub, operator.floordiv):
+        return any(isinstance(a, torch.fx.Node) and _is_shape(a) for a in n.args)
+    return False
+
+
+def _integer_inputs(module: nn.Module, n: torch.fx.Node) -> list[torch.fx.Node]:
+    """The tensors ``n`` reads that an int8 runtime wants quantized (none: not such an op)."""
+    if (n.op == "call_function" and n.target in _ADDS) or \
+            (n.op == "call_method" and n.target in _ADD_METHODS):
+        args = n.args[:2]
+        if len(args) == 2 and all(isinstance(a, torch.fx.Node) and not _is_shape(a)
+                                  for a in args) and "alpha" not in n.kwargs:
+            return list(args)
+        return []
+    if n.op == "call_function" and n.target in _CATS and n.args and \
+            isinstance(n.args[0], list | tuple) and len(n.args[0]) > 1:
+        parts = list(n.args[0])
+        return parts if all(isinstance(a, torch.fx.Node) for a in parts) else []
+    if (n.op == "call_function" and n.target in _POOL_FUNCTIONS) or \
+            (n.op == "call_module" and isinstance(module.get_submodule(n.target), _POOL_MODULES)):
+        return [n.args[0]] if isinstance(n.args[0], torch.fx.Node) else []
+    return []
+
+
+def _keeps_grid(module: nn.Module, n: torch.fx.Node) -> bool:
+    if n.op == "call_module":
+        return isinstance(module.get_submodule(n.target), _KEEP_MODULES)
+    if n.op == "call_function":
+        return n.target in _KEEP_FUNCTIONS
+    return n.op == "call_method" and n.target in _KEEP_METHODS
+
+
+def _source(module: nn.Module, n: torch.fx.Node) -> torch.fx.Node:
+    """Walk back from ``n`` across operations that keep the grid."""
+    while _keeps_grid(module, n) and isinstance(n.args[0], torch.fx.Node):
+        n = n.args[0]
+    return n
+
+
+def _rewrite(module: nn.Module, graph: torch.fx.Graph | None, spec: ActSpec) -> int:
+    """Insert the sites into ``graph`` and make it ``module``'s forward."""
+    if graph is None:
+        return 0
+    placed: dict[torch.fx.Node, BlendSite] = {}
+
+    def place(value: torch.fx.Node) -> None:
+        source = _source(module, value)
+        if source in placed or value in placed or _site_of(module, source) is not None:
+            return
+        placed[value] = BlendSite(spec, name=f"{type(module).__name__}.{value.name}")
+        with graph.inserting_after(value):
+            node = graph.call_module(f"quant_sites.{value.name}", (value,))
+        value.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+
+    for n in list(graph.nodes):
+        for value in _integer_inputs(module, n):
+            place(value)
+        readers = [u for u in n.users if u.op == "call_module" and u.args and u.args[0] is n
+                   and _reads_quantized(module.get_submodule(u.target))]
+        if len(readers) > 1:  # one tensor, several quantized readers: one scale for all
+            place(n)
+    if not placed:
+        return 0
+    if "quant_sites" not in module._modules:
+        module.quant_sites = nn.ModuleDict()
+    for value, site in placed.items():
+        module.quant_sites[value.name] = site.to(_device(module))
+    _share_with_layers(module, graph)
+    graph.lint()
+    _install_forward(module, graph)
+    return len(placed)
+
+
+def _device(module: nn.Module) -> torch.device:
+    tensor = next(iter(module.parameters()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _site_of(module: nn.Module, n: torch.fx.Node) -> BlendSite | None:
+    if n.op == "call_module" and str(n.target).startswith("quant_sites."):
+        return module.get_submodule(n.target)
+    return None
+
+
+def _reads_quantized(m: nn.Module) -> bool:
+    layer = _first_layer(m)
+    return layer is not None and layer.a_quant is not None
+
+
+def _first_layer(m: nn.Module) -> BlendMixin | None:
+    """The weight layer that first reads ``m``'s input (``m`` itself, or the first
+    element of a Sequential)."""
+    while isinstance(m, nn.Sequential) and len(m) > 0:
+        m = m[0]
+    return m if isinstance(m, BlendMixin) else None
+
+
+def _share_with_layers(module: nn.Module, graph: torch.fx.Graph) -> None:
+    """A weight layer whose input is a site's output (across grid-keeping operations)
+    quantizes with the site's quantizer and does not quantize again."""
+    calls: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    for n in graph.nodes:
+        if n.op != "call_module" or calls[n.target] > 1 or not n.args or \
+                not isinstance(n.args[0], torch.fx.Node):
+            continue
+        site = _site_of(module, _source(module, n.args[0]))
+        layer = _first_layer(module.get_submodule(n.target))
+        if site is None or layer is None or layer.a_quant is None:
+            continue
+        if layer.a_quant.spec == site.a_quant.spec:
+            layer.a_quant = site.a_quant  # the same quantizer object: one scale
+            layer.input_from_site = True
+
+
+def _install_forward(module: nn.Module, graph: torch.fx.Graph) -> None:
+    """Make ``graph`` the forward of ``module`` (a subclass of its class per instance,
+    so ``isinstance`` and the other methods hold)."""
+    code = torch.fx.GraphModule(module, graph)
+    for n in graph.nodes:  # constants the capture made (module attributes are already there)
+        if n.op == "get_attr" and not _resolves(module, n.target):
+            module.register_buffer(n.target, getattr(code, n.target), persistent=False)
+    forward = type(code).forward
+    cls = type(module)
+    base = cls.__dict__.get("_blendq_base", cls)
+    module.__class__ = type(base.__name__, (base,), {
+        "forward": forward, "_blendq_base": base, "__module__": base.__module__,
+        "_blendq_code": code.code})
+
+
+def _resolves(module: nn.Module, target: str) -> bool:
+    obj = module
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
