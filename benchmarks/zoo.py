@@ -95,6 +95,9 @@ def _timm(name: str) -> tuple[nn.Module, str]:
     return timm.create_model(name, pretrained=False, num_classes=10, **size), "image"
 
 
+# the int8 kernels counted in the graph ONNX Runtime runs (besides its float convolutions)
+INT8_KERNELS = ("QLinearConv", "QLinearAdd", "QLinearConcat", "QLinearGlobalAveragePool",
+                "QGemm", "MatMulInteger", "QLinearMatMul", "ConvInteger")
 HF = ["resnet", "mobilenet_v2", "efficientnet", "convnext", "regnet", "vit", "bert", "gpt2"]
 TIMM = ["resnet18", "mobilenetv3_small_100", "efficientnet_b0", "densenet121", "regnetx_002",
         "convnext_atto", "deit_tiny_patch16_224"]
@@ -173,14 +176,15 @@ def run_model(name: str, seed: int = 0, steps: int = 4, n_eval: int = 64,
     o = compare_logits("ort", ref, ort, step)
     e = compare_logits("engine", ref, ints, step)
     floor = compare_logits("nudged", ref, moved, step).max_steps
-    int8 = {k: v for k, v in ops.items() if k in ("QLinearConv", "QGemm", "MatMulInteger",
-                                                    "QLinearMatMul", "ConvInteger")}
+    int8 = {k: v for k, v in ops.items() if k in INT8_KERNELS}
+    float_convs = ops.get("Conv", 0) + ops.get("FusedConv", 0)
     return {"model": name, "quantized": quantized, "weight_modules": total,
             "convert_equals_alpha_one": same, "ort_top1": o.top1_agreement,
             "ort_max_steps": o.max_steps, "engine_top1": e.top1_agreement,
             "engine_max_steps": e.max_steps, "rounding_floor_steps": floor,
             "integer_layers": engine.integer_layers,
-            "int8_kernels": int8, "export_s": round(export_s, 2), "ort_speedup": speedup}
+            "int8_kernels": int8, "float_convs": float_convs,
+            "export_s": round(export_s, 2), "ort_speedup": speedup}
 
 
 def _nudge(x: torch.Tensor) -> torch.Tensor:
@@ -252,6 +256,7 @@ def main() -> None:
             continue
         rows.append(row)
         kernels = ", ".join(f"{k} {v}" for k, v in row["int8_kernels"].items()) or "-"
+        kernels += f"; float conv {row['float_convs']}"
         speed = f"  {row['ort_speedup']:.2f}" if args.speed else ""
         print(f"{name:28s} {row['quantized']:>4}/{row['weight_modules']:<6} "
               f"{str(row['convert_equals_alpha_one']):8s} {row['ort_top1']:7.2f}% "

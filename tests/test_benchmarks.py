@@ -57,3 +57,17 @@ def test_bnn_gpu_script_trains_its_runs_side_by_side_in_smoke_mode(tmp_path):
     assert all(len(r["curve"]) == 1 for r in summary["runs"]) and "wall" in out
     config = json.loads((tmp_path / "ste" / "config.json").read_text())
     assert config["clip_latent"] and config["method"] == "ste" and config["w_bits"] == 1
+
+
+def test_deploy_speed_script_runs_in_smoke_mode(tmp_path):
+    pytest.importorskip("onnxruntime")
+    _run("deploy_speed.py", "--smoke", "--models", "resnet50_v1", "--json",
+         str(tmp_path / "deploy.json"))
+    rows = json.loads((tmp_path / "deploy.json").read_text())["rows"]
+    by_file = {r["file"]: r for r in rows if r["runtime"] == "ORT"}
+    assert set(by_file) == {"fp32", "quantize_static", "blendq W8A8", "blendq W4A8"}
+    for label in ("blendq W8A8", "blendq W4A8"):  # every convolution and add in int8
+        kernels = by_file[label]["ort_kernels"]
+        assert kernels.get("QLinearConv") == 53 and kernels.get("QLinearAdd") == 16
+        assert "Conv" not in kernels and "FusedConv" not in kernels
+    assert all(r["ms"] > 0 for r in rows)

@@ -30,7 +30,8 @@ def test_lsq_trains_its_steps_converts_exactly_and_exports(tmp_path, w_bits, a_b
     model = blendq.prepare(small_cnn(), blendq.QuantPolicy(
         w_bits=w_bits, a_bits=a_bits, per_channel=True, method="lsq", act_method="lsq"))
     steps = [p for n, p in model.named_parameters() if n.endswith("step")]
-    assert len(steps) == 8  # a weight step and an activation step per layer
+    # a weight step and an activation step per layer, and the average pool's input site's
+    assert len(steps) == 9
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
     blendq.set_alpha(model, 1.0)

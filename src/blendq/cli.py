@@ -330,6 +330,9 @@ def cmd_export(args) -> int:
     return 0
 
 
+RUNTIME_CHOICES = {"ort": ("ort",), "openvino": ("openvino",), "all": ("ort", "openvino")}
+
+
 def cmd_verify(args) -> int:
     from .data import load_dataset
     from .engine.trainer import make_loaders
@@ -343,7 +346,8 @@ def cmd_verify(args) -> int:
     _, test = make_loaders(cfg, data)
     program = capture(converted, example)
     with quantized(model) as alpha_one:
-        rows = verify_model(alpha_one, program, test, onnx=not args.no_onnx)
+        rows = verify_model(alpha_one, program, test, onnx=not args.no_onnx,
+                            runtimes=RUNTIME_CHOICES[args.runtime])
     print(f"{args.run}: W{cfg.w_bits}A{cfg.a_bits or 32}; |Δ| in steps of max|logit|/127")
     for row in rows:
         print(row.row())
@@ -416,10 +420,14 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", help="output file (default: RUN/model.pt2|.onnx)")
     ex.set_defaults(func=cmd_export)
 
-    vf = sub.add_parser("verify", help="alpha=1 model vs integer engine vs ONNX Runtime")
+    vf = sub.add_parser("verify", help="alpha=1 model vs integer engine vs ONNX Runtime "
+                        "or OpenVINO")
     vf.add_argument("run", help="run directory or checkpoint")
     vf.add_argument("--test-subset", type=int, help="first N test images")
-    vf.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
+    vf.add_argument("--no-onnx", action="store_true", help="skip the runtimes")
+    vf.add_argument("--runtime", choices=tuple(RUNTIME_CHOICES), default="ort",
+                    help="ONNX Runtime (ort), OpenVINO (openvino, needs blendq[openvino]) "
+                         "or both (all)")
     vf.set_defaults(func=cmd_verify)
 
     rc = sub.add_parser("recipes", help="list bundled recipes (or --models)")

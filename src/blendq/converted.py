@@ -127,7 +127,7 @@ class QuantMixin:
         if self.deploy is not None:
             return _deploy_input(x, self.deploy)
         scale = self.act_scale.to(x.dtype)
-        return scale * F.quantize(x, scale, self.a_bits, self.a_signed)
+        return scale * F.quantize(x, scale, self.a_bits, self.a_signed, full=True)
 
     def set_deploy(self, deploy: Deploy, codes: Tensor, scale: Tensor, bias: Tensor | None,
                    bias_scale: Tensor | None) -> None:
@@ -167,20 +167,16 @@ class QuantMixin:
 def _deploy_input(x: Tensor, d: Deploy) -> Tensor:
     """The input on its grid, as standard operators: ``Where`` for signs; else quantize
     and dequantize as uint8, zero point 0 for unsigned grids and 128 for signed ones
-    (codes ``q + 128``: x86 runtimes run their int8 kernels from uint8 activations),
-    after a clamp where the grid is narrower than that. The signed 8-bit grid
-    (-127..127) is deployed on -128..127 without a clamp: a runtime fuses no kernel
-    across a clamp, and the extra level differs from training only on values training
-    clipped at -127 (one code, docs/deployment.md)."""
+    (codes ``q + 128``, the same values: x86 runtimes run their int8 kernels from uint8
+    activations), after a clamp where the grid is narrower than 8 bits (a runtime fuses
+    no kernel across a clamp, so 8-bit grids are the whole storage range)."""
     s = d.a_scale
     if F.is_sign(d.a_bits, d.a_signed):
         return torch.where(x >= 0, s, -s).to(x.dtype)
-    qmin, qmax = F.grid(d.a_bits, d.a_signed)
+    qmin, qmax = F.grid(d.a_bits, d.a_signed, full=True)
     zero = 128 if d.a_signed else 0
-    low = qmin * s if qmin + zero > 1 else None  # -127 (8-bit signed): no clamp, see above
-    high = qmax * s if qmax + zero < 255 else None
-    if low is not None or high is not None:
-        x = x.clamp(low, high)
+    if qmin + zero > 0 or qmax + zero < 255:
+        x = x.clamp(qmin * s, qmax * s)
     q = _qd().quantize_per_tensor(x, s, zero, 0, 255, torch.uint8)
     return _qd().dequantize_per_tensor(q, s, zero, 0, 255, torch.uint8)
 
@@ -224,7 +220,7 @@ class QuantSite(nn.Module):
         if self.deploy is not None:
             return _deploy_input(x, self.deploy)
         scale = self.act_scale.to(x.dtype)
-        return scale * F.quantize(x, scale, self.a_bits, self.a_signed)
+        return scale * F.quantize(x, scale, self.a_bits, self.a_signed, full=True)
 
     def set_deploy(self) -> None:
         """Compute with standard quantize/dequantize operators (a copy for export)."""

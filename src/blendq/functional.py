@@ -50,11 +50,15 @@ def check_bits(name: str, value, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
-def grid(bits: int, signed: bool = True) -> tuple[int, int]:
+def grid(bits: int, signed: bool = True, full: bool = False) -> tuple[int, int]:
     """Return ``(qmin, qmax)`` of the integer grid.
 
     Signed grids are narrow (symmetric): 8 bits -> [-127, 127], 4 bits -> [-7, 7]
-    (docs/design.md, Grids). Unsigned grids are [0, 2^bits - 1]. One signed bit is {-1, +1}.
+    (docs/design.md, Grids), the weights' grids; ``full``: the whole two's-complement
+    range, 8 bits -> [-128, 127], the activations' grids (what an int8 runtime stores;
+    a clamp to a narrower grid would sit between every kernel and its output
+    quantizer and stop the runtime fusing them). Unsigned grids are [0, 2^bits - 1].
+    One signed bit is {-1, +1}.
     """
     check_bits("bits", bits)
     if not signed:
@@ -62,7 +66,7 @@ def grid(bits: int, signed: bool = True) -> tuple[int, int]:
     if bits == 1:
         return -1, 1
     qmax = 2 ** (bits - 1) - 1
-    return -qmax, qmax
+    return -qmax - int(full), qmax
 
 
 def _reduce_dims(x: Tensor, axis: int | None) -> tuple[int, ...]:
@@ -149,6 +153,7 @@ def ppq(
     max_iter: int = 20,
     scale: Tensor | float | None = None,
     fixed: bool = False,
+    full: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Progressive projection quantization (paper Algorithm 2).
 
@@ -161,7 +166,8 @@ def ppq(
         bits: grid width, 2..8 signed, 1..8 unsigned (1-bit signed: use :func:`binarize`).
         axis: ``None`` for one scale per tensor, else one scale per slice along ``axis``
             (``axis=0`` on a weight: per output channel).
-        signed: narrow signed grid, else unsigned ``[0, 2^bits - 1]``.
+        signed: narrow signed grid (``full``: the whole two's-complement range), else
+            unsigned ``[0, 2^bits - 1]``.
         max_iter: most (eq. 8, eq. 9) iterations.
         scale: optional starting scale (broadcastable); entries ``<= 0`` start from
             ``max|x| / qmax`` as in Algorithm 2.
@@ -181,7 +187,7 @@ def ppq(
     """
     if signed and bits == 1:
         raise ValueError("ppq needs bits in 2..8 for a signed grid; use binarize() for 1 bit")
-    qmin, qmax = grid(bits, signed)
+    qmin, qmax = grid(bits, signed, full)
     _check_axis(x, axis)
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
@@ -194,7 +200,7 @@ def ppq(
         if x.dtype != torch.float64 and peak * (qmax - qmin + 1) ** 2 * x.numel() >= \
                 torch.finfo(_as_float(x).dtype).max:
             # the sums <x, codes> overflow this dtype: solve in float64, return x's dtype
-            codes, new = ppq(x.double(), bits, axis, signed, max_iter, scale, fixed)
+            codes, new = ppq(x.double(), bits, axis, signed, max_iter, scale, fixed, full)
             return codes.to(_as_float(x).dtype), new.to(_as_float(x).dtype)
     xf = _as_float(x)
     dims = _reduce_dims(xf, axis)
@@ -259,12 +265,13 @@ def binarize(
     return codes, gamma
 
 
-def quantize(x: Tensor, scale: Tensor, bits: int, signed: bool = True) -> Tensor:
+def quantize(x: Tensor, scale: Tensor, bits: int, signed: bool = True,
+             full: bool = False) -> Tensor:
     """Codes of ``x`` on the grid at a given scale: ``clamp(round(x / scale))`` (eq. 8).
 
-    One bit signed is ``sign`` with 0 -> +1, whatever the scale.
+    One bit signed is ``sign`` with 0 -> +1, whatever the scale. ``full``: see :func:`grid`.
     """
-    qmin, qmax = grid(bits, signed)
+    qmin, qmax = grid(bits, signed, full)
     if signed and bits == 1:
         return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
     return _codes(x, scale, qmin, qmax)
@@ -404,7 +411,8 @@ class _FakeQuant(torch.autograd.Function):
 
 
 def fake_quantize(x: Tensor, scale: Tensor, alpha: Tensor, bits: int, signed: bool,
-                  method: str, fused: bool | None = None) -> tuple[Tensor, Tensor]:
+                  method: str, fused: bool | None = None, full: bool = True
+                  ) -> tuple[Tensor, Tensor]:
     """``(value, clipped)``: ``x`` on the grid at ``scale`` blended with ``x`` by ``alpha``,
     with the gradient of ``method`` (``"ste"``: passed where ``x`` lies within half a step
     of the grid, ``"ab"``: ``(1 - alpha)``), and the number of elements at the grid's
@@ -414,7 +422,7 @@ def fake_quantize(x: Tensor, scale: Tensor, alpha: Tensor, bits: int, signed: bo
         raise ValueError("fake_quantize takes grids of 2 or more levels; sign has its own")
     if fused is None:
         fused = fuses(x)
-    qmin, qmax = grid(bits, signed)
+    qmin, qmax = grid(bits, signed, full)
     alpha = alpha.to(x.dtype).reshape(())
     return _FakeQuant.apply(x, scale.to(x.dtype).reshape(()), alpha, qmin, qmax,
                             method == "ste", fused)
@@ -479,14 +487,14 @@ class _ScaleGradient(torch.autograd.Function):
 
 
 def lsq(x: Tensor, step: Tensor, bits: int, signed: bool = True,
-        grad_scale: float = 1.0) -> Tensor:
+        grad_scale: float = 1.0, full: bool = False) -> Tensor:
     """Learned step size quantization (Esser et al., ICLR 2020, eqs. 1-3):
     ``round(clamp(x / s, qmin, qmax)) · s``. The gradient to ``x`` passes straight
     through inside the grid's reach (zero outside); the gradient to ``s`` is LSQ's
     ``round(x/s) - x/s`` inside and ``qmin``/``qmax`` outside, multiplied by
     ``grad_scale`` (LSQ's ``1 / sqrt(N · qmax)``). The value is ``s · codes`` exactly,
-    as the converted layer computes it."""
-    qmin, qmax = grid(bits, signed)
+    as the converted layer computes it. ``full``: see :func:`grid`."""
+    qmin, qmax = grid(bits, signed, full)
     s = _ScaleGradient.apply(step, grad_scale)
     return _RoundStraight.apply(torch.clamp(x / s, qmin, qmax)) * s
 

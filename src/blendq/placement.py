@@ -122,16 +122,28 @@ def _sequential_sites(seq: nn.Sequential, spec: ActSpec) -> int:
     for i, m in enumerate(seq):
         if isinstance(m, _POOL_MODULES) and i > 0 and "quant_site" not in m._modules:
             m.quant_site = BlendSite(spec, name=f"{type(m).__name__}.input").to(_device(seq))
-            base = type(m)
-            m.__class__ = type(base.__name__, (base,), {
-                "forward": _site_then_forward, "_blendq_base": base,
-                "__module__": base.__module__})
+            m.__class__ = _pool_class(type(m))
             count += 1
     return count
 
 
+def _pool_class(base: type) -> type:
+    return type(base.__name__, (base,), {"forward": _site_then_forward, "_blendq_base": base,
+                                         "__module__": base.__module__,
+                                         "__reduce_ex__": _reduce_pool})
+
+
 def _site_then_forward(self, input):
     return self._blendq_base.forward(self, self.quant_site(input))
+
+
+def _reduce_pool(self, protocol):
+    return (_make_pool, (type(self)._blendq_base,), self.__dict__)
+
+
+def _make_pool(base: type) -> nn.Module:
+    cls = _pool_class(base)
+    return cls.__new__(cls)
 
 
 def _capture(module: nn.Module) -> tuple[torch.fx.Graph | None, str]:
@@ -295,12 +307,37 @@ def _install_forward(module: nn.Module, graph: torch.fx.Graph) -> None:
     for n in graph.nodes:  # constants the capture made (module attributes are already there)
         if n.op == "get_attr" and not _resolves(module, n.target):
             module.register_buffer(n.target, getattr(code, n.target), persistent=False)
-    forward = type(code).forward
-    cls = type(module)
-    base = cls.__dict__.get("_blendq_base", cls)
-    module.__class__ = type(base.__name__, (base,), {
-        "forward": forward, "_blendq_base": base, "__module__": base.__module__,
-        "_blendq_code": code.code})
+    python = graph.python_code("self")
+    from torch.fx.graph_module import _format_import_block
+    from torch.package import sys_importer
+
+    names = {k: v for k, v in python.globals.items() if not isinstance(v, str)}
+    source = "\n".join([_format_import_block(names, sys_importer)] + [
+        f"{k} = {v!r}" for k, v in python.globals.items() if isinstance(v, str)]
+        + [python.src])
+    base = type(module).__dict__.get("_blendq_base", type(module))
+    module.__class__ = _sited_class(base, source)
+
+
+def _sited_class(base: type, source: str) -> type:
+    """``base`` with the forward defined by ``source`` (fx-generated code plus imports)."""
+    from torch.fx.graph_module import _forward_from_src
+
+    return type(base.__name__, (base,), {
+        "forward": _forward_from_src(source, {}), "_blendq_base": base,
+        "_blendq_source": source, "__module__": base.__module__,
+        "__reduce_ex__": _reduce_sited})
+
+
+def _reduce_sited(self, protocol):
+    """Pickle (and deepcopy) by the importable base class and the forward's source."""
+    cls = type(self)
+    return (_make_sited, (cls._blendq_base, cls._blendq_source), self.__dict__)
+
+
+def _make_sited(base: type, source: str) -> nn.Module:
+    cls = _sited_class(base, source)
+    return cls.__new__(cls)
 
 
 def _resolves(module: nn.Module, target: str) -> bool:

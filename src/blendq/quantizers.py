@@ -333,7 +333,8 @@ def _mean_over_ranks(value: Tensor) -> Tensor:
 
 
 class ActQuantizer(nn.Module):
-    """Quantizes a layer's input with a per-tensor scale tracked by EMA.
+    """Quantizes a layer's input with a per-tensor scale tracked by EMA, on the full
+    two's-complement grid where signed (8 bits: -128..127, as int8 runtimes store it).
 
     Training: PPQ on the batch (warm-started from the EMA scale), averaged over the
     ranks of a distributed run, then ``ema = m·ema + (1 - m)·batch_scale``; the batch is
@@ -374,9 +375,8 @@ class ActQuantizer(nn.Module):
         if F.is_sign(self.spec.bits, signed):
             return F.binarize(x, fixed=True)[1].reshape(())
         warm = torch.where(self.initialized, self.scale, torch.zeros_like(self.scale))
-        _, scale = F.ppq(
-            x, self.spec.bits, signed=signed, max_iter=self.spec.max_iter, scale=warm, fixed=True
-        )
+        _, scale = F.ppq(x, self.spec.bits, signed=signed, max_iter=self.spec.max_iter,
+                         scale=warm, fixed=True, full=True)
         return scale.reshape(())
 
     def forward(self, x: Tensor, alpha: Tensor) -> Tensor:
@@ -410,7 +410,7 @@ class ActQuantizer(nn.Module):
                 self.clipped += clipped
                 self.seen += x.numel()
             return value
-        codes = F.quantize(x.detach(), scale, self.spec.bits, signed)
+        codes = F.quantize(x.detach(), scale, self.spec.bits, signed, full=True)
         if self.training and not F.is_sign(self.spec.bits, signed):
             self._count_clipped(codes, signed)
         xq = codes.mul_(scale)
@@ -419,7 +419,7 @@ class ActQuantizer(nn.Module):
 
     @torch.no_grad()
     def _count_clipped(self, codes: Tensor, signed: bool) -> None:
-        qmin, qmax = F.grid(self.spec.bits, signed)
+        qmin, qmax = F.grid(self.spec.bits, signed, full=True)
         at_ends = torch.count_nonzero(codes <= qmin) if signed else codes.new_zeros(())
         self.clipped += at_ends + torch.count_nonzero(codes >= qmax)
         self.seen += codes.numel()
@@ -433,13 +433,13 @@ class ActQuantizer(nn.Module):
                 self.initialized.fill_(True)
             self._lsq_started = True
         step = self.step.abs().clamp_min(torch.finfo(x.dtype).tiny)
-        qmax = F.grid(self.spec.bits, signed)[1]
+        qmax = F.grid(self.spec.bits, signed, full=True)[1]
         per_sample = x[0].numel() if x.dim() > 1 else x.numel()
         value = F.lsq(x, step.to(x.dtype), self.spec.bits, signed,
-                      grad_scale=1.0 / math.sqrt(per_sample * qmax))
+                      grad_scale=1.0 / math.sqrt(per_sample * qmax), full=True)
         if self.training:
             self._count_clipped(torch.round(torch.clamp(x.detach() / step, *F.grid(
-                self.spec.bits, signed))), signed)
+                self.spec.bits, signed, full=True))), signed)
         with torch.no_grad():
             self.scale.copy_(step)
         return value
@@ -461,5 +461,5 @@ class ActQuantizer(nn.Module):
         """Where a straight-through gradient passes: the grid's reach, ±1 for sign."""
         if F.is_sign(self.spec.bits, signed):
             return -1.0, 1.0  # BinaryNet's hardtanh-shaped estimator
-        qmin, qmax = F.grid(self.spec.bits, signed)
+        qmin, qmax = F.grid(self.spec.bits, signed, full=True)
         return scale * (qmin - 0.5), scale * (qmax + 0.5)

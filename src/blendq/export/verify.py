@@ -14,10 +14,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .capture import ExportError
 from .onnx import onnx_session, run_onnx, to_onnx
 from .reference import IntegerEngine, first_tensor
 
-__all__ = ["Agreement", "compare_logits", "output_step", "verify_model"]
+__all__ = ["Agreement", "compare_logits", "output_step", "verify_model", "RUNTIMES",
+           "openvino_model"]
+
+RUNTIMES = ("ort", "openvino")
 
 
 TIE = 1e-4  # reference logits this close (in output steps) are tied: either pick agrees
@@ -69,36 +73,76 @@ def compare_logits(name: str, ref: Tensor, other: Tensor, step: float,
                      float(diff.max()) / step, acc, strict, ties)
 
 
+def openvino_model(path: str | Path):
+    """The ONNX file at ``path`` compiled by OpenVINO for the CPU (a callable on numpy).
+
+    Raises:
+        ExportError: openvino is not installed (the message says how to install it).
+    """
+    try:
+        import openvino
+    except ImportError as err:
+        raise ExportError("verifying on OpenVINO needs the 'openvino' package: pip install "
+                          "'blendq[openvino]'") from err
+    return openvino.Core().compile_model(str(path), "CPU")
+
+
+def _runtime_sessions(path: Path, runtimes: tuple[str, ...]) -> dict[str, object]:
+    """``{row name: callable(x) -> logits}`` for each runtime asked for."""
+    calls = {}
+    if "ort" in runtimes:
+        for name, optimize in (("ONNX Runtime, int8 kernels", True),
+                               ("ONNX Runtime, QDQ unfused", False)):
+            session = onnx_session(path, optimize=optimize)
+            calls[name] = lambda x, s=session: run_onnx(s, x)
+    if "openvino" in runtimes:
+        compiled = openvino_model(path)
+        calls["OpenVINO, CPU"] = lambda x, c=compiled: torch.from_numpy(
+            c({0: x.float().numpy()})[0].copy())
+    return calls
+
+
 @torch.no_grad()
 def verify_model(alpha_one_model: nn.Module, program: torch.export.ExportedProgram, batches,
-                 onnx: bool = True) -> list[Agreement]:
-    """Run the α = 1 model (float32), the integer engine and ONNX Runtime (int8 kernels,
-    and the QDQ graph unfused) on ``batches`` of ``(x, y)`` (``y`` may be ``None``);
-    compare each with the α = 1 model. ``program`` is :func:`blendq.export.capture` of
-    the converted model."""
+                 onnx: bool = True, runtimes: tuple[str, ...] = ("ort",)) -> list[Agreement]:
+    """Run the α = 1 model (float32), the integer engine and each runtime in ``runtimes``
+    (``"ort"``: ONNX Runtime with its int8 kernels, and the QDQ graph unfused;
+    ``"openvino"``: OpenVINO on the CPU) on ``batches`` of ``(x, y)`` (``y`` may be
+    ``None``); compare each with the α = 1 model. ``program`` is
+    :func:`blendq.export.capture` of the converted model; ``onnx=False`` skips the
+    runtimes.
+
+    Raises:
+        ValueError: an unknown runtime name.
+        ExportError: a runtime's package is missing (the message says how to install it).
+    """
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown:
+        raise ValueError(f"runtimes must be among {RUNTIMES}, got {unknown}")
     engine = IntegerEngine(program)
-    sessions = []
+    calls: dict[str, object] | None = None if onnx else {}
     refs, ints, labels = [], [], []
-    orts: dict[str, list] = {"ONNX Runtime, int8 kernels": [], "ONNX Runtime, QDQ unfused": []}
+    outputs: dict[str, list] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for x, y in batches:
-            if onnx and not sessions:
+            if calls is None:
                 import onnx as onnx_lib
 
                 path = Path(tmp) / "model.onnx"
                 onnx_lib.save(to_onnx(program, x), str(path))
-                sessions = [onnx_session(path, optimize=True), onnx_session(path, optimize=False)]
+                calls = _runtime_sessions(path, tuple(runtimes))
+                outputs = {name: [] for name in calls}
             refs.append(first_tensor(alpha_one_model(x)).float())
             ints.append(engine(x))
-            for outputs, session in zip(orts.values(), sessions, strict=False):
-                outputs.append(run_onnx(session, x))
+            for name, call in calls.items():
+                outputs[name].append(call(x))
             labels.append(y)
     ref = torch.cat(refs)
     y = None if any(lab is None for lab in labels) else torch.cat(labels)
     step = output_step(ref)
     results = [compare_logits("alpha=1 model (reference)", ref, ref, step, y),
                compare_logits("integer engine (float64)", ref, torch.cat(ints), step, y)]
-    for name, outputs in orts.items():
-        if outputs:
-            results.append(compare_logits(name, ref, torch.cat(outputs), step, y))
+    for name, outs in outputs.items():
+        if outs:
+            results.append(compare_logits(name, ref, torch.cat(outs), step, y))
     return results
