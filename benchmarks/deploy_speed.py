@@ -10,13 +10,17 @@ batch size, four ONNX files:
   per-channel int8 weights, uint8 activations, a few calibration batches, after
   ``quant_pre_process``): the anchor a user would otherwise reach for;
 - ``blendq W8A8`` and ``blendq W4A8``: ``prepare`` (per-channel, the default graph
-  placement), two training forwards, α = 1, ``convert``, ``export_onnx``.
+  placement), two training forwards, α = 1, ``convert``, ``export_onnx`` with the
+  batch size fixed, as the other two files have it (``dynamic_batch=False``).
 
 Each file is timed in ONNX Runtime (CPU, ``--threads`` intra-op threads) and, when
 installed, OpenVINO (``compile_model(path, "CPU")``). Runs alternate between the files
-in one process (round robin), so a change in machine load hits them alike; the figure
-is the median. Printed per file: ms, speed relative to fp32 and to quantize_static,
-file size, and the int8 kernels in the graph ORT runs (``optimized_model_filepath``).
+in one process (round robin, the order rotated each round), so a change in machine load
+hits them alike; the figure is the median. ORT sessions do not spin-wait between runs
+(``session.intra_op.allow_spinning = 0``): with taking turns, a finished session's
+spinning threads slowed the next session by up to 2x, and unevenly. Printed per file:
+ms, speed relative to fp32 and to quantize_static, file size, and the int8 kernels in
+the graph ORT runs (``optimized_model_filepath``, from a separate session).
 
     python benchmarks/deploy_speed.py                       # 224 px, batch 1 and 16
     python benchmarks/deploy_speed.py --json runs/deploy.json --repeats 30
@@ -61,6 +65,9 @@ def ort_session(path: Path, threads: int, optimized: Path | None = None):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
+    # sessions take turns: a finished session's threads must not spin on the cores the
+    # next one needs
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized is not None:
         options.optimized_model_filepath = str(optimized)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -96,31 +103,37 @@ def quantize_static(fp32: Path, out: Path, shape: tuple[int, ...], threads: int)
     return out
 
 
-def blendq_file(model: torch.nn.Module, w_bits: int, x: torch.Tensor, out: Path) -> Path:
+def blendq_file(model: torch.nn.Module, w_bits: int, x: torch.Tensor, out: Path,
+                placement: str = "graph") -> Path:
     prepared = blendq.prepare(copy.deepcopy(model), blendq.QuantPolicy(
-        w_bits=w_bits, a_bits=8, per_channel=True))
+        w_bits=w_bits, a_bits=8, per_channel=True, placement=placement))
     prepared.train()
     with torch.no_grad():
         for _ in range(2):
             prepared(torch.randn(2, *x.shape[1:]))
     blendq.set_alpha(prepared.eval(), 1.0)
-    return export_onnx(blendq.convert(prepared), out, x)
+    return export_onnx(blendq.convert(prepared), out, x, dynamic_batch=False)
 
 
-def timers(files: dict[str, Path], x: np.ndarray, threads: int, tmp: Path) -> dict:
+def timers(files: dict[str, Path], x: np.ndarray, threads: int, tmp: Path,
+           runtimes: tuple[str, ...]) -> dict:
     """One callable per (file, runtime), and the kernels ORT runs for each file."""
     calls, kernels = {}, {}
-    try:
-        import openvino as ov
+    core = None
+    if "openvino" in runtimes:
+        try:
+            import openvino as ov
 
-        core = ov.Core()
-    except ImportError:
-        core = None
+            core = ov.Core()
+        except ImportError:
+            print("openvino is not installed: ORT only (pip install 'blendq[openvino]')")
     for label, path in files.items():
         optimized = tmp / f"{path.stem}-ort-optimized.onnx"
-        session = ort_session(path, threads, optimized)
+        ort_session(path, threads, optimized)  # writes the graph ORT runs, to count kernels
+        session = ort_session(path, threads)  # timed apart: saving the graph is not free
         feed = {session.get_inputs()[0].name: x}
-        calls[(label, "ORT")] = lambda s=session, f=feed: s.run(None, f)
+        if "ort" in runtimes:
+            calls[(label, "ORT")] = lambda s=session, f=feed: s.run(None, f)
         ops = fused_ops(optimized)
         kernels[label] = {k: ops[k] for k in KERNELS if ops.get(k)}
         if core is not None:
@@ -131,19 +144,23 @@ def timers(files: dict[str, Path], x: np.ndarray, threads: int, tmp: Path) -> di
 
 
 def round_robin(calls: dict, repeats: int) -> dict:
-    """Median ms of each call, the calls alternating (two warm-up rounds first)."""
-    times = {key: [] for key in calls}
+    """Median ms of each call, the calls alternating, the order rotated every round (so
+    no file always runs right after the same other one); two warm-up rounds first."""
+    keys = list(calls)
+    times = {key: [] for key in keys}
     for round_ in range(repeats + 2):
-        for key, call in calls.items():
+        shift = round_ % len(keys)
+        for key in keys[shift:] + keys[:shift]:
             start = time.perf_counter()
-            call()
+            calls[key]()
             if round_ >= 2:
                 times[key].append(time.perf_counter() - start)
     return {key: 1e3 * statistics.median(t) for key, t in times.items()}
 
 
 def run(name: str, size: int, batch: int, width: float, repeats: int, threads: int,
-        tmp: Path) -> list[dict]:
+        tmp: Path, runtimes: tuple[str, ...] = ("ort", "openvino"), layers_row: bool = False
+        ) -> list[dict]:
     model = float_model(name, size, width)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     files = {"fp32": tmp / f"{name}-{batch}-fp32.onnx"}
@@ -154,7 +171,10 @@ def run(name: str, size: int, batch: int, width: float, repeats: int, threads: i
     for w_bits in (8, 4):
         files[f"blendq W{w_bits}A8"] = blendq_file(model, w_bits, x,
                                                   tmp / f"{name}-{batch}-w{w_bits}a8.onnx")
-    built = timers(files, x.numpy(), threads, tmp)
+    if layers_row:  # the placement before activation sites: weight-layer inputs only
+        files["blendq W8A8 layers"] = blendq_file(model, 8, x, tmp / f"{name}-{batch}-lay.onnx",
+                                                  placement="layers")
+    built = timers(files, x.numpy(), threads, tmp, runtimes)
     ms = round_robin(built["calls"], repeats)
     rows = []
     for label, path in files.items():
@@ -172,13 +192,13 @@ def run(name: str, size: int, batch: int, width: float, repeats: int, threads: i
 
 
 def show(rows: list[dict]) -> None:
-    head = f"{'model':13s} {'bs':>3s} {'file':16s} {'runtime':8s} {'ms':>8s} " \
+    head = f"{'model':13s} {'bs':>3s} {'file':19s} {'runtime':8s} {'ms':>8s} " \
            f"{'x fp32':>7s} {'x q_static':>10s} {'MB':>6s}  ORT kernels"
     print(head)
     for r in rows:
         kernels = ", ".join(f"{k} {v}" for k, v in r["ort_kernels"].items()) \
             if r["runtime"] == "ORT" else ""
-        print(f"{r['model']:13s} {r['batch']:3d} {r['file']:16s} {r['runtime']:8s} "
+        print(f"{r['model']:13s} {r['batch']:3d} {r['file']:19s} {r['runtime']:8s} "
               f"{r['ms']:8.2f} {r['x_fp32']:7.2f} {r['x_quantize_static']:10.2f} "
               f"{r['mb']:6.1f}  {kernels}", flush=True)
 
@@ -191,6 +211,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--width", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runtimes", nargs="+", choices=("ort", "openvino"),
+                    default=["ort", "openvino"])
+    ap.add_argument("--layers-row", action="store_true",
+                    help="also blendq W8A8 with placement='layers' (no activation sites)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny networks and images (CI)")
     a = ap.parse_args(argv)
@@ -201,7 +225,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.models:
             for batch in a.batches:
-                rows += run(name, a.size, batch, a.width, a.repeats, a.threads, Path(tmp))
+                rows += run(name, a.size, batch, a.width, a.repeats, a.threads, Path(tmp),
+                            tuple(a.runtimes), a.layers_row)
     show(rows)
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)

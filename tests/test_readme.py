@@ -12,3 +12,20 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
     exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["int_model"] is not None
     assert (tmp_path / "model.onnx").stat().st_size > 0
+
+
+def test_readme_bring_your_own_loop_snippets_run(tmp_path, monkeypatch):
+    import pytest
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    pytest.importorskip("lightning")
+    monkeypatch.chdir(tmp_path)  # the Trainer writes runs/hf
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split("## Bring your own loop", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 3  # plain loop, Hugging Face Trainer, Lightning
+    for block in blocks:
+        namespace: dict = {}
+        exec(compile(block, "README.md", "exec"), namespace)
+        assert namespace["int_model"] is not None

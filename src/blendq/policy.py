@@ -122,6 +122,12 @@ class QuantPolicy:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         check_bits("site_bits", self.site_bits)
 
+    @property
+    def blends(self) -> bool:
+        """Whether anything alpha-blends (weights or activations use ``"ab"``): then α
+        starts at 0 and follows a schedule; otherwise it is 1 from the first forward."""
+        return self.method == "ab" or self.act_method == "ab"
+
     def site_spec(self) -> ActSpec | None:
         """The activation spec of the sites apart from weight layers (``placement="graph"``);
         ``None`` where there are none (layer placement, or float activations)."""

@@ -54,12 +54,17 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def prepare(model: nn.Module, policy: QuantPolicy) -> nn.Module:
-    """Swap every layer the policy quantizes for its blended twin, in place.
+    """Swap every layer the policy quantizes for its blended twin, in place, and (with
+    ``policy.placement == "graph"``) place the activation sites apart from weight layers
+    (:mod:`blendq.placement`).
 
     The blended layers share the original Parameters (an optimizer built before
-    still works) and start at α = 0, where they compute what the float layers
-    computed, bit for bit. Returns the model (a new object only when the model
-    itself is a single Linear/Conv layer).
+    still works). Where the policy blends (``method`` or ``act_method`` is ``"ab"``)
+    they start at α = 0, where they compute what the float layers computed, bit for
+    bit, and α follows a schedule (:class:`AlphaController`); where nothing blends (STE,
+    LSQ) α starts at 1: the model is quantized from its first forward and
+    :func:`convert` works on it as it is. Returns the model (a new object only when the
+    model itself is a single Linear/Conv layer).
     """
     if any(isinstance(m, BlendMixin | QuantMixin) for m in model.modules()):
         raise ValueError("model is already prepared or converted; prepare a float model")
@@ -73,6 +78,9 @@ def prepare(model: nn.Module, policy: QuantPolicy) -> nn.Module:
     if site_spec is not None:
         place_sites(model, site_spec)
     link_batch_norms(model)
+    if not policy.blends:  # STE / LSQ: quantized from the first forward, as in torch.ao QAT
+        for holder in _alpha_holders(model):
+            holder.alpha.fill_(1.0)
     return model
 
 
