@@ -9,7 +9,9 @@ batch size, four ONNX files:
 - ``quantize_static``: ``onnxruntime.quantization.quantize_static`` of that file (QDQ,
   per-channel int8 weights, uint8 activations, a few calibration batches, after
   ``quant_pre_process``): the anchor a user would otherwise reach for;
-- ``blendq W8A8`` and ``blendq W4A8``: ``prepare`` (per-channel, the default graph
+- ``blendq W8A8`` and ``blendq W4A8`` (and the W4A8 file's size with INT4 weight
+  storage, ``export_onnx(weights="int4")``, which runs as the int8 file once
+  ``blendq.export.onnx_session`` expands it): ``prepare`` (per-channel, the default graph
   placement), two training forwards, α = 1, ``convert``, ``export_onnx`` with the
   batch size fixed, as the other two files have it (``dynamic_batch=False``).
 
@@ -112,7 +114,11 @@ def blendq_file(model: torch.nn.Module, w_bits: int, x: torch.Tensor, out: Path,
         for _ in range(2):
             prepared(torch.randn(2, *x.shape[1:]))
     blendq.set_alpha(prepared.eval(), 1.0)
-    return export_onnx(blendq.convert(prepared), out, x, dynamic_batch=False)
+    converted = blendq.convert(prepared)
+    if w_bits <= 4:  # the file with 4-bit storage: its size (it runs as the int8 one)
+        export_onnx(converted, out.with_name(out.stem + "-int4.onnx"), x, dynamic_batch=False,
+                    weights="int4")
+    return export_onnx(converted, out, x, dynamic_batch=False)
 
 
 def timers(files: dict[str, Path], x: np.ndarray, threads: int, tmp: Path,
@@ -187,8 +193,14 @@ def run(name: str, size: int, batch: int, width: float, repeats: int, threads: i
                 "ms": round(t, 3), "x_fp32": round(ms[("fp32", runtime)] / t, 3),
                 "x_quantize_static": round(ms[("quantize_static", runtime)] / t, 3),
                 "mb": round(path.stat().st_size / 1e6, 2),
+                "mb_int4": _int4_size(path),
                 "ort_kernels": built["kernels"][label]})
     return rows
+
+
+def _int4_size(path: Path) -> float | None:
+    int4 = path.with_name(path.stem + "-int4.onnx")
+    return round(int4.stat().st_size / 1e6, 2) if int4.exists() else None
 
 
 def show(rows: list[dict]) -> None:
@@ -201,6 +213,10 @@ def show(rows: list[dict]) -> None:
         print(f"{r['model']:13s} {r['batch']:3d} {r['file']:19s} {r['runtime']:8s} "
               f"{r['ms']:8.2f} {r['x_fp32']:7.2f} {r['x_quantize_static']:10.2f} "
               f"{r['mb']:6.1f}  {kernels}", flush=True)
+    for r in rows:
+        if r["mb_int4"] and r["runtime"] == "ORT":
+            print(f"{r['model']} {r['file']}: {r['mb_int4']:.1f} MB with INT4 weight storage "
+                  f"({r['mb_int4'] / r['mb']:.2f}x the int8 file)")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

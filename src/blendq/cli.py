@@ -322,7 +322,7 @@ def cmd_export(args) -> int:
     out = Path(args.out or Path(args.run if Path(args.run).is_dir() else Path(args.run).parent)
                / f"model{suffix}")
     if args.format == "onnx":
-        size = export_onnx(converted, out, example).stat().st_size
+        size = export_onnx(converted, out, example, weights=args.weights).stat().st_size
     else:
         size = save_artifact(converted, out, example)
     print(f"wrote {out}: {size:,} bytes, fp32 model {fp32_bytes:,} bytes "
@@ -417,6 +417,10 @@ def _parser() -> argparse.ArgumentParser:
                         "program, packed codes) or ONNX QDQ")
     ex.add_argument("run", help="run directory or checkpoint (alpha must have reached 1)")
     ex.add_argument("--format", choices=("blendq", "onnx"), default="blendq")
+    ex.add_argument("--weights", choices=("int8", "int4"), default="int8",
+                    help="ONNX storage of weights of 4 bits or fewer: int8 (runtimes fuse "
+                         "int8 kernels from the file as it is) or int4 (half the size; "
+                         "blendq's onnx_session expands it to int8 in memory)")
     ex.add_argument("--out", help="output file (default: RUN/model.pt2|.onnx)")
     ex.set_defaults(func=cmd_export)
 
