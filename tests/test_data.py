@@ -2,7 +2,7 @@ import pickle
 
 import pytest
 import torch
-from datasets import make_cifar10, make_fashion_mnist, make_image_folder
+from fake_datasets import make_cifar10, make_fashion_mnist, make_image_folder
 
 from blendq.data import DataError, FolderLoader, ImageFolder, TensorLoader, load_dataset, read_idx
 

@@ -82,7 +82,7 @@ def _hf_trainer(model, out, max_steps=8, **kw):
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=8,
         learning_rate=1e-3, logging_steps=2, save_steps=4, report_to=[], use_cpu=True,
-        seed=0, data_seed=0, disable_tqdm=True, save_safetensors=False, **kw)
+        seed=0, data_seed=0, disable_tqdm=True, **kw)
     return transformers.Trainer(model=model, args=args, train_dataset=_Tokens(),
                                 callbacks=[HuggingFaceCallback(window=(0.0, 0.5))])
 

@@ -2,7 +2,7 @@
 rules it names (first, depthwise, last layer) find layers of its model."""
 
 import pytest
-from datasets import make_cifar10, make_fashion_mnist, make_image_folder
+from fake_datasets import make_cifar10, make_fashion_mnist, make_image_folder
 
 import blendq
 from blendq.data import load_dataset

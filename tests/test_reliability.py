@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import make_image_folder
+from fake_datasets import make_image_folder
 
 import blendq
 from blendq.cli import default_out, main

@@ -32,8 +32,7 @@ class HuggingFaceCallback(TrainerCallback):
         self.alpha = AlphaWindow(window, schedule, after)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.alpha.bind(model, state.max_steps)
-        self.alpha.step(state.global_step)
+        self.alpha.bind(model, state.max_steps)  # α is applied at each step's begin
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.alpha.step(state.global_step)

@@ -83,7 +83,9 @@ class AlphaWindow:
         return (cubic if self.schedule_name == "cubic" else linear)(t0, t1)
 
     def step(self, global_step: int) -> float:
-        """Apply α of ``global_step`` (before that step's forward); returns it."""
+        """Apply α of ``global_step`` and refresh the weight codes due (once per step,
+        before that step's forward: a refresh warm-starts from the last scale, so a
+        second call for the same step would move it again); returns α."""
         if self.controller is None:
             raise RuntimeError("AlphaWindow.step before bind(model, total_steps)")
         return self.controller.step(int(global_step))
