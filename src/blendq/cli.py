@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from .methods import METHODS
+
 __all__ = ["main"]
 
 
@@ -49,8 +51,8 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--a-bits", type=_bits, help="activation bits, 1..8, or 'none'")
     p.add_argument("--per-channel", action="store_true",
                    help="one weight scale per output channel")
-    p.add_argument("--method", choices=("ab", "ste", "lsq"), help="weight method")
-    p.add_argument("--act-method", choices=("ab", "ste", "lsq"), help="activation method")
+    p.add_argument("--method", choices=tuple(METHODS), help="weight method")
+    p.add_argument("--act-method", choices=tuple(METHODS), help="activation method")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)

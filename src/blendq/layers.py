@@ -221,10 +221,7 @@ def rounded_bias(layer: nn.Module, alpha: Tensor | None) -> Tensor | None:
     rounded = F.round_bias(bias.detach(), unit).to(bias.dtype)
     if alpha is None:
         return rounded
-    alpha = alpha.to(bias.dtype)
-    if not layer.training or layer.w_quant.spec.method == "ab":
-        return torch.lerp(bias, rounded, alpha)  # d/db = 1 - α
-    return bias + (torch.lerp(bias.detach(), rounded, alpha) - bias.detach())  # straight
+    return layer.w_quant.method.bias(bias, rounded, alpha.to(bias.dtype), layer.training)
 
 
 def _param_property(name: str, getter_name: str) -> property:

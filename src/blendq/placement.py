@@ -73,10 +73,16 @@ def sites(model: nn.Module) -> list[tuple[str, BlendSite | QuantSite]]:
 def place_sites(model: nn.Module, spec: ActSpec) -> int:
     """Insert a :class:`~blendq.layers.BlendSite` (quantizing with ``spec``) on every input
     of an add, a concatenation or an average pool that is not quantized yet, in every
-    module whose ``forward`` ``torch.fx`` captures; returns the number of sites. Warns,
-    naming them, about modules whose own ``forward`` could not be captured."""
+    module whose ``forward`` ``torch.fx`` captures; returns the number of sites. An
+    average-pool module that no capture showed (its parent's forward could not be
+    captured) holds a site for its input, like a weight layer. Warns, naming them,
+    about modules whose own ``forward`` could not be captured."""
     skipped: list[str] = []
-    count = _place_within(model, "", spec, skipped)
+    seen: set[int] = set()  # pool modules a capture showed
+    count = _place_within(model, "", spec, skipped, seen)
+    for m in list(model.modules()):
+        if isinstance(m, _POOL_MODULES) and id(m) not in seen:
+            count += _site_in_front(m, spec)
     if skipped:
         shown = "; ".join(skipped[:6]) + (f"; and {len(skipped) - 6} more"
                                           if len(skipped) > 6 else "")
@@ -91,40 +97,37 @@ def _holds_layers(m: nn.Module) -> bool:
     return any(isinstance(x, BlendMixin) for x in m.modules())
 
 
-def _own_forward(m: nn.Module) -> bool:
-    """Whether ``m`` has a forward of its own that is not a torch container's."""
-    forward = type(m).forward
-    return not forward.__module__.startswith("torch.") and \
-        not isinstance(m, nn.Sequential | nn.ModuleList | nn.ModuleDict)
-
-
-def _place_within(module: nn.Module, prefix: str, spec: ActSpec, skipped: list[str]) -> int:
+def _place_within(module: nn.Module, prefix: str, spec: ActSpec, skipped: list[str],
+                  seen: set[int]) -> int:
     if isinstance(module, _QUANTIZED) or not _holds_layers(module):
         return 0
-    count = sum(_place_within(child, f"{prefix}.{name}" if prefix else name, spec, skipped)
-                for name, child in module.named_children())
+    count = sum(_place_within(child, f"{prefix}.{name}" if prefix else name, spec, skipped,
+                              seen) for name, child in module.named_children())
     if not isinstance(module, nn.Sequential) and \
             type(module).forward.__module__.startswith("torch."):
         return count  # a torch module (container, attention): nothing of its own to see
     if isinstance(module, nn.Sequential):  # its elements keep their indices: sites go in front
-        return count + _sequential_sites(module, spec)
+        pools = [m for i, m in enumerate(module) if i > 0 and isinstance(m, _POOL_MODULES)]
+        seen.update(id(m) for m in pools)
+        return count + sum(_site_in_front(m, spec) for m in pools)
     graph, why = _capture(module)
     if graph is None:
         skipped.append(f"{prefix or '<root>'} ({type(module).__name__}: {why})")
         return count
+    seen.update(id(module.get_submodule(n.target)) for n in graph.nodes
+                if n.op == "call_module")
     return count + _rewrite(module, graph, spec)
 
 
-def _sequential_sites(seq: nn.Sequential, spec: ActSpec) -> int:
-    """In a Sequential, an average pool's input is quantized by a site the pool holds
-    (``pool.quant_site``), so the Sequential's indices and length stay as they were."""
-    count = 0
-    for i, m in enumerate(seq):
-        if isinstance(m, _POOL_MODULES) and i > 0 and "quant_site" not in m._modules:
-            m.quant_site = BlendSite(spec, name=f"{type(m).__name__}.input").to(_device(seq))
-            m.__class__ = _pool_class(type(m))
-            count += 1
-    return count
+def _site_in_front(pool: nn.Module, spec: ActSpec) -> int:
+    """``pool`` quantizes its input with a site it holds (``pool.quant_site``), so a
+    Sequential's indices and length stay as they were."""
+    if "quant_site" in pool._modules:
+        return 0
+    device = next(iter(pool.buffers()), torch.zeros(())).device
+    pool.quant_site = BlendSite(spec, name=f"{type(pool).__name__}.input").to(device)
+    pool.__class__ = _pool_class(type(pool))
+    return 1
 
 
 def _pool_class(base: type) -> type:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from . import methods
 from .functional import check_bits
 from .layers import layer_kind
 from .quantizers import ActSpec, WeightSpec, check_method
@@ -126,7 +127,7 @@ class QuantPolicy:
     def blends(self) -> bool:
         """Whether anything alpha-blends (weights or activations use ``"ab"``): then α
         starts at 0 and follows a schedule; otherwise it is 1 from the first forward."""
-        return self.method == "ab" or self.act_method == "ab"
+        return methods.get(self.method).blends or methods.get(self.act_method).blends
 
     def site_spec(self) -> ActSpec | None:
         """The activation spec of the sites apart from weight layers (``placement="graph"``);

@@ -19,17 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from . import methods
+from .methods import METHODS, Method, check_method
 
 __all__ = ["WeightSpec", "ActSpec", "WeightQuantizer", "WeightGroup", "ActQuantizer",
            "METHODS", "check_method"]
-
-METHODS = ("ab", "ste", "lsq")
-
-
-def check_method(name: str, method: str) -> None:
-    """The one rule for a method name."""
-    if method not in METHODS:
-        raise ValueError(f"{name} must be one of {METHODS}, got {method!r}")
 
 
 @dataclass(frozen=True)
@@ -91,16 +85,6 @@ class ActSpec:
             raise ValueError(f"sample must be None or >= 1, got {self.sample}")
 
 
-def _mix(x: Tensor, xq: Tensor, alpha: Tensor, method: str, lo=None, hi=None) -> Tensor:
-    """The tensor a layer computes with: blended (ab) or straight-through (ste).
-    ``xq`` must be a fresh tensor: the straight-through value is written into it."""
-    if method == "ab":
-        return F.blend(x, xq, alpha)
-    xq = xq.to(x.dtype)
-    value = torch.lerp(x.detach(), xq, alpha.to(x.dtype), out=xq)
-    return F.straight_through(x, value, lo, hi)
-
-
 class WeightQuantizer(nn.Module):
     """Projects a weight with PPQ (or sign) and caches ``codes`` and ``scale``.
 
@@ -114,7 +98,10 @@ class WeightQuantizer(nn.Module):
 
     def __init__(self, spec: WeightSpec, weight: Tensor, name: str = "", axis: int = 0) -> None:
         super().__init__()
-        self.spec = spec
+        self.spec = spec  # immutable after prepare
+        # the method (blendq.methods): chosen once from the spec's name; the controller
+        # swaps in its "after α = 1" mode, the spec stays as prepared
+        self.method: Method = methods.get(spec.method)
         self.name = name
         self.axis = axis  # the weight's output-channel axis (1 for transposed convolutions)
         self.stale = True  # training cache out of date (a Python flag: no sync in forward)
@@ -130,7 +117,7 @@ class WeightQuantizer(nn.Module):
                              persistent=spec.quant_every > 1)
         self.register_buffer("scale", torch.ones(scale_shape, dtype=weight.dtype,
                                                  device=weight.device))
-        if spec.method == "lsq":  # the learned scale; ``scale`` mirrors its magnitude
+        if self.method.learns_scale:  # the learned scale; ``scale`` mirrors its magnitude
             self.step = nn.Parameter(torch.ones(scale_shape, dtype=weight.dtype,
                                                 device=weight.device))
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool, device=weight.device))
@@ -191,7 +178,7 @@ class WeightQuantizer(nn.Module):
 
     def eval_projection(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """The ``(codes, scale)`` that evaluation uses for ``w`` (what ``convert`` stores)."""
-        if self.spec.method == "lsq" and self._ready:
+        if self.method.learns_scale and self._ready:
             return self._lsq_projection(w)
         was = self.training
         self.eval()
@@ -200,9 +187,9 @@ class WeightQuantizer(nn.Module):
         return self._eval[1], self._eval[2]
 
     def forward(self, w: Tensor, alpha: Tensor) -> Tensor:
-        if self.spec.method == "lsq":
+        if self.method.learns_scale:
             return torch.lerp(w, self._lsq(w), alpha.to(w.dtype))
-        return _mix(w, self.quantized(w), alpha, self.spec.method)
+        return self.method.mix(w, self.quantized(w), alpha)
 
     def _lsq(self, w: Tensor) -> Tensor:
         """LSQ's value of ``w`` with the learned step (started from the PPQ scale)."""
@@ -257,9 +244,9 @@ class WeightGroup:
     def key(q: WeightQuantizer) -> tuple | None:
         """Quantizers with equal keys can share a group (``None``: never grouped)."""
         s = q.spec
-        if s.bits < 2 or s.method not in ("ab", "ste") or (s.per_channel and q.axis != 0):
+        if s.bits < 2 or not q.method.groups or (s.per_channel and q.axis != 0):
             return None  # segments must be contiguous runs of the flat weights: axis 0
-        return (s.bits, s.per_channel, s.method, s.max_iter, q.scale.dtype, q.scale.device)
+        return (s.bits, s.per_channel, s.max_iter, q.scale.dtype, q.scale.device)
 
     def _bind(self) -> None:
         qs = self.quantizers
@@ -345,13 +332,14 @@ class ActQuantizer(nn.Module):
     def __init__(self, spec: ActSpec, name: str = "") -> None:
         super().__init__()
         self.spec = spec
+        self.method: Method = methods.get(spec.method)
         self.name = name
         # Python mirror of the ``signed`` buffer (-1: unknown), so forward never syncs.
         self._signed = -1 if spec.signed is None else int(spec.signed)
         self.register_buffer("signed", torch.tensor(self._signed, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        if spec.method == "lsq":  # the learned scale; ``scale`` mirrors its magnitude
+        if self.method.learns_scale:  # the learned scale; ``scale`` mirrors its magnitude
             self.step = nn.Parameter(torch.ones(()))
         # telemetry: training inputs at the grid's ends, and all seen (device-side counts)
         self.register_buffer("clipped", torch.zeros((), dtype=torch.float64), persistent=False)
@@ -387,7 +375,7 @@ class ActQuantizer(nn.Module):
                 self._signed = signed
                 self.signed.fill_(signed)
         signed = bool(signed)
-        if self.spec.method == "lsq" and not F.is_sign(self.spec.bits, signed):
+        if self.method.learns_scale and not F.is_sign(self.spec.bits, signed):
             return torch.lerp(x, self._lsq(x, signed), alpha.to(x.dtype))
         if self.training:
             with torch.no_grad():
@@ -405,7 +393,7 @@ class ActQuantizer(nn.Module):
         scale = scale.to(x.dtype)
         if F.fuses(x) and not F.is_sign(self.spec.bits, signed):  # one pass each way
             value, clipped = F.fake_quantize(x, scale, alpha, self.spec.bits, signed,
-                                             self.spec.method, fused=True)
+                                             self.method.gradient, fused=True)
             if self.training:
                 self.clipped += clipped
                 self.seen += x.numel()
@@ -415,7 +403,7 @@ class ActQuantizer(nn.Module):
             self._count_clipped(codes, signed)
         xq = codes.mul_(scale)
         lo, hi = self._ste_range(scale, signed)
-        return _mix(x, xq, alpha, self.spec.method, lo, hi)
+        return self.method.mix(x, xq, alpha, lo, hi)
 
     @torch.no_grad()
     def _count_clipped(self, codes: Tensor, signed: bool) -> None:
@@ -447,7 +435,7 @@ class ActQuantizer(nn.Module):
     def current_scale(self) -> Tensor:
         """The scale evaluation quantizes with now: ``|step|`` for LSQ (which the ``scale``
         buffer mirrors only after a forward), else the EMA ``scale``."""
-        if self.spec.method == "lsq" and not F.is_sign(self.spec.bits, self.is_signed):
+        if self.method.learns_scale and not F.is_sign(self.spec.bits, self.is_signed):
             return self.step.detach().abs().clamp_min(torch.finfo(self.step.dtype).tiny)
         return self.scale
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -317,10 +316,8 @@ def _straight_through_weights(layers: list[BlendMixin]) -> None:
     """Switch AB layers' weights (and biases) to straight-through gradients. At α = 1 the
     forward value is the same (the quantized weight); AB's gradient ``1 - α`` is zero
     there, the straight-through one keeps training the latent weights."""
-    for layer in layers:
-        spec = layer.w_quant.spec
-        if spec.method == "ab":
-            layer.w_quant.spec = dataclasses.replace(spec, method="ste")
+    for layer in layers:  # the spec stays as prepared: the method object changes mode
+        layer.w_quant.method = layer.w_quant.method.at_alpha_one("ste")
 
 
 def _weight_groups(layers: list[BlendMixin]) -> list[WeightGroup]:

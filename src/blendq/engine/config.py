@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import methods
 from ..functional import NONE_WORDS
 from ..policy import QuantPolicy
 from ..schedules import Schedule, cubic, exponential, linear
@@ -165,7 +166,7 @@ class TrainConfig:
     def alpha(self, total_steps: int) -> Schedule:
         """The α schedule of this run (STE: a jump to 1 at ``T0``)."""
         t0, t1 = self.window_steps(total_steps)
-        if self.method in ("ste", "lsq"):
+        if not methods.get(self.method).blends:
             return cubic(t0, t0)
         if self.alpha_schedule == "exponential":
             return exponential(self.alpha_rate, t0, self.alpha_every)

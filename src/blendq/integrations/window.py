@@ -74,9 +74,9 @@ class AlphaWindow:
     def _schedule(self, model: nn.Module, total_steps: int) -> Schedule:
         t0, t1 = self.steps(total_steps)
         blends = any(
-            (isinstance(m, BlendMixin) and (m.w_quant.spec.method == "ab" or (
-                m.a_quant is not None and m.a_quant.spec.method == "ab")))
-            or (isinstance(m, BlendSite) and m.a_quant.spec.method == "ab")
+            (isinstance(m, BlendMixin) and (m.w_quant.method.blends or (
+                m.a_quant is not None and m.a_quant.method.blends)))
+            or (isinstance(m, BlendSite) and m.a_quant.method.blends)
             for m in model.modules())
         if not blends:
             return cubic(0, 0)  # STE / LSQ: quantized from the first step

@@ -1,0 +1,79 @@
+"""Every registered quantization method goes through prepare -> train -> convert ->
+export; a method is one object, chosen once by name."""
+
+import copy
+
+import pytest
+import torch
+from conftest import small_cnn
+
+import blendq
+from blendq import methods
+from blendq.export import export_onnx, onnx_session, run_onnx
+from blendq.export.verify import compare_logits, output_step
+
+
+@pytest.mark.parametrize("name", list(methods.METHODS))
+def test_every_method_trains_converts_and_exports(tmp_path, name):
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = blendq.prepare(small_cnn(), blendq.QuantPolicy(w_bits=4, a_bits=8,
+                                                           method=name, act_method=name))
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    ctl = blendq.AlphaController(model, blendq.linear(0, 3))
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    model.train()
+    for step in range(5):
+        ctl.step(step)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert blendq.transform.get_alpha(model) == 1.0
+    with blendq.quantized(model) as alpha_one:
+        ref = alpha_one(x)
+    converted = blendq.convert(copy.deepcopy(model))
+    with torch.no_grad():
+        assert torch.equal(converted(x), ref)
+    out = run_onnx(onnx_session(export_onnx(converted, tmp_path / "m.onnx", x)), x)
+    assert compare_logits(name, ref, out, output_step(ref)).top1_agreement == 100.0
+
+
+def test_unknown_method_is_refused_in_one_place():
+    with pytest.raises(ValueError, match=r"method must be one of \('ab', 'ste', 'lsq'"):
+        blendq.QuantPolicy(method="sgd")
+    with pytest.raises(ValueError, match="act_method must be one of"):
+        blendq.QuantPolicy(act_method="nope")
+    with pytest.raises(ValueError, match="method must be one of"):
+        methods.get("nope")
+
+
+def test_a_new_method_is_one_class_and_its_registration():
+    class Halfway(methods.StraightThrough):
+        """Straight-through, but the backward signal halved (a toy method)."""
+
+        name = "halfway"
+
+        def mix(self, x, xq, alpha, lo=None, hi=None):
+            value = super().mix(x, xq, alpha, lo, hi)
+            return value.detach() + 0.5 * (value - value.detach())
+
+    methods.register(Halfway())
+    try:
+        model = blendq.prepare(small_cnn(), blendq.QuantPolicy(method="halfway"))
+        layer = model[0]
+        assert layer.w_quant.method.name == "halfway" and float(layer.alpha) == 1.0
+        model(torch.randn(2, 3, 8, 8)).sum().backward()
+        assert layer.float_weight.grad is not None
+    finally:
+        methods.METHODS.pop("halfway")
+
+
+def test_ab_after_ste_changes_the_method_mode_not_the_spec():
+    model = blendq.prepare(small_cnn(), blendq.QuantPolicy(method="ab"))
+    ctl = blendq.AlphaController(model, blendq.linear(0, 1), after="ste")
+    ctl.step(1)
+    layer = model[0]
+    assert layer.w_quant.spec.method == "ab"  # the spec is as prepared
+    assert layer.w_quant.method.name == "ab" and layer.w_quant.method.gradient == "ste"
+    assert blendq.summary(model)[0].method.startswith("ab")
