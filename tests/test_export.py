@@ -70,18 +70,24 @@ def test_integer_engine_equals_alpha_one_model(name, bits):
     program = capture(converted, x)
     engine = IntegerEngine(program)
     out = engine(x)
+    # The integer cores against the same graph in float64: the same constants, so they
+    # differ only by the order of float sums, which decides activations on a rounding
+    # tie (differently per CPU). Samples without a tie agree to float64 rounding; tied
+    # activations are few, counted, and excuse only their own sample.
+    ref = IntegerEngine(program, integer=False)(x)
+    clean = engine.tied_activations == 0
+    assert int(engine.tied_activations.sum()) <= 2 * len(x) and clean.sum() >= len(x) // 2
+    torch.testing.assert_close(out[clean], ref[clean], rtol=1e-9,
+                               atol=1e-9 * ref.abs().max().item())
+    # Against the α = 1 model (float64 eager): the deployed graph stores folded batch-norm
+    # scales in float32, so an activation within ~1e-5 of a midpoint may round the other
+    # way: within one output step but for such an image, and every pick agrees.
     ref64 = copy.deepcopy(converted).double()(x.double())
-    # Exact arithmetic on both sides except where an activation sits on a rounding tie,
-    # which the order of a float sum decides (it differs between CPUs): samples without
-    # a tie agree to float64 rounding; tied activations are few and counted.
-    tied = engine.tied_activations > 0
-    assert int(engine.tied_activations.sum()) <= 2 * len(x)
-    clean = ~tied
-    assert clean.sum() >= len(x) // 2
-    torch.testing.assert_close(out[clean], ref64[clean], rtol=1e-5,
-                               atol=1e-5 * ref64.abs().max().item())
-    agreement = compare_logits("float32", out, converted(x).double(), output_step(out))
-    assert agreement.top1_agreement == 100.0  # a near-tie of the top two may go either way
+    step = output_step(ref64)
+    per_image = (out - ref64).abs().amax(1) / step
+    assert int((per_image > 1).sum()) <= 1 and float(per_image.max()) <= 4
+    assert compare_logits("engine", ref64, out, step).top1_agreement == 100.0
+    assert compare_logits("float32", out, converted(x).double(), step).top1_agreement == 100.0
     layers = [m for m in converted.modules() if isinstance(m, QuantMixin)]
     assert engine.integer_layers == sum(
         m.a_bits is not None and not (m.a_bits == 1 and m.a_signed) for m in layers)

@@ -23,6 +23,7 @@ from .layers import (
     BlendMixin,
     BlendSite,
     LayerKind,
+    bias_unit,
     rebuild,
     rounded_bias,
     shared_input,
@@ -104,9 +105,8 @@ class QuantMixin:
     def accumulator_unit(self) -> Tensor | None:
         """``γ_w·γ_a`` per output channel (float64) where the bias is added to an integer
         accumulator; ``None`` for a float or sign input or a layer of another shape."""
-        if not self._kind.integer_bias or not F.integer_input(self.a_bits, self.a_signed):
-            return None
-        return self.weight_scale.double().reshape(-1) * self.act_scale.double()
+        return bias_unit(self._kind, self.a_bits, self.a_signed, self.weight_scale,
+                         self.act_scale)
 
     def layer_bias(self) -> Tensor | None:
         """The bias rounded to whole accumulator units (as the α = 1 layer evaluates); in

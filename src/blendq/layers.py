@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from . import functional as F
 from .quantizers import ActQuantizer, ActSpec, WeightQuantizer, WeightSpec
 
-__all__ = ["BlendLinear", "BlendConv1d", "BlendConv2d", "BlendConv3d", "BlendMixin",
+__all__ = ["link_holds", "linked_producer", "bias_unit",
+           "BlendLinear", "BlendConv1d", "BlendConv2d", "BlendConv3d", "BlendMixin",
            "blend_class", "layer_kind", "LayerKind", "rebuild", "is_hf_conv1d",
            "FoldedBatchNorm1d", "FoldedBatchNorm2d", "FOLDED_BN_MAP", "bn_affine", "BlendSite"]
 
@@ -171,8 +172,7 @@ class BlendMixin:
         sign (±1) input, which runtimes compute with a float bias, scales not yet
         known, or a layer whose forward is not the plain matmul/convolution."""
         a = self.a_quant
-        if not self._kind.integer_bias or a is None or \
-                not F.integer_input(a.spec.bits, a.is_signed):
+        if a is None or bias_unit(self._kind, a.spec.bits, a.is_signed) is None:
             return None
         if self.training:  # the input was quantized first in this forward: its scale is set
             if not self.w_quant._ready:
@@ -182,7 +182,7 @@ class BlendMixin:
             if not bool(a.initialized):
                 return None
             w_scale = self.w_quant.eval_projection(self.float_weight)[1]
-        return w_scale.double().reshape(-1) * a.current_scale().double()
+        return bias_unit(self._kind, a.spec.bits, a.is_signed, w_scale, a.current_scale())
 
     def layer_bias(self) -> Tensor | None:
         """The bias added: blended toward whole accumulator units with α,
@@ -194,6 +194,20 @@ class BlendMixin:
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", alpha={float(self.alpha):.4g}"
+
+
+def bias_unit(kind: LayerKind, a_bits: int | None, a_signed: bool | None,
+              w_scale: Tensor | None = None, a_scale: Tensor | None = None) -> Tensor | None:
+    """The one rule for whole-unit bias rounding, used by training, evaluation, convert,
+    capture and the engine: where the layer adds its bias to an integer accumulator (its
+    kind's own matmul or convolution, ``kind.integer_bias``, on an integer input grid),
+    the unit ``γ_w·γ_a`` per output channel (float64; ``w_scale``/``a_scale`` omitted:
+    a tensor of ones, to ask only whether the rule applies); ``None`` elsewhere."""
+    if not kind.integer_bias or not F.integer_input(a_bits, a_signed):
+        return None
+    if w_scale is None or a_scale is None:
+        return torch.ones(1, dtype=torch.float64)
+    return w_scale.double().reshape(-1) * a_scale.double()
 
 
 def shared_input(layer: nn.Module, input: Tensor, x: Tensor, args: tuple,
@@ -314,6 +328,18 @@ def bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
     return k, bias - mean * k
 
 
+def link_holds(layer: nn.Module, input_dim: int | None) -> bool:
+    """The one rule for when a batch norm after ``layer`` normalises its outputs: always
+    after a convolution; after a Linear only on 2-D input (``input_dim``; ``None``:
+    not known yet), since BatchNorm1d on ``(N, L, C)`` normalises ``L``."""
+    return not issubclass(layer._kind.base, nn.Linear) or input_dim == 2
+
+
+def linked_producer(module: nn.Module) -> nn.Module | None:
+    """The layer a folded batch norm is linked to (``None`` for any other module)."""
+    return module.producer if isinstance(module, _FoldedBatchNorm) else None
+
+
 class _FoldedBatchNorm:
     """A batch norm right after a quantized layer (linked by ``prepare``/``convert``;
     the link is ``producer``, not a submodule). Export folds it into that layer: one
@@ -327,6 +353,15 @@ class _FoldedBatchNorm:
     """
 
     link_proven = True  # False: a candidate that export checks on the captured graph
+    producer: nn.Module | None = None  # the linked layer (a link, not a submodule)
+
+    def link(self, layer: nn.Module, proven: bool) -> None:
+        """Link to ``layer`` (its output is this batch norm's input); ``proven``: a
+        capture showed the layer's output goes here alone. A Linear's link holds only on
+        2-D input (:func:`link_holds`), which only export's capture can check."""
+        object.__setattr__(self, "producer", layer)  # not registered as a submodule
+        self.link_proven = proven and link_holds(layer, None)
+        layer.bias_folded = True
 
     def forward(self, input: Tensor) -> Tensor:
         out = super().forward(input)
@@ -343,14 +378,13 @@ class _FoldedBatchNorm:
         """Whether this input's channels (dim 1) are the linked layer's outputs: always for
         a convolution; for a Linear only on 2-D input (BatchNorm1d on ``(N, L, C)``
         normalises ``L``, not the Linear's ``C`` outputs)."""
-        layer = self.__dict__.get("producer")
-        return layer is None or input.dim() == 2 or not issubclass(layer._kind.base, nn.Linear)
+        return self.producer is None or link_holds(self.producer, input.dim())
 
     def rounding_delta(self) -> Tensor | None:
         """What evaluation adds to the batch norm's output: ``α·(R(t) - t)`` per channel
         (float64), ``t = k·b + t_bn`` the folded bias, ``R`` rounding to whole units of
         ``|k|·γ_w·γ_a``; ``None`` where no unit applies."""
-        layer = self.__dict__.get("producer")
+        layer = self.producer
         if layer is None or self.running_mean is None or not layer.round_bias:
             return None
         unit = layer.accumulator_unit()

@@ -169,10 +169,7 @@ def _link(root: nn.Module, layer: nn.Module, bn_name: str, bn: nn.Module, proven
     if type(bn) in FOLDED_BN_MAP:
         bn = rebuild(bn, FOLDED_BN_MAP[type(bn)])
         _replace(root, bn_name, bn)
-    object.__setattr__(bn, "producer", layer)  # a link, not a submodule
-    # a Linear's link holds only on 2-D input: export checks the captured shapes
-    bn.link_proven = proven and not issubclass(layer._kind.base, nn.Linear)
-    layer.bias_folded = True
+    bn.link(layer, proven)
     return 1
 
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..converted import Deploy, QuantMixin, QuantSite
 from ..functional import pack_codes, round_bias
-from ..layers import BlendMixin, bn_affine
+from ..layers import BlendMixin, bn_affine, link_holds, linked_producer
 
 __all__ = ["ExportError", "capture", "deployable", "example_args"]
 
@@ -101,7 +101,7 @@ def deployable(converted_model: nn.Module, packed: bool = False,
     proven = proven or set()
     folded: dict[int, nn.Module] = {}
     for name, m in list(model.named_modules()):
-        producer = m.__dict__.get("producer")
+        producer = linked_producer(m)
         if not isinstance(producer, QuantMixin):
             continue
         if m.link_proven or name in proven:
@@ -126,7 +126,7 @@ def proven_links(converted_model: nn.Module, args: tuple) -> set[str]:
     """Names of the candidate batch-norm links that a capture of ``converted_model``
     confirms: the layer's output is read by that batch norm alone."""
     candidates = {name: m for name, m in converted_model.named_modules()
-                  if isinstance(m.__dict__.get("producer"), QuantMixin) and not m.link_proven}
+                  if isinstance(linked_producer(m), QuantMixin) and not m.link_proven}
     if not candidates:
         return set()
     layer_names = {id(m): n for n, m in converted_model.named_modules()}
@@ -147,8 +147,7 @@ def proven_links(converted_model: nn.Module, args: tuple) -> set[str]:
         norms = [n for n in by_module.get(name, []) if "batch_norm" in str(n.target)]
         if len(cores) == 1 and len(norms) == 1 and list(cores[0].users) == norms:
             val = cores[0].meta.get("val")
-            linear = issubclass(bn.producer._kind.base, nn.Linear)
-            if not linear or (val is not None and val.dim() == 2):
+            if link_holds(bn.producer, None if val is None else val.dim()):
                 proven.add(name)
     return proven
 

@@ -21,9 +21,11 @@ from .capture import example_args
 __all__ = ["IntegerEngine", "first_tensor", "TIE_WINDOW"]
 
 # An activation whose value sits this close (in codes) to the midpoint between two codes
-# is on a rounding tie: float paths that sum in another order (another CPU, float32
-# against float64) may round it either way, and so may every value computed from it.
-TIE_WINDOW = 1e-6
+# is on a rounding tie: float64 paths that sum in another order (another CPU, another
+# thread count) may round it either way, and so may every value computed from it. Their
+# errors are ~1e-13 codes; a wider window would also catch values that merely happen to
+# lie near a midpoint (a constant channel 1e-6 from it was seen 75 times in one batch).
+TIE_WINDOW = 1e-9
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -63,8 +65,10 @@ class _Codes:
 
 
 class _Interpreter(torch.fx.Interpreter):
-    def __init__(self, module: torch.fx.GraphModule, stats: dict | None, batch: int) -> None:
+    def __init__(self, module: torch.fx.GraphModule, stats: dict | None, batch: int,
+                 integer: bool = True) -> None:
         super().__init__(module)
+        self.integer = integer
         self.codes: dict[str, _Codes] = {}
         self.tied = torch.zeros(batch, dtype=torch.long)  # tied activations per sample
         self.stats = stats
@@ -104,7 +108,7 @@ class _Interpreter(torch.fx.Interpreter):
             codes = q - zero
             self.codes[n.name] = _Codes(codes, scale, axis)
             return codes * scale
-        if n.target in self.cores:
+        if n.target in self.cores and self.integer:
             out = self._integer_core(n, args)
             if out is not None:
                 return out
@@ -156,11 +160,14 @@ class _Interpreter(torch.fx.Interpreter):
 
 class IntegerEngine(nn.Module):
     """A captured program (:func:`blendq.export.capture`) as a module: ``engine(x)`` gives
-    the model's output in float64, integer cores where the layer is quantized."""
+    the model's output in float64, integer cores where the layer is quantized
+    (``integer=False``: the same graph with every operation in float64, the float
+    reference that differs from the integer cores only by the order of float sums)."""
 
-    def __init__(self, program: torch.export.ExportedProgram) -> None:
+    def __init__(self, program: torch.export.ExportedProgram, integer: bool = True) -> None:
         super().__init__()
         self.program = program
+        self.integer = integer  # False: every operation in float64 (a float reference)
         self.graph_module = program.module()
         self.integer_layers = 0  # layers run on integer codes in the last call
         # per sample of the last call: activations on a rounding tie (``TIE_WINDOW``)
@@ -170,7 +177,7 @@ class IntegerEngine(nn.Module):
         args = example_args(example_input)
         flat = torch.utils._pytree.tree_leaves(args)
         batch = flat[0].shape[0] if flat and flat[0].dim() > 0 else 1
-        interpreter = _Interpreter(self.graph_module, stats, batch)
+        interpreter = _Interpreter(self.graph_module, stats, batch, self.integer)
         with torch.no_grad():
             outputs = interpreter.run(*flat)
         spec = getattr(self.graph_module, "_out_spec", None)
