@@ -124,7 +124,7 @@ def inputs(kind: str, n: int, seed: int, size: int = IMAGE[1]) -> torch.Tensor:
 
 def weight_layers(model: nn.Module) -> tuple[int, int]:
     """``(quantized, weight-holding)`` module counts from ``blendq.summary``."""
-    rows = blendq.summary(model)
+    rows = [r for r in blendq.summary(model) if r.params]  # modules holding weights
     return sum(r.fate == "quantized" for r in rows), len(rows)
 
 

@@ -80,6 +80,20 @@ def test_export_and_verify_commands(tmp_path, capsys):
     assert main(["verify", str(run)]) == 0
     out = capsys.readouterr().out
     assert "integer engine" in out and "ONNX Runtime, int8 kernels" in out
+    assert main(["export", str(run), "--format", "onnx", "--weights", "int4", "--out",
+                 str(tmp_path / "m4.onnx")]) == 0
+    assert (tmp_path / "m4.onnx").stat().st_size < (tmp_path / "m.onnx").stat().st_size
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        assert main(["verify", str(run), "--runtime", "openvino"]) == 2
+        assert "pip install 'blendq[openvino]'" in capsys.readouterr().err
+    else:
+        assert main(["verify", str(run), "--runtime", "all", "--test-subset", "200"]) == 0
+        rows = [line for line in capsys.readouterr().out.splitlines() if "top-1" in line]
+        openvino_row = next(r for r in rows if r.startswith("OpenVINO"))
+        assert any(r.startswith("ONNX Runtime") for r in rows)
+        assert float(openvino_row.split("top-1 agree")[1].split("%")[0]) >= 99.0
     fp = tmp_path / "fp"
     assert main(["train", "--fp32", "--model", "digits_cnn", "--epochs", "1", "--out", str(fp),
                  "--quiet", "--set", "model_args={\"width\": 8}"]) == 0

@@ -31,7 +31,8 @@ class WeightSpec:
     """How a layer's weight is quantized.
 
     bits: 1..8 (1: sign); per_channel: one scale per output channel;
-    method: ``ab`` or ``ste``; binary_scale: 1-bit uses the least-squares scale
+    method: a registered method name (:mod:`blendq.methods`: ``ab``, ``ste``, ``lsq``);
+    binary_scale: 1-bit uses the least-squares scale
     ``mean|w|`` (docs/design.md); quant_every: recompute codes every this many steps
     (set by the controller); max_iter: PPQ iterations per refresh, started from the
     previous scale (Algorithm 2 takes γ as input; the paper: "3 iterations is
@@ -59,7 +60,8 @@ class ActSpec:
     """How a layer's input activation is quantized.
 
     bits: 1..8; signed: ``True``/``False``, or ``None`` to decide from the first
-    training batch (unsigned if it holds no negative value); method: ``ab``/``ste``;
+    training batch (unsigned if it holds no negative value); method: a registered method
+    name (``ab``, ``ste``, ``lsq``);
     momentum: EMA of the scale (paper: 0.99); max_iter: PPQ iterations per batch
     (fixed count, warm-started from the EMA scale, no host synchronisation);
     sample: the batch scale is computed on about this many elements of the batch,
