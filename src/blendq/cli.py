@@ -369,6 +369,30 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def _add_deploy_commands(sub) -> None:
+    """``blendq export`` and ``blendq verify``."""
+    ex = sub.add_parser("export", help="export a trained run: blendq artifact (torch.export "
+                        "program, packed codes) or ONNX QDQ")
+    ex.add_argument("run", help="run directory or checkpoint (alpha must have reached 1)")
+    ex.add_argument("--format", choices=("blendq", "onnx"), default="blendq")
+    ex.add_argument("--weights", choices=("int8", "int4"), default="int8",
+                    help="ONNX storage of weights of 4 bits or fewer: int8 (runtimes fuse "
+                         "int8 kernels from the file as it is) or int4 (half the size; "
+                         "blendq's onnx_session expands it to int8 in memory)")
+    ex.add_argument("--out", help="output file (default: RUN/model.pt2|.onnx)")
+    ex.set_defaults(func=cmd_export)
+
+    vf = sub.add_parser("verify", help="alpha=1 model vs integer engine vs ONNX Runtime "
+                        "or OpenVINO")
+    vf.add_argument("run", help="run directory or checkpoint")
+    vf.add_argument("--test-subset", type=int, help="first N test images")
+    vf.add_argument("--no-onnx", action="store_true", help="skip the runtimes")
+    vf.add_argument("--runtime", choices=tuple(RUNTIME_CHOICES), default="ort",
+                    help="ONNX Runtime (ort), OpenVINO (openvino, needs blendq[openvino]) "
+                         "or both (all)")
+    vf.set_defaults(func=cmd_verify)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="blendq", description="Low-precision training with alpha-blending.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -415,27 +439,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--out")
     pl.set_defaults(func=cmd_plot)
 
-    ex = sub.add_parser("export", help="export a trained run: blendq artifact (torch.export "
-                        "program, packed codes) or ONNX QDQ")
-    ex.add_argument("run", help="run directory or checkpoint (alpha must have reached 1)")
-    ex.add_argument("--format", choices=("blendq", "onnx"), default="blendq")
-    ex.add_argument("--weights", choices=("int8", "int4"), default="int8",
-                    help="ONNX storage of weights of 4 bits or fewer: int8 (runtimes fuse "
-                         "int8 kernels from the file as it is) or int4 (half the size; "
-                         "blendq's onnx_session expands it to int8 in memory)")
-    ex.add_argument("--out", help="output file (default: RUN/model.pt2|.onnx)")
-    ex.set_defaults(func=cmd_export)
-
-    vf = sub.add_parser("verify", help="alpha=1 model vs integer engine vs ONNX Runtime "
-                        "or OpenVINO")
-    vf.add_argument("run", help="run directory or checkpoint")
-    vf.add_argument("--test-subset", type=int, help="first N test images")
-    vf.add_argument("--no-onnx", action="store_true", help="skip the runtimes")
-    vf.add_argument("--runtime", choices=tuple(RUNTIME_CHOICES), default="ort",
-                    help="ONNX Runtime (ort), OpenVINO (openvino, needs blendq[openvino]) "
-                         "or both (all)")
-    vf.set_defaults(func=cmd_verify)
-
+    _add_deploy_commands(sub)
     rc = sub.add_parser("recipes", help="list bundled recipes (or --models)")
     rc.add_argument("--models", action="store_true")
     rc.set_defaults(func=cmd_recipes)

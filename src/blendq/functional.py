@@ -145,6 +145,25 @@ def _check_axis(x: Tensor, axis: int | None) -> None:
         raise ValueError(f"axis must be None or in [-{x.dim()}, {x.dim() - 1}], got {axis}")
 
 
+def _check_ppq(x: Tensor, bits: int, axis: int | None, signed: bool, max_iter: int) -> None:
+    if signed and bits == 1:
+        raise ValueError("ppq needs bits in 2..8 for a signed grid; use binarize() for 1 bit")
+    check_bits("bits", bits)
+    _check_axis(x, axis)
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if x.numel() == 0:
+        raise ValueError("ppq needs a non-empty tensor, got one of shape "
+                         f"{tuple(x.shape)}")
+
+
+def _overflows(x: Tensor, levels: int) -> bool:
+    """Whether PPQ's sums ``<x, codes>`` could overflow ``x``'s float dtype."""
+    peak = float(x.detach().abs().max())
+    return x.dtype != torch.float64 and \
+        peak * levels ** 2 * x.numel() >= torch.finfo(_as_float(x).dtype).max
+
+
 def ppq(
     x: Tensor,
     bits: int,
@@ -185,21 +204,11 @@ def ppq(
             (unless ``fixed``). Values so large that the sums overflow ``x``'s dtype are
             solved in float64 (unless ``fixed``).
     """
-    if signed and bits == 1:
-        raise ValueError("ppq needs bits in 2..8 for a signed grid; use binarize() for 1 bit")
+    _check_ppq(x, bits, axis, signed, max_iter)
     qmin, qmax = grid(bits, signed, full)
-    _check_axis(x, axis)
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    if x.numel() == 0:
-        raise ValueError("ppq needs a non-empty tensor, got one of shape "
-                         f"{tuple(x.shape)}")
     if not fixed:
         check_finite(x)
-        peak = float(x.detach().abs().max())
-        if x.dtype != torch.float64 and peak * (qmax - qmin + 1) ** 2 * x.numel() >= \
-                torch.finfo(_as_float(x).dtype).max:
-            # the sums <x, codes> overflow this dtype: solve in float64, return x's dtype
+        if _overflows(x, qmax - qmin + 1):  # the sums <x, codes>: solve in float64
             codes, new = ppq(x.double(), bits, axis, signed, max_iter, scale, fixed, full)
             return codes.to(_as_float(x).dtype), new.to(_as_float(x).dtype)
     xf = _as_float(x)
