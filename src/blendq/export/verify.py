@@ -37,14 +37,15 @@ class Agreement:
     accuracy: float | None = None
     strict_top1: float | None = None  # % with the very same arg-max, ties not excused
     ties: int = 0  # samples whose reference top-2 logits are within TIE steps
+    within_step: float = 100.0  # % of samples whose every logit is within one output step
 
     def row(self) -> str:
         acc = "" if self.accuracy is None else f"  acc {self.accuracy:6.2f}%"
         strict = "" if self.strict_top1 is None or self.strict_top1 == self.top1_agreement \
             else f" (same arg-max {self.strict_top1:.3f}%; {self.ties} tied references)"
-        return (f"{self.name:28s} top-1 agree {self.top1_agreement:7.3f}%{strict}  max |Δ| "
-                f"{self.max_abs_diff:.3g} ({self.max_steps:.3g} steps)  mean |Δ| "
-                f"{self.mean_abs_diff:.3g}{acc}")
+        return (f"{self.name:28s} top-1 agree {self.top1_agreement:7.3f}%{strict}  within 1 "
+                f"step {self.within_step:7.3f}%  max |Δ| {self.max_abs_diff:.3g} "
+                f"({self.max_steps:.3g} steps)  mean |Δ| {self.mean_abs_diff:.3g}{acc}")
 
 
 def output_step(reference_logits: Tensor) -> float:
@@ -69,8 +70,9 @@ def compare_logits(name: str, ref: Tensor, other: Tensor, step: float,
     top2 = ref.topk(min(2, ref.shape[-1]), -1).values
     ties = int((top2[:, 0] - top2[:, -1] <= TIE * step).sum()) if ref.shape[-1] > 1 else 0
     acc = None if labels is None else 100.0 * float((pick == labels).double().mean())
+    within = 100.0 * float((diff.amax(-1) <= step).double().mean())
     return Agreement(name, agree, float(diff.max()), float(diff.mean()),
-                     float(diff.max()) / step, acc, strict, ties)
+                     float(diff.max()) / step, acc, strict, ties, within)
 
 
 def openvino_model(path: str | Path):
