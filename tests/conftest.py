@@ -20,6 +20,23 @@ def small_cnn(in_ch: int = 3, classes: int = 10) -> nn.Sequential:
     )
 
 
+def converted_and_exported(model: nn.Module, x: torch.Tensor, path):
+    """``convert`` of a copy of ``model`` (checked bit for bit against its α = 1 view)
+    and ONNX Runtime's output on ``x`` from its export to ``path``; returns
+    ``(alpha_one_output, onnx_runtime_output)``."""
+    import copy
+
+    import blendq
+    from blendq.export import export_onnx, onnx_session, run_onnx
+
+    with blendq.quantized(model) as alpha_one:
+        ref = alpha_one(x)
+    converted = blendq.convert(copy.deepcopy(model))
+    with torch.no_grad():
+        assert torch.equal(converted(x), ref)
+    return ref, run_onnx(onnx_session(export_onnx(converted, path, x)), x)
+
+
 @pytest.fixture
 def cnn():
     torch.manual_seed(0)

@@ -1,14 +1,12 @@
 """LSQ (learned step size, Esser et al. 2020): the scale is trained with LSQ's scaled
 gradient; LSQ-trained models convert exactly and export."""
 
-import copy
 
 import pytest
 import torch
-from conftest import small_cnn
+from conftest import converted_and_exported, small_cnn
 
 import blendq
-from blendq.export import export_onnx, onnx_session, run_onnx
 
 
 def test_lsq_function_value_and_gradients():
@@ -45,12 +43,7 @@ def test_lsq_trains_its_steps_converts_exactly_and_exports(tmp_path, w_bits, a_b
         opt.step()
     assert all(p.grad is not None for p in steps)
     assert any(not torch.equal(a, b) for a, b in zip(start, steps, strict=True))  # learned
-    with blendq.quantized(model) as alpha_one:
-        ref = alpha_one(x)
-    converted = blendq.convert(copy.deepcopy(model))
-    with torch.no_grad():
-        assert torch.equal(converted(x), ref)
-    out = run_onnx(onnx_session(export_onnx(converted, tmp_path / "l.onnx", x)), x)
+    ref, out = converted_and_exported(model, x, tmp_path / "l.onnx")
     assert float((out - ref).abs().max()) <= float(ref.abs().max()) / 127 + 1e-6
 
 

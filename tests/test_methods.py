@@ -1,15 +1,13 @@
 """Every registered quantization method goes through prepare -> train -> convert ->
 export; a method is one object, chosen once by name."""
 
-import copy
 
 import pytest
 import torch
-from conftest import small_cnn
+from conftest import converted_and_exported, small_cnn
 
 import blendq
 from blendq import methods
-from blendq.export import export_onnx, onnx_session, run_onnx
 from blendq.export.verify import compare_logits, output_step
 
 
@@ -30,12 +28,7 @@ def test_every_method_trains_converts_and_exports(tmp_path, name):
         loss.backward()
         opt.step()
     assert blendq.transform.get_alpha(model) == 1.0
-    with blendq.quantized(model) as alpha_one:
-        ref = alpha_one(x)
-    converted = blendq.convert(copy.deepcopy(model))
-    with torch.no_grad():
-        assert torch.equal(converted(x), ref)
-    out = run_onnx(onnx_session(export_onnx(converted, tmp_path / "m.onnx", x)), x)
+    ref, out = converted_and_exported(model, x, tmp_path / "m.onnx")
     assert compare_logits(name, ref, out, output_step(ref)).top1_agreement == 100.0
 
 
