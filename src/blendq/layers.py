@@ -177,7 +177,7 @@ class BlendMixin:
         if self.training:  # the input was quantized first in this forward: its scale is set
             if not self.w_quant._ready:
                 return None
-            w_scale = self.w_quant.scale
+            w_scale = self.w_quant.current_scale()
         else:
             if not bool(a.initialized):
                 return None

@@ -119,7 +119,7 @@ class WeightQuantizer(nn.Module):
                              persistent=spec.quant_every > 1)
         self.register_buffer("scale", torch.ones(scale_shape, dtype=weight.dtype,
                                                  device=weight.device))
-        if self.method.learns_scale:  # the learned scale; ``scale`` mirrors its magnitude
+        if self.method.learns_scale:  # the learned scale (``scale``: where it started)
             self.step = nn.Parameter(torch.ones(scale_shape, dtype=weight.dtype,
                                                 device=weight.device))
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool, device=weight.device))
@@ -199,6 +199,7 @@ class WeightQuantizer(nn.Module):
             codes, scale = self.project(w)
             with torch.no_grad():
                 self.step.copy_(scale)
+                self.scale.copy_(scale)  # kept as the start; |step| is the scale from here
                 self.codes.copy_(codes)
             self.ready.fill_(True)
             self._ready = True
@@ -210,9 +211,15 @@ class WeightQuantizer(nn.Module):
             per_scale = w.numel() // max(step.numel(), 1)
             value = F.lsq(w, step, s.bits, grad_scale=1.0 / math.sqrt(
                 per_scale * F.grid(s.bits)[1]))
-        with torch.no_grad():
-            self.scale.copy_(step)
         return value
+
+    def current_scale(self) -> Tensor:
+        """The scale the weight is quantized with now: LSQ's ``|step|`` (its only scale;
+        the ``scale`` buffer keeps the PPQ scale it started from), else the projection's
+        cached ``scale``."""
+        if self.method.learns_scale and self._ready:
+            return self.step.detach().abs().clamp_min(torch.finfo(self.step.dtype).tiny)
+        return self.scale
 
     def _lsq_projection(self, w: Tensor) -> tuple[Tensor, Tensor]:
         step = self.step.detach().abs().clamp_min(torch.finfo(w.dtype).tiny)
@@ -341,7 +348,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("signed", torch.tensor(self._signed, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        if self.method.learns_scale:  # the learned scale; ``scale`` mirrors its magnitude
+        if self.method.learns_scale:  # the learned scale (``scale``: where it started)
             self.step = nn.Parameter(torch.ones(()))
         # telemetry: training inputs at the grid's ends, and all seen (device-side counts)
         self.register_buffer("clipped", torch.zeros((), dtype=torch.float64), persistent=False)
@@ -420,6 +427,7 @@ class ActQuantizer(nn.Module):
             with torch.no_grad():
                 scale = _mean_over_ranks(self._batch_scale(x.detach(), signed))
                 self.step.copy_(scale)
+                self.scale.copy_(scale)  # kept as the start; |step| is the scale from here
                 self.initialized.fill_(True)
             self._lsq_started = True
         step = self.step.abs().clamp_min(torch.finfo(x.dtype).tiny)
@@ -430,13 +438,11 @@ class ActQuantizer(nn.Module):
         if self.training:
             self._count_clipped(torch.round(torch.clamp(x.detach() / step, *F.grid(
                 self.spec.bits, signed, full=True))), signed)
-        with torch.no_grad():
-            self.scale.copy_(step)
         return value
 
     def current_scale(self) -> Tensor:
         """The scale evaluation quantizes with now: ``|step|`` for LSQ (which the ``scale``
-        buffer mirrors only after a forward), else the EMA ``scale``."""
+        buffer keeps the PPQ scale it started from), else the EMA ``scale``."""
         if self.method.learns_scale and not F.is_sign(self.spec.bits, self.is_signed):
             return self.step.detach().abs().clamp_min(torch.finfo(self.step.dtype).tiny)
         return self.scale
