@@ -183,3 +183,21 @@ def test_sited_models_pickle_and_copy(tmp_path):
         assert torch.equal(loaded(x), model(x))
         assert torch.equal(copy.deepcopy(model)(x), model(x))
     assert isinstance(loaded.blocks[0].quant_sites.x, BlendSite)
+
+
+def test_an_attention_mask_add_is_not_a_site_the_residual_add_is():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.o = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x, mask):
+            scores = self.q(x) @ self.k(x).transpose(-1, -2) + mask  # -inf where masked
+            return x + self.o(scores.softmax(-1) @ x)
+
+    model = blendq.prepare(Attention(), blendq.QuantPolicy())
+    assert sorted(n for n, _ in sites(model)) == ["quant_sites.o", "quant_sites.x"]
+    mask = torch.zeros(2, 4, 4)
+    mask[:, :, -1] = float("-inf")
+    model.train()(torch.randn(2, 4, 8), mask)
+    assert torch.isfinite(model.eval()(torch.randn(2, 4, 8), mask)).all()

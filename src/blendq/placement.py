@@ -197,17 +197,49 @@ def _integer_inputs(module: nn.Module, n: torch.fx.Node) -> list[torch.fx.Node]:
             (n.op == "call_method" and n.target in _ADD_METHODS):
         args = n.args[:2]
         if len(args) == 2 and all(isinstance(a, torch.fx.Node) and not _is_shape(a)
-                                  for a in args) and "alpha" not in n.kwargs:
+                                  for a in args) and "alpha" not in n.kwargs and \
+                any(_from_layers(module, a) for a in args):
             return list(args)
         return []
     if n.op == "call_function" and n.target in _CATS and n.args and \
             isinstance(n.args[0], list | tuple) and len(n.args[0]) > 1:
         parts = list(n.args[0])
-        return parts if all(isinstance(a, torch.fx.Node) for a in parts) else []
+        feature_maps = all(isinstance(a, torch.fx.Node) for a in parts) and \
+            any(_from_layers(module, a) for a in parts)
+        return parts if feature_maps else []
     if (n.op == "call_function" and n.target in _POOL_FUNCTIONS) or \
             (n.op == "call_module" and isinstance(module.get_submodule(n.target), _POOL_MODULES)):
         return [n.args[0]] if isinstance(n.args[0], torch.fx.Node) else []
     return []
+
+
+# elementwise steps through which a feature map stays one (an attention score, a mask or
+# a product of two activations is not one)
+_FEATURE_FUNCTIONS = {TF.relu, torch.relu, TF.relu6, TF.gelu, TF.silu, TF.hardtanh,
+                      TF.hardswish, TF.leaky_relu, TF.dropout, *_ADDS, *_CATS, *_KEEP_FUNCTIONS,
+                      *_POOL_FUNCTIONS}
+_FEATURE_METHODS = {"relu", "relu_", *_ADD_METHODS, *_KEEP_METHODS}
+
+
+def _from_layers(module: nn.Module, n, depth: int = 0) -> bool:
+    """Whether the value ``n`` is a feature map computed by quantized layers: a layer's
+    (or a module holding layers', or a site's) output, through normalisations,
+    activations, pooling, reshapes and adds. A residual add qualifies when one operand
+    does; an attention mask added to scores does not (scores come from a matmul)."""
+    if not isinstance(n, torch.fx.Node) or depth > 16:
+        return False
+    if n.op == "call_module":
+        if str(n.target).startswith("quant_sites."):  # a site placed in this pass
+            return True
+        m = module.get_submodule(n.target)
+        if isinstance(m, _QUANTIZED) or _holds_layers(m):
+            return True
+        return bool(n.args) and _from_layers(module, n.args[0], depth + 1)
+    if (n.op == "call_function" and n.target in _FEATURE_FUNCTIONS) or \
+            (n.op == "call_method" and n.target in _FEATURE_METHODS):
+        args = [a for arg in n.args for a in (arg if isinstance(arg, list | tuple) else [arg])]
+        return any(_from_layers(module, a, depth + 1) for a in args)  # cat: a list
+    return False
 
 
 def _keeps_grid(module: nn.Module, n: torch.fx.Node) -> bool:
@@ -230,12 +262,16 @@ def _rewrite(module: nn.Module, graph: torch.fx.Graph | None, spec: ActSpec) -> 
     if graph is None:
         return 0
     placed: dict[torch.fx.Node, BlendSite] = {}
+    sites_dict = module._modules.get("quant_sites") or nn.ModuleDict()
+    module.quant_sites = sites_dict  # registered first: the walks below resolve sites
 
     def place(value: torch.fx.Node) -> None:
         source = _source(module, value)
         if source in placed or value in placed or _site_of(module, source) is not None:
             return
-        placed[value] = BlendSite(spec, name=f"{type(module).__name__}.{value.name}")
+        placed[value] = BlendSite(spec, name=f"{type(module).__name__}.{value.name}").to(
+            _device(module))
+        sites_dict[value.name] = placed[value]
         with graph.inserting_after(value):
             node = graph.call_module(f"quant_sites.{value.name}", (value,))
         value.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
@@ -248,11 +284,9 @@ def _rewrite(module: nn.Module, graph: torch.fx.Graph | None, spec: ActSpec) -> 
         if len(readers) > 1:  # one tensor, several quantized readers: one scale for all
             place(n)
     if not placed:
+        if not len(sites_dict):
+            del module.quant_sites
         return 0
-    if "quant_sites" not in module._modules:
-        module.quant_sites = nn.ModuleDict()
-    for value, site in placed.items():
-        module.quant_sites[value.name] = site.to(_device(module))
     _share_with_layers(module, graph)
     graph.lint()
     _install_forward(module, graph)
