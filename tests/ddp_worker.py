@@ -28,4 +28,8 @@ with torch.no_grad():
     model(x)
 torch.save({"before": before, "after": layer.a_quant.scale.clone(), "local": local},
            out / f"ema{dist.get_rank()}.pt")
+# every rank done with its collectives before any tears the group down: gloo aborts a
+# rank still finishing the last all_reduce when its peer destroys the group first (seen in
+# about one run in four once the last forward ended with one more activation quantizer)
+dist.barrier()
 dist.destroy_process_group()
