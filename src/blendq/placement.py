@@ -80,8 +80,10 @@ def place_sites(model: nn.Module, spec: ActSpec) -> int:
     skipped: list[str] = []
     seen: set[int] = set()  # pool modules a capture showed
     count = _place_within(model, "", spec, skipped, seen)
-    for m in list(model.modules()):
-        if isinstance(m, _POOL_MODULES) and id(m) not in seen:
+    for name, m in list(model.named_modules()):
+        parent = model.get_submodule(name.rpartition(".")[0]) if name else None
+        if isinstance(m, _POOL_MODULES) and id(m) not in seen and parent is not None and \
+                _holds_layers(parent):  # a pool among quantized layers, never captured
             count += _site_in_front(m, spec)
     if skipped:
         shown = "; ".join(skipped[:6]) + (f"; and {len(skipped) - 6} more"
