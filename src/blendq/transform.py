@@ -283,7 +283,7 @@ class AlphaController:
         if after not in AFTER_ALPHA:
             raise ValueError(f"after must be one of {AFTER_ALPHA}, got {after!r}")
         self.layers = _require_blend(model)
-        self.alphas = [m.alpha for m in _alpha_holders(model)]  # layers' and sites'
+        self.holders = _alpha_holders(model)  # layers and sites
         self.schedule = schedule
         self.after = after
         self.alpha: float | None = None  # last α applied; None: nothing applied yet
@@ -295,8 +295,9 @@ class AlphaController:
         the others at their forward."""
         alpha = self.schedule(step)
         if alpha != self.alpha:
-            torch._foreach_mul_(self.alphas, 0.0)  # fill every α in two operations
-            torch._foreach_add_(self.alphas, alpha)
+            alphas = [m.alpha for m in self.holders]  # read now: a module move replaces them
+            torch._foreach_mul_(alphas, 0.0)  # fill every α in two operations
+            torch._foreach_add_(alphas, alpha)
             self.alpha = alpha
             if alpha >= 1.0 and self.after == "ste":
                 _straight_through_weights(self.layers)
