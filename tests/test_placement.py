@@ -201,3 +201,46 @@ def test_an_attention_mask_add_is_not_a_site_the_residual_add_is():
     mask[:, :, -1] = float("-inf")
     model.train()(torch.randn(2, 4, 8), mask)
     assert torch.isfinite(model.eval()(torch.randn(2, 4, 8), mask)).all()
+
+
+def test_forwards_that_capture_would_freeze_are_left_alone_and_modes_kept():
+    class Drop(nn.Module):  # self.training passed as an argument
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return x + nn.functional.dropout(self.fc(x), 0.5, self.training)
+
+    class KeywordMask(nn.Module):  # a keyword-only optional argument branched on
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, *, mask=None):
+            y = self.fc(x)
+            return x + (y if mask is None else y * mask)
+
+    for cls in (Drop, KeywordMask):
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            model = blendq.prepare(cls(), blendq.QuantPolicy())
+        assert sites(model) == [] and type(model).forward is cls.forward
+    net = Net().train()
+    net.blocks[0].bn1.eval()  # a frozen batch norm stays frozen through prepare
+    model = blendq.prepare(net, blendq.QuantPolicy())
+    assert not model.blocks[0].bn1.training and model.blocks[0].bn2.training
+
+
+def test_a_site_named_like_a_module_dict_method_is_placed():
+    class Values(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.values = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.values(x) + x
+
+    model = blendq.prepare(Values(), blendq.QuantPolicy())
+    assert "quant_sites.values_" in [n for n, _ in sites(model)]
+    model(torch.randn(2, 4))

@@ -156,29 +156,32 @@ def _capture(module: nn.Module) -> tuple[torch.fx.Graph | None, str]:
     forward must compute what the old one computes for every call, so a capture that
     changes with ``self.training`` or with the optional arguments (a branch on
     ``mask is None`` is taken once, at capture) is refused."""
-    was = module.training
+    modes = [(m, m.training) for m in module.modules()]  # each module's own mode, restored
     optional = {name: p.default for name, p in
                 inspect.signature(type(module).forward).parameters.items()
                 if p.default is not inspect.Parameter.empty
-                and p.kind is p.POSITIONAL_OR_KEYWORD}
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     try:
-        shapes = []
-        for mode, concrete in ((True, None), (False, None), (was, optional or None)):
+        codes, shapes = [], []
+        for mode, concrete in ((True, None), (False, None), (module.training, optional or None)):
             module.train(mode)
             graph = SiteTracer(module).trace(module, concrete_args=concrete)
-            shapes.append([(n.op, str(n.target)) for n in graph.nodes
-                           if n.op not in ("placeholder", "output")
-                           and "_assert_is_none" not in str(n.target)])
-        if shapes[0] != shapes[1]:
+            nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")
+                     and "_assert_is_none" not in str(n.target)]
+            shapes.append([(n.op, str(n.target)) for n in nodes])
+            codes.append([(n.op, str(n.target), str(n.args), str(n.kwargs)) for n in nodes])
+        if codes[0] != codes[1]:  # a branch, or a value such as dropout's training=...
             return None, "its forward reads self.training"
         if shapes[2] != shapes[0]:
             return None, "its forward branches on an optional argument"
-        module.train(was)
+        for m, mode in modes:
+            m.training = mode
         return SiteTracer(module).trace(module), ""
     except Exception as err:  # torch.fx's reason, in one line
         return None, f"{type(err).__name__}: {str(err).strip().splitlines()[0][:120]}"
     finally:
-        module.train(was)
+        for m, mode in modes:
+            m.training = mode
 
 
 def _is_shape(n: torch.fx.Node) -> bool:
@@ -271,18 +274,19 @@ def _rewrite(module: nn.Module, graph: torch.fx.Graph | None, spec: ActSpec) -> 
         source = _source(module, value)
         if source in placed or value in placed or _site_of(module, source) is not None:
             return
-        placed[value] = BlendSite(spec, name=f"{type(module).__name__}.{value.name}").to(
+        key = value.name + "_" if hasattr(nn.ModuleDict, value.name) else value.name
+        placed[value] = BlendSite(spec, name=f"{type(module).__name__}.{key}").to(
             _device(module))
-        sites_dict[value.name] = placed[value]
+        sites_dict[key] = placed[value]
         with graph.inserting_after(value):
-            node = graph.call_module(f"quant_sites.{value.name}", (value,))
+            node = graph.call_module(f"quant_sites.{key}", (value,))
         value.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
 
     for n in list(graph.nodes):
         for value in _integer_inputs(module, n):
             place(value)
         readers = [u for u in n.users if u.op == "call_module" and u.args and u.args[0] is n
-                   and _reads_quantized(module.get_submodule(u.target))]
+                   and _reads_like(module.get_submodule(u.target), spec)]
         if len(readers) > 1:  # one tensor, several quantized readers: one scale for all
             place(n)
     if not placed:
@@ -306,9 +310,11 @@ def _site_of(module: nn.Module, n: torch.fx.Node) -> BlendSite | None:
     return None
 
 
-def _reads_quantized(m: nn.Module) -> bool:
+def _reads_like(m: nn.Module, spec: ActSpec) -> bool:
+    """Whether ``m``'s first layer quantizes its input as a site would (so it can share
+    the site's quantizer)."""
     layer = _first_layer(m)
-    return layer is not None and layer.a_quant is not None
+    return layer is not None and layer.a_quant is not None and layer.a_quant.spec == spec
 
 
 def _first_layer(m: nn.Module) -> BlendMixin | None:

@@ -384,7 +384,8 @@ class ActQuantizer(nn.Module):
                 self._signed = signed
                 self.signed.fill_(signed)
         signed = bool(signed)
-        if self.method.learns_scale and not F.is_sign(self.spec.bits, signed):
+        if self.method.learns_scale and not F.is_sign(self.spec.bits, signed) and \
+                (self.training or self._lsq_ready):  # untrained eval: the batch scale below
             return torch.lerp(x, self._lsq(x, signed), alpha.to(x.dtype))
         if self.training:
             with torch.no_grad():

@@ -50,6 +50,7 @@ class AlphaWindow:
         self.controller: AlphaController | None = None
         self.model: nn.Module | None = None
         self.codes: dict | None = None  # the last telemetry's weight codes
+        self._last_step: int | None = None  # the step α and the codes were last applied at
 
     def steps(self, total_steps: int) -> tuple[int, int]:
         """The window in steps; its end is at most the run's last step."""
@@ -67,6 +68,7 @@ class AlphaWindow:
                              "rises over a fraction of the run, so set max_steps (an "
                              "iterable dataset has no length)")
         self.model = model
+        self._last_step = None
         self.controller = AlphaController(model, self._schedule(model, int(total_steps)),
                                           after=self.after)
         return self
@@ -88,6 +90,9 @@ class AlphaWindow:
         second call for the same step would move it again); returns α."""
         if self.controller is None:
             raise RuntimeError("AlphaWindow.step before bind(model, total_steps)")
+        if int(global_step) == self._last_step:  # micro-batches of one optimizer step
+            return self.alpha
+        self._last_step = int(global_step)
         return self.controller.step(int(global_step))
 
     @property
