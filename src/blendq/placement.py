@@ -23,6 +23,7 @@ where adds or concatenations may stay float.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 import warnings
@@ -126,12 +127,12 @@ def _site_in_front(pool: nn.Module, spec: ActSpec) -> int:
     Sequential's indices and length stay as they were."""
     if "quant_site" in pool._modules:
         return 0
-    device = next(iter(pool.buffers()), torch.zeros(())).device
-    pool.quant_site = BlendSite(spec, name=f"{type(pool).__name__}.input").to(device)
+    pool.quant_site = BlendSite(spec, name=f"{type(pool).__name__}.input").to(_device(pool))
     pool.__class__ = _pool_class(type(pool))
     return 1
 
 
+@functools.cache  # one class per pool class, shared by copies and unpickled models
 def _pool_class(base: type) -> type:
     return type(base.__name__, (base,), {"forward": _site_then_forward, "_blendq_base": base,
                                          "__module__": base.__module__,
@@ -301,6 +302,8 @@ def _rewrite(module: nn.Module, graph: torch.fx.Graph | None, spec: ActSpec) -> 
 
 def _device(module: nn.Module) -> torch.device:
     tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
@@ -337,10 +340,9 @@ def _share_with_layers(module: nn.Module, graph: torch.fx.Graph) -> None:
                 not isinstance(n.args[0], torch.fx.Node):
             continue
         site = _site_of(module, _source(module, n.args[0]))
-        layer = _first_layer(module.get_submodule(n.target))
-        if site is None or layer is None or layer.a_quant is None:
-            continue
-        if layer.a_quant.spec == site.a_quant.spec:
+        reader = module.get_submodule(n.target)
+        if site is not None and _reads_like(reader, site.a_quant.spec):
+            layer = _first_layer(reader)
             layer.a_quant = site.a_quant  # the same quantizer object: one scale
             layer.input_from_site = True
 
@@ -364,6 +366,7 @@ def _install_forward(module: nn.Module, graph: torch.fx.Graph) -> None:
     module.__class__ = _sited_class(base, source)
 
 
+@functools.cache  # compiled once per (class, source): deepcopy and unpickling reuse it
 def _sited_class(base: type, source: str) -> type:
     """``base`` with the forward defined by ``source`` (fx-generated code plus imports)."""
     from torch.fx.graph_module import _forward_from_src
