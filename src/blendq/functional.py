@@ -95,8 +95,9 @@ def _peak_scale(xf: Tensor, dims: tuple[int, ...], signed: bool, qmax: int) -> T
 
 def _codes(x: Tensor, scale: Tensor, qmin: int, qmax: int, out: Tensor | None = None) -> Tensor:
     """``clamp(round(x / scale))`` in one buffer (three passes, one allocation at most);
-    out of place where autograd records ``x``."""
-    if x.requires_grad and torch.is_grad_enabled():
+    out of place where autograd records ``x`` or torch.compile traces (it fuses the three
+    itself, and an ``out=`` buffer in another memory format would break its graph)."""
+    if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return torch.clamp(torch.round(x / scale), qmin, qmax)
     return torch.div(x, scale, out=out).round_().clamp_(qmin, qmax)
 
@@ -521,9 +522,10 @@ def ppq_segments(x: Tensor, lengths: Tensor, bits: int, scale: Tensor, max_iter:
     qmin, qmax = grid(bits, True)
     gamma = scale
     for _ in range(max_iter):
-        per_element = torch.repeat_interleave(gamma, lengths)  # (N,) from (S,)
-        codes = torch.div(x, per_element, out=codes).round_().clamp_(qmin, qmax)
-        num = torch.segment_reduce(x * codes, "sum", lengths=lengths)  # (S,)
-        den = torch.segment_reduce(codes * codes, "sum", lengths=lengths)  # (S,)
+        # sizes given and lengths trusted: neither op reads a value back to the host
+        per_element = torch.repeat_interleave(gamma, lengths, output_size=x.numel())
+        codes = _codes(x, per_element, qmin, qmax, codes)
+        num = torch.segment_reduce(x * codes, "sum", lengths=lengths, unsafe=True)  # (S,)
+        den = torch.segment_reduce(codes * codes, "sum", lengths=lengths, unsafe=True)
         gamma = torch.where(den > 0, num / den.clamp(min=1), gamma)
     return codes, gamma

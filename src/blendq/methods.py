@@ -39,8 +39,11 @@ class Method:
         """The tensor a layer computes with, ``lerp(x, xq, α)``, and its gradient.
         ``xq`` must be a fresh tensor: the straight-through value is written into it;
         ``lo``/``hi``: where the straight-through gradient passes."""
-        xq = xq.to(x.dtype)
-        value = torch.lerp(x.detach(), xq, alpha.to(x.dtype), out=xq)
+        xq, alpha = xq.to(x.dtype), alpha.to(x.dtype)
+        if torch.compiler.is_compiling():  # fused by the compiler; out= would break its graph
+            value = torch.lerp(x.detach(), xq, alpha)
+        else:
+            value = torch.lerp(x.detach(), xq, alpha, out=xq)
         return F.straight_through(x, value, lo, hi)
 
     def bias(self, bias: Tensor, rounded: Tensor, alpha: Tensor, training: bool) -> Tensor:

@@ -288,7 +288,7 @@ class WeightGroup:
             return False
         self._bind()
         flat = torch.cat([w.detach().reshape(-1).to(self.codes.dtype) for w in self.weights])
-        bad = torch.segment_reduce((~torch.isfinite(flat)).to(flat.dtype), "max",
+        bad = torch.segment_reduce((~torch.isfinite(flat)).to(flat.dtype), "max", unsafe=True,
                                    lengths=self.layer_lengths)  # (layers,)
         self.flags.logical_or_(bad > 0)
         _, scale = F.ppq_segments(flat, self.lengths, self.spec.bits, self.scale,
