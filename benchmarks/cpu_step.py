@@ -1,12 +1,14 @@
 """Training-step cost of quantization on the CPU: plain, AB, STE and torch.ao QAT.
 
     python benchmarks/cpu_step.py [--batch 128] [--steps 30] [--model fmnist_cnn]
+    python benchmarks/cpu_step.py --model resnet50_v1 --width 0.125   # a residual CNN
 
 Same model, data and batch for every variant, timed in one process, alternating
 rounds so that drifts in machine load hit all variants alike; prints the fastest
 round (least disturbed by other work on the machine) and the median. AB and STE use W4A8
 per-channel with codes recomputed every step (``quant_every=1``, the worst case)
-and with ``quant_every=8``. Also prints PPQ throughput on the model's weights.
+and with ``quant_every=8``. Also prints the ATen operations of one step of each variant
+(counted at dispatch; views and detach left out) and PPQ throughput on the model's weights.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 import torch
 from _harness import torch_ao_qat, train_step
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import blendq
 from blendq.functional import ppq, search_scale
@@ -54,15 +57,36 @@ def _variants(base: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+class _CountOps(TorchDispatchMode):
+    """ATen operations that compute (views and detach only change metadata)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not getattr(func, "is_view", False) and func.__name__.split(".")[0] != "detach":
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_step(step) -> int:
+    with _CountOps() as count:
+        step()
+    return count.count
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="fmnist_cnn")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--width", type=float, default=None, help="width multiplier (ResNets)")
     args = p.parse_args()
     torch.manual_seed(0)
-    base = build_model(args.model, in_channels=1, image_size=28).train()
+    extra = {} if args.width is None else {"width": args.width}
+    base = build_model(args.model, in_channels=1, image_size=28, **extra).train()
     x, y = torch.randn(args.batch, 1, 28, 28), torch.randint(0, 10, (args.batch,))
     steps = {name: train_step(m.train(), x, y, lr=1e-3) for name, m in _variants(base).items()}
     for fn in steps.values():  # warm up (first projection, allocator)
@@ -76,13 +100,15 @@ def main() -> None:
                 fn()
             times[name].append((time.perf_counter() - t0) / args.steps)
     best, med = ({k: f(t) for k, t in times.items()} for f in (min, statistics.median))
+    ops = {name: _ops_per_step(fn) for name, fn in steps.items()}
     print(f"{args.model}, batch {args.batch}, CPU {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"{args.rounds} rounds x {args.steps} steps")
-    print(f"{'variant':36s} {'best ms':>9s} {'ratio':>7s} {'median ms':>10s} {'ratio':>7s}")
+    print(f"{'variant':36s} {'best ms':>9s} {'ratio':>7s} {'median ms':>10s} {'ratio':>7s} "
+          f"{'ATen ops':>9s}")
     for name in times:
         print(f"{name:36s} {best[name] * 1e3:9.2f} {best[name] / best['plain fp32']:7.3f} "
-              f"{med[name] * 1e3:10.2f} {med[name] / med['plain fp32']:7.3f}")
+              f"{med[name] * 1e3:10.2f} {med[name] / med['plain fp32']:7.3f} {ops[name]:9d}")
     weights = [m.weight.detach() for m in base.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     n = sum(w.numel() for w in weights)
     for label, fn in (("PPQ 3 warm iterations", lambda w: ppq(w, 4, axis=0, max_iter=3,

@@ -166,12 +166,42 @@ def test_grouped_refresh_equals_per_layer_projection():
             torch.testing.assert_close(grouped, scale * codes, rtol=1e-5, atol=1e-6)
 
 
-def test_transposed_convolutions_are_not_grouped():
-    """Their output channels are axis 1 of the weight, not contiguous runs."""
-    model = blendq.prepare(torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 3, 3),
-                                               torch.nn.ConvTranspose2d(3, 3, 3)),
-                           blendq.QuantPolicy(w_bits=4, a_bits=8, per_channel=True))
-    assert blendq.AlphaController(model, blendq.linear(0, 4)).groups == []
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_grouped_refresh_covers_axis_1_layouts_and_blocks(group_size):
+    """Output channels on axis 1 (transposed convolutions; Hugging Face Conv1D) and block
+    scales refresh in the one flat PPQ too, and land where each layer's own projection
+    from the same warm start would."""
+    F = blendq.functional
+    torch.manual_seed(0)
+    model = blendq.prepare(torch.nn.Sequential(
+        torch.nn.ConvTranspose2d(8, 6, 3), torch.nn.ConvTranspose2d(6, 5, 3),
+        torch.nn.Flatten(), torch.nn.Linear(5 * 8 * 8, 40)),
+        blendq.QuantPolicy(w_bits=4, a_bits=None, per_channel=True, group_size=group_size))
+    controller = blendq.AlphaController(model, blendq.linear(0, 4))
+    x = torch.randn(2, 8, 4, 4)
+    model.train()
+    for step in range(2):
+        controller.step(step)
+        model(x).sum().backward()
+    assert len(controller.groups) == 1 and len(controller.groups[0].quantizers) == 3
+    layers = [m for m in model.modules() if isinstance(m, blendq.layers.BlendMixin)]
+    warm = [m.w_quant.scale.clone() for m in layers]
+    controller.step(2)
+    for m, start in zip(layers, warm, strict=True):
+        q, w = m.w_quant, m.float_weight.detach()
+        if group_size is None:
+            codes, scale = F.ppq(w, 4, axis=q.axis, max_iter=q.spec.max_iter, scale=start,
+                                 fixed=True)
+        else:
+            codes, scale = F.ppq(F.to_blocks(w, q.axis, group_size), 4, axis=0,
+                                 max_iter=q.spec.max_iter, scale=start.reshape(-1, 1),
+                                 fixed=True)
+            codes = F.from_blocks(codes, tuple(w.shape), q.axis, group_size)
+            scale = scale.reshape(start.shape)
+        assert q.grouped and q.codes.shape == w.shape
+        torch.testing.assert_close(q.per_element(q.scale, tuple(w.shape)) * q.codes,
+                                   q.per_element(scale, tuple(w.shape)) * codes,
+                                   rtol=1e-5, atol=1e-6)
 
 
 def _fake_quant_both(x, alpha, bits, signed, method):

@@ -45,9 +45,12 @@ class Deploy:
 
     def __init__(self, w_bits: int, a_bits: int | None, a_signed: bool | None,
                  a_scale: float, axis: int, shape: tuple[int, ...], integer_bias: bool,
-                 packed: bool) -> None:
+                 packed: bool, group_size: int | None = None) -> None:
         self.w_bits, self.a_bits, self.a_signed, self.a_scale = w_bits, a_bits, a_signed, a_scale
         self.axis, self.shape, self.integer_bias, self.packed = axis, shape, integer_bias, packed
+        # block scales: codes and scale as converted.block_storage lays them out (``shape``
+        # is that 2-D shape), blocks along ``block_axis``; ``weight_shape``: the layer's
+        self.group_size, self.block_axis, self.weight_shape = group_size, 0, shape
 
 
 def _qd():
@@ -64,6 +67,7 @@ class QuantMixin:
     bias_folded = False  # a FoldedBatchNorm right after rounds the folded bias instead
     round_bias = True
     deploy: Deploy | None = None
+    group_size: int | None = None  # block scales: ``weight_scale`` is (rows, blocks)
     _kind: LayerKind
 
     @classmethod
@@ -83,6 +87,7 @@ class QuantMixin:
         new.register_buffer("weight_scale", scale.detach().float().clone())
         new.w_bits = layer.w_quant.spec.bits
         new.per_channel = layer.w_quant.spec.per_channel
+        new.group_size = layer.w_quant.spec.group_size
         a = layer.a_quant
         new.a_bits = None if a is None else a.spec.bits
         new.a_signed = None if a is None else a.is_signed
@@ -94,9 +99,16 @@ class QuantMixin:
         """The dequantized weight ``scale * codes`` (in export, a dequantize operator)."""
         d = self.deploy
         if d is None:
-            return self.weight_scale * self.weight_codes.to(self.weight_scale.dtype)
+            scale = self.weight_scale
+            if self.group_size is not None:
+                scale = F.expand_blocks(scale, tuple(self.weight_codes.shape), self._kind.axis,
+                                        self.group_size)
+            return scale * self.weight_codes.to(scale.dtype)
         codes = F.unpack_codes(self.deploy_codes, d.w_bits, d.shape) if d.packed else \
             self.deploy_codes
+        if d.group_size is not None:  # stored as block_storage lays it out
+            value = dequantize_blocks(codes, self.deploy_scale, d.group_size, d.block_axis)
+            return weight_from_storage(value, d.weight_shape, d.axis)
         qmin, qmax = F.grid(d.w_bits)
         zero = torch.zeros_like(self.deploy_scale, dtype=torch.int32)
         return _qd().dequantize_per_channel(codes, self.deploy_scale, zero, d.axis,
@@ -104,7 +116,10 @@ class QuantMixin:
 
     def accumulator_unit(self) -> Tensor | None:
         """``γ_w·γ_a`` per output channel (float64) where the bias is added to an integer
-        accumulator; ``None`` for a float or sign input or a layer of another shape."""
+        accumulator; ``None`` for a float or sign input, block scales, or a layer of
+        another shape."""
+        if self.group_size is not None:
+            return None
         return bias_unit(self._kind, self.a_bits, self.a_signed, self.weight_scale,
                          self.act_scale)
 
@@ -161,7 +176,46 @@ class QuantMixin:
 
     def extra_repr(self) -> str:
         gran = "per_channel" if self.per_channel else "per_layer"
+        if self.group_size is not None:
+            gran = f"group_size={self.group_size}"
         return super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}, {gran}"
+
+
+@torch.library.custom_op("blendq::dequantize_blocks", mutates_args=())
+def dequantize_blocks(codes: Tensor, scale: Tensor, block_size: int, axis: int) -> Tensor:
+    """``scale · codes`` of a 2-D int8 ``codes`` whose scale changes every ``block_size``
+    elements along ``axis`` (``scale``: ``codes``' shape with that dimension
+    ``ceil(n / block_size)``). One operator in a captured graph, which the ONNX export
+    writes as ``DequantizeLinear`` with ``block_size`` (opset 21)."""
+    per_element = scale.repeat_interleave(block_size, dim=axis)
+    per_element = per_element.narrow(axis, 0, codes.shape[axis])
+    return per_element * codes.to(scale.dtype)
+
+
+@dequantize_blocks.register_fake
+def _(codes: Tensor, scale: Tensor, block_size: int, axis: int) -> Tensor:
+    return codes.new_empty(codes.shape, dtype=scale.dtype)
+
+
+def block_storage(codes: Tensor, scale: Tensor, axis: int) -> tuple[Tensor, Tensor, int]:
+    """``(codes, scale, block axis)`` of a block-quantized weight (codes shaped like the
+    weight, ``scale`` ``(rows, blocks)``) in the 2-D layout a runtime's 4-bit matmul
+    reads, blocks along the input dimension: a Linear's ``W^T`` ``[in, out]`` (the graph
+    transposes it back for ``linear``, so ONNX Runtime sees ``DequantizeLinear ->
+    MatMul``), Hugging Face ``Conv1D``'s own ``[in, out]``; other layers ``(rows, K)``."""
+    if codes.dim() == 2:
+        rows_first = codes.t() if axis == 1 else codes  # (out, in)
+        return rows_first.t().contiguous(), scale.t().contiguous(), 0
+    rows = codes.shape[axis]
+    return codes.movedim(axis, 0).reshape(rows, -1).contiguous(), scale, 1
+
+
+def weight_from_storage(value: Tensor, shape: tuple[int, ...], axis: int) -> Tensor:
+    """The weight of ``shape`` from its :func:`block_storage` layout."""
+    if len(shape) == 2:
+        return value.t() if axis == 0 else value
+    moved = (shape[axis],) + tuple(d for i, d in enumerate(shape) if i != axis)
+    return value.reshape(moved).movedim(0, axis)
 
 
 def _deploy_input(x: Tensor, d: Deploy) -> Tensor:

@@ -10,6 +10,7 @@ float, per tensor or per slice along one axis.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -507,6 +508,60 @@ def lsq(x: Tensor, step: Tensor, bits: int, signed: bool = True,
     qmin, qmax = grid(bits, signed, full)
     s = _ScaleGradient.apply(step, grad_scale)
     return _RoundStraight.apply(torch.clamp(x / s, qmin, qmax)) * s
+
+
+def check_group_size(group_size: int | None) -> None:
+    """The one rule for a block size: ``None``, or a power of two >= 16 (ONNX Runtime's
+    4-bit ``MatMulNBits`` kernels, which run block-quantized weights, take no other)."""
+    if group_size is None:
+        return
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 16 \
+            or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two >= 16 (ONNX Runtime's 4-bit "
+                         f"MatMulNBits kernels take no other block size), got {group_size!r}")
+
+
+def block_layout(shape: tuple[int, ...], axis: int, group_size: int) -> tuple[int, int, int]:
+    """``(rows, K, blocks)`` of a weight cut into blocks: one row per output channel
+    (``axis``), ``K`` the row's other elements in memory order, ``blocks = ceil(K / G)``
+    (the last block holds the remainder when ``G`` does not divide ``K``)."""
+    rows = shape[axis]
+    k = math.prod(shape) // max(rows, 1)
+    return rows, k, -(-k // group_size)
+
+
+def to_blocks(w: Tensor, axis: int, group_size: int) -> Tensor:
+    """``w`` as ``(rows · blocks, G)``: each output channel's elements in blocks of ``G``,
+    the last block zero-padded (zeros change no PPQ sum: their codes are 0)."""
+    rows, k, blocks = block_layout(tuple(w.shape), axis, group_size)
+    flat = w.movedim(axis, 0).reshape(rows, k)
+    pad = blocks * group_size - k
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.reshape(rows * blocks, group_size)
+
+
+def from_blocks(b: Tensor, shape: tuple[int, ...], axis: int, group_size: int) -> Tensor:
+    """Inverse of :func:`to_blocks`: a tensor of ``shape`` from its blocks."""
+    rows, k, blocks = block_layout(tuple(shape), axis, group_size)
+    moved = (shape[axis],) + tuple(d for i, d in enumerate(shape) if i != axis)
+    return b.reshape(rows, blocks * group_size)[:, :k].reshape(moved).movedim(0, axis)
+
+
+def expand_blocks(scale: Tensor, shape: tuple[int, ...], axis: int, group_size: int) -> Tensor:
+    """A ``(rows, blocks)`` block scale repeated over each block's elements, shaped like
+    the weight (differentiable: LSQ's step gradient sums over each block)."""
+    rows, k, blocks = block_layout(tuple(shape), axis, group_size)
+    per_element = scale.reshape(rows, blocks, 1).expand(rows, blocks, group_size)
+    moved = (shape[axis],) + tuple(d for i, d in enumerate(shape) if i != axis)
+    return per_element.reshape(rows, blocks * group_size)[:, :k].reshape(moved).movedim(0, axis)
+
+
+def block_lengths(shape: tuple[int, ...], axis: int, group_size: int) -> list[int]:
+    """The element count of every block of a weight, row by row (for :func:`ppq_segments`)."""
+    rows, k, blocks = block_layout(tuple(shape), axis, group_size)
+    row = [group_size] * (blocks - 1) + [k - (blocks - 1) * group_size]
+    return row * rows
 
 
 def ppq_segments(x: Tensor, lengths: Tensor, bits: int, scale: Tensor, max_iter: int,

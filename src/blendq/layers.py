@@ -172,8 +172,9 @@ class BlendMixin:
         sign (±1) input, which runtimes compute with a float bias, scales not yet
         known, or a layer whose forward is not the plain matmul/convolution."""
         a = self.a_quant
-        if a is None or bias_unit(self._kind, a.spec.bits, a.is_signed) is None:
-            return None
+        if a is None or self.w_quant.spec.group_size is not None or \
+                bias_unit(self._kind, a.spec.bits, a.is_signed) is None:
+            return None  # (block scales: no single unit per output channel)
         if self.training:  # the input was quantized first in this forward: its scale is set
             if not self.w_quant._ready:
                 return None
@@ -364,15 +365,35 @@ class _FoldedBatchNorm:
         layer.bias_folded = True
 
     def forward(self, input: Tensor) -> Tensor:
-        out = super().forward(input)
-        if not self.normalises_producer(input):
-            return out
-        delta = self._buffers.get("deploy_delta")  # export of a pair it could not fold
+        delta = None
+        if self.normalises_producer(input):
+            delta = self._buffers.get("deploy_delta")  # export of a pair it could not fold
+            if delta is None:
+                delta = self.rounding_delta()
         if delta is None:
-            delta = self.rounding_delta()
-        if delta is None:
-            return out
-        return out + delta.to(out.dtype).reshape(1, -1, *([1] * (out.dim() - 2)))
+            return super().forward(input)
+        # the rounding joins the batch norm's own shift (no extra pass over the output)
+        self._check_input_dim(input)
+        shift = delta.to(input.dtype) if self.bias is None else \
+            self.bias + delta.to(self.bias.dtype)
+        return nn.functional.batch_norm(input, *self._statistics(), self.weight, shift,
+                                        *self._normalisation())
+
+    def _statistics(self) -> tuple[Tensor | None, Tensor | None]:
+        """The running statistics ``nn.BatchNorm``'s forward passes (and updates)."""
+        keep = not self.training or self.track_running_stats
+        return (self.running_mean if keep else None), (self.running_var if keep else None)
+
+    def _normalisation(self) -> tuple[bool, float, float]:
+        """``(use batch statistics, update factor, eps)`` as ``nn.BatchNorm``'s forward
+        decides them (counting the batch where it tracks them)."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        return batch_stats, factor, self.eps
 
     def normalises_producer(self, input: Tensor) -> bool:
         """Whether this input's channels (dim 1) are the linked layer's outputs: always for

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from . import methods
-from .functional import check_bits
+from .functional import check_bits, check_group_size
 from .layers import layer_kind
 from .quantizers import ActSpec, WeightSpec, check_method
 
@@ -79,6 +79,14 @@ class QuantPolicy:
             inputs only (the placement of blendq 0.1; residual branches stay float).
         site_bits: bits of the activation sites apart from weight layers (default 8, the
             int8 runtime's); unused with ``placement="layers"`` or ``a_bits=None``.
+        group_size: one weight scale per block of this many consecutive input elements
+            of each output channel (input channels × kernel for convolutions; the last
+            block holds the remainder where it does not divide), as torchao's int4
+            weight-only QAT and GPTQ/AWQ checkpoints have it; a power of two >= 16
+            (ONNX Runtime's 4-bit kernels take no other); replaces ``per_channel``.
+            Layers at 1 bit (sign) keep their per-channel or per-layer scale. With
+            ``a_bits=None`` and ``w_bits <= 4``, Linear and ``Conv1D`` layers export to
+            ONNX Runtime's ``MatMulNBits`` (docs/int4.md).
 
     Raises:
         ValueError: bits outside 1..8, an unknown method, a malformed rule; at
@@ -101,9 +109,11 @@ class QuantPolicy:
     embedding: int | None = None
     placement: str = "graph"
     site_bits: int = 8
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         check_bits("w_bits", self.w_bits)
+        check_group_size(self.group_size)
         check_bits("embedding", self.embedding, allow_none=True)
         check_bits("a_bits", self.a_bits, allow_none=True)
         for name in ("method", "act_method"):
@@ -174,9 +184,11 @@ class QuantPolicy:
                 if n in bits and not self._skipped(n)]
 
     def _plan(self, name: str, w_bits: int, a_bits: int | None) -> LayerPlan:
+        group = self.group_size if w_bits >= 2 else None
         w = WeightSpec(
             bits=w_bits,
-            per_channel=self.per_channel,
+            per_channel=self.per_channel or group is not None,
+            group_size=group,
             method=self.method,
             binary_scale=self.binary_scale,
             quant_every=self.quant_every,

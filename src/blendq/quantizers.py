@@ -31,6 +31,9 @@ class WeightSpec:
     """How a layer's weight is quantized.
 
     bits: 1..8 (1: sign); per_channel: one scale per output channel;
+    group_size: one scale per block of this many consecutive elements of each output
+    channel's row (its input channels × kernel, in memory order; the last block holds
+    the remainder where it does not divide); a power of two >= 16, bits 2..8;
     method: a registered method name (:mod:`blendq.methods`: ``ab``, ``ste``, ``lsq``);
     binary_scale: 1-bit uses the least-squares scale
     ``mean|w|`` (docs/design.md); quant_every: recompute codes every this many steps
@@ -47,10 +50,15 @@ class WeightSpec:
     quant_every: int = 1
     max_iter: int = 3
     init_iter: int = 10
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         F.check_bits("w_bits", self.bits)
         check_method("method", self.method)
+        F.check_group_size(self.group_size)
+        if self.group_size is not None and self.bits == 1:
+            raise ValueError("group_size needs 2..8-bit weights (1-bit weights keep one "
+                             "sign scale per channel or layer)")
         if self.quant_every < 1:
             raise ValueError(f"quant_every must be >= 1, got {self.quant_every}")
 
@@ -111,7 +119,10 @@ class WeightQuantizer(nn.Module):
         self._eval: tuple | None = None  # (weight key, codes, scale) for eval mode
         # Fixed-shape buffers updated in place, so DDP and optimizers see stable tensors.
         scale_shape = [1] * weight.dim()
-        if spec.per_channel:
+        if spec.group_size is not None:  # (output channels, blocks)
+            rows, _, blocks = F.block_layout(tuple(weight.shape), axis, spec.group_size)
+            scale_shape = [rows, blocks]
+        elif spec.per_channel:
             scale_shape[axis] = weight.shape[axis]
         # The codes are recomputed from the weight at every step unless quant_every > 1,
         # so only then are they part of the state (a resumed run goes on with them).
@@ -131,7 +142,14 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
-        return f"bits={s.bits}, per_channel={s.per_channel}, method={s.method}"
+        gran = f"group_size={s.group_size}" if s.group_size else f"per_channel={s.per_channel}"
+        return f"bits={s.bits}, {gran}, method={s.method}"
+
+    def per_element(self, scale: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """``scale`` broadcastable to a weight of ``shape``: block scales repeated over
+        their blocks; per-channel and per-layer scales as they are."""
+        g = self.spec.group_size
+        return scale if g is None else F.expand_blocks(scale, shape, self.axis, g)
 
     @torch.no_grad()
     def project(self, w: Tensor) -> tuple[Tensor, Tensor]:
@@ -140,22 +158,28 @@ class WeightQuantizer(nn.Module):
         :func:`~blendq.functional.search_scale`."""
         s = self.spec
         axis = self.axis if s.per_channel else None
+        x, warm = w, self.scale
+        if s.group_size is not None:  # each block a row of its own: PPQ per row
+            x, axis, warm = F.to_blocks(w, self.axis, s.group_size), 0, warm.reshape(-1, 1)
         try:
             if self.training and self._ready:  # no host synchronisation inside a step
                 self.nonfinite.logical_or_(~torch.isfinite(w).all())
             else:
                 F.check_finite(w)
             if s.bits == 1:
-                codes, scale = F.binarize(w, axis=axis, scaled=s.binary_scale, fixed=True)
+                codes, scale = F.binarize(x, axis=axis, scaled=s.binary_scale, fixed=True)
             elif self._ready:
-                codes, scale = F.ppq(w, s.bits, axis=axis, max_iter=s.max_iter,
-                                     scale=self.scale, fixed=True)
+                codes, scale = F.ppq(x, s.bits, axis=axis, max_iter=s.max_iter,
+                                     scale=warm, fixed=True)
             else:
-                start = F.search_scale(w, s.bits, axis=axis)
-                codes, scale = F.ppq(w, s.bits, axis=axis, max_iter=s.init_iter, scale=start,
+                start = F.search_scale(x, s.bits, axis=axis)
+                codes, scale = F.ppq(x, s.bits, axis=axis, max_iter=s.init_iter, scale=start,
                                      fixed=True)
         except ValueError as err:
             raise ValueError(f"layer {self.name or '<unnamed>'}: weight {err}") from None
+        if s.group_size is not None:
+            codes = F.from_blocks(codes, tuple(w.shape), self.axis, s.group_size)
+            scale = scale.reshape(self.scale.shape)
         return codes.to(w.dtype), scale.to(w.dtype)
 
     def quantized(self, w: Tensor) -> Tensor:
@@ -171,12 +195,12 @@ class WeightQuantizer(nn.Module):
                 self.ready.fill_(True)
                 self._ready = True
                 self.stale = False
-            return self.scale * self.codes
+            return self.per_element(self.scale, tuple(w.shape)) * self.codes
         key = (w.data_ptr(), w._version, w.dtype, self.scale._version)
         if self._eval is None or self._eval[0] != key:
             self._eval = (key, *self.project(w))
         _, codes, scale = self._eval
-        return scale * codes
+        return self.per_element(scale, tuple(w.shape)) * codes
 
     def eval_projection(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """The ``(codes, scale)`` that evaluation uses for ``w`` (what ``convert`` stores)."""
@@ -209,8 +233,8 @@ class WeightQuantizer(nn.Module):
             value = _sign_straight(w) * step
         else:
             per_scale = w.numel() // max(step.numel(), 1)
-            value = F.lsq(w, step, s.bits, grad_scale=1.0 / math.sqrt(
-                per_scale * F.grid(s.bits)[1]))
+            value = F.lsq(w, self.per_element(step, tuple(w.shape)), s.bits,
+                          grad_scale=1.0 / math.sqrt(per_scale * F.grid(s.bits)[1]))
         return value
 
     def current_scale(self) -> Tensor:
@@ -226,7 +250,8 @@ class WeightQuantizer(nn.Module):
         if self.spec.bits == 1:
             return torch.where(w >= 0, 1.0, -1.0).to(w.dtype), step
         qmin, qmax = F.grid(self.spec.bits)
-        return torch.round(torch.clamp(w.detach() / step, qmin, qmax)), step
+        per_element = self.per_element(step, tuple(w.shape))
+        return torch.round(torch.clamp(w.detach() / per_element, qmin, qmax)), step
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -253,30 +278,42 @@ class WeightGroup:
     def key(q: WeightQuantizer) -> tuple | None:
         """Quantizers with equal keys can share a group (``None``: never grouped)."""
         s = q.spec
-        if s.bits < 2 or not q.method.groups or (s.per_channel and q.axis != 0):
-            return None  # segments must be contiguous runs of the flat weights: axis 0
-        return (s.bits, s.per_channel, s.max_iter, q.scale.dtype, q.scale.device)
+        if s.bits < 2 or not q.method.groups:
+            return None
+        return (s.bits, s.per_channel, s.group_size, s.max_iter, q.scale.dtype,
+                q.scale.device)
+
+    @staticmethod
+    def _rows(t: Tensor, q: WeightQuantizer) -> Tensor:
+        """A weight-shaped tensor with its output channels first (a view for axis 0): the
+        flat order in which each channel's scales are consecutive runs."""
+        return t.movedim(q.axis, 0) if q.spec.per_channel or q.spec.group_size else t
+
+    def _segments(self, q: WeightQuantizer, w: Tensor) -> list[int]:
+        if q.spec.group_size is not None:
+            return F.block_lengths(tuple(w.shape), q.axis, q.spec.group_size)
+        return [w.numel() // q.scale.numel()] * q.scale.numel()
 
     def _bind(self) -> None:
         qs = self.quantizers
         if self._bound == [(q.codes.data_ptr(), q.scale.data_ptr()) for q in qs]:
             return
-        flat_codes = torch.cat([q.codes.detach().reshape(-1) for q in qs])
+        flat_codes = torch.cat([self._rows(q.codes.detach(), q).reshape(-1) for q in qs])
         flat_scale = torch.cat([q.scale.detach().reshape(-1) for q in qs])
         flags = torch.cat([q.nonfinite.reshape(1) for q in qs])
         c = s = 0
         for i, (q, w) in enumerate(zip(qs, self.weights, strict=True)):
             n, k = w.numel(), q.scale.numel()
-            q._buffers["codes"] = flat_codes[c:c + n].view(q.codes.shape)
+            view = flat_codes[c:c + n].view(self._rows(q.codes, q).shape)
+            moved = q.spec.per_channel or q.spec.group_size is not None
+            q._buffers["codes"] = view.movedim(0, q.axis) if moved else view  # a view
             q._buffers["scale"] = flat_scale[s:s + k].view(q.scale.shape)
             q._buffers["nonfinite"] = flags[i:i + 1].view(())
             c, s = c + n, s + k
         self.codes, self.scale, self.flags = flat_codes, flat_scale, flags
-        per_scale = [w.numel() // q.scale.numel() for q, w in zip(qs, self.weights,
-                                                                   strict=True)]
         device = flat_codes.device
-        self.lengths = torch.tensor([n for q, n in zip(qs, per_scale, strict=True)
-                                     for _ in range(q.scale.numel())], device=device)
+        self.lengths = torch.tensor([n for q, w in zip(qs, self.weights, strict=True)
+                                     for n in self._segments(q, w)], device=device)
         self.layer_lengths = torch.tensor([w.numel() for w in self.weights], device=device)
         self._bound = [(q.codes.data_ptr(), q.scale.data_ptr()) for q in qs]
 
@@ -287,7 +324,8 @@ class WeightGroup:
         if not all(q._ready and q.training for q in self.quantizers):
             return False
         self._bind()
-        flat = torch.cat([w.detach().reshape(-1).to(self.codes.dtype) for w in self.weights])
+        flat = torch.cat([self._rows(w.detach(), q).reshape(-1).to(self.codes.dtype)
+                          for q, w in zip(self.quantizers, self.weights, strict=True)])
         bad = torch.segment_reduce((~torch.isfinite(flat)).to(flat.dtype), "max", unsafe=True,
                                    lengths=self.layer_lengths)  # (layers,)
         self.flags.logical_or_(bad > 0)
@@ -417,6 +455,11 @@ class ActQuantizer(nn.Module):
 
     @torch.no_grad()
     def _count_clipped(self, codes: Tensor, signed: bool) -> None:
+        """Telemetry: inputs at the grid's ends, counted on the strided sample the batch
+        scale uses (``spec.sample``; two passes over a large activation cost a few per
+        cent of a CPU step), so ``clipped / seen`` is that sample's fraction."""
+        if self.spec.sample is not None:
+            codes = F.strided_sample(codes, self.spec.sample)
         qmin, qmax = F.grid(self.spec.bits, signed, full=True)
         at_ends = torch.count_nonzero(codes <= qmin) if signed else codes.new_zeros(())
         self.clipped += at_ends + torch.count_nonzero(codes >= qmax)

@@ -462,6 +462,16 @@ def _float_fate(m: nn.Module) -> str:
     return f"float: {kind} (holds {params})"
 
 
+def _granularity(per_channel: bool, group_size: int | None, scale: torch.Tensor) -> str:
+    """``"layer"``, ``"channel"``, ``"group G"``, or where every row fits one block,
+    ``"channel (rows <= group G)"``: block scales that are per-channel scales."""
+    if group_size is None:
+        return "channel" if per_channel else "layer"
+    if scale.dim() == 2 and scale.shape[1] == 1:
+        return f"channel (rows <= group {group_size})"
+    return f"group {group_size}"
+
+
 def summary(model: nn.Module) -> list[LayerRow]:
     """One row per module that holds parameters of its own: quantized (blended or
     converted), float by policy, or float because blendq does not quantize it (why)."""
@@ -470,12 +480,12 @@ def summary(model: nn.Module) -> list[LayerRow]:
         own = list(m.parameters(recurse=False))
         if isinstance(m, BlendMixin):
             w, a = m.w_quant.spec, m.a_quant
-            gran = "channel" if w.per_channel else "layer"
+            gran = _granularity(w.per_channel, w.group_size, m.w_quant.scale)
             method = w.method + ("" if a is None else f"/{a.spec.method}")
             rows.append(LayerRow(name, type(m).__name__, w.bits, a and a.spec.bits, gran,
                                  method, float(m.alpha), sum(p.numel() for p in own)))
         elif isinstance(m, QuantMixin):
-            gran = "channel" if m.per_channel else "layer"
+            gran = _granularity(m.per_channel, m.group_size, m.weight_scale)
             params = m.weight_codes.numel() + sum(p.numel() for p in own)
             rows.append(
                 LayerRow(name, type(m).__name__, m.w_bits, m.a_bits, gran, "int", 1.0, params)

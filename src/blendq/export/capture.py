@@ -24,7 +24,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ..converted import Deploy, QuantMixin, QuantSite
+from ..converted import Deploy, QuantMixin, QuantSite, block_storage
 from ..functional import pack_codes, round_bias
 from ..layers import BlendMixin, bn_affine, link_holds, linked_producer
 
@@ -51,13 +51,16 @@ def _deploy_layer(layer: QuantMixin, bn: nn.Module | None, packed: bool, name: s
     kind = layer._kind
     codes = layer.weight_codes
     out_ch = codes.shape[kind.axis]
-    scale = layer.weight_scale.double().reshape(-1).expand(out_ch)  # (C_out,)
+    group = layer.group_size
+    scale = layer.weight_scale.double()  # (C_out, blocks) for block scales
+    if group is None:
+        scale = scale.reshape(-1).expand(out_ch)  # (C_out,)
     bias = layer._parameters.get("bias")
     bias = None if bias is None else bias.detach().double()
     if bn is not None:
         k, t = bn_affine(bn)  # (C_out,) each
         bias = t if bias is None else k * bias + t
-        scale = k * scale
+        scale = (k if group is None else k.reshape(-1, 1)) * scale
         sign = torch.where(k < 0, -1, 1).to(torch.int16)
         view = [1] * codes.dim()
         view[kind.axis] = out_ch
@@ -81,10 +84,15 @@ def _deploy_layer(layer: QuantMixin, bn: nn.Module | None, packed: bool, name: s
             integer, bias = False, rounded.float()
     elif bias is not None:
         bias = bias.float()
+    weight_shape = tuple(codes.shape)
+    block_axis = 0
+    if group is not None:  # the 2-D layout the runtime's 4-bit matmul reads
+        codes, scale, block_axis = block_storage(codes, scale, kind.axis)
     shape = tuple(codes.shape)
     stored = pack_codes(codes, layer.w_bits) if packed and layer.w_bits <= 4 else codes.clone()
     deploy = Deploy(layer.w_bits, layer.a_bits, layer.a_signed, a_scale, kind.axis, shape,
-                    integer, packed and layer.w_bits <= 4)
+                    integer, packed and layer.w_bits <= 4, group)
+    deploy.block_axis, deploy.weight_shape = block_axis, weight_shape
     layer.set_deploy(deploy, stored, scale.float().clone(), bias, bias_scale)
 
 

@@ -36,14 +36,20 @@ def _require(module: str):
 
 
 WEIGHT_STORAGE = ("int8", "int4")
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 
-def to_onnx(program: torch.export.ExportedProgram, example_input, weights: str = "int8"):
+def to_onnx(program: torch.export.ExportedProgram, example_input, weights: str = "int8",
+            accuracy_level: int = 0):
     """An ``onnx.ModelProto`` of a captured program (checked with ``full_check``);
     ``weights="int4"`` stores codes of 4 bits or fewer as ONNX INT4 (see
-    :func:`export_onnx`)."""
+    :func:`export_onnx`); ``accuracy_level``: of the ``MatMulNBits`` nodes written for
+    block-quantized weight-only layers of 4 bits or fewer."""
     if weights not in WEIGHT_STORAGE:
         raise ExportError(f"weights must be one of {WEIGHT_STORAGE}, got {weights!r}")
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise ExportError(f"accuracy_level must be one of {ACCURACY_LEVELS} (0: float32 "
+                          f"activations, as trained; 4: int8), got {accuracy_level!r}")
     onnx = _require("onnx")
     _require("onnxscript")
     logger = logging.getLogger("torch.onnx")
@@ -53,7 +59,8 @@ def to_onnx(program: torch.export.ExportedProgram, example_input, weights: str =
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             exported = torch.onnx.export(program, example_args(example_input), dynamo=True,
-                                         external_data=False, optimize=True, verbose=False)
+                                         external_data=False, optimize=True, verbose=False,
+                                         **_block_options(program))
     except Exception as err:
         raise ExportError(f"the ONNX exporter (torch.onnx) cannot translate the captured "
                           f"model: {_reason(err)}") from err
@@ -61,11 +68,26 @@ def to_onnx(program: torch.export.ExportedProgram, example_input, weights: str =
         logger.setLevel(level)
     model = exported.model_proto
     _hoist_quantize(model)
+    _matmul_nbits(model, accuracy_level)
     if weights == "int4":
         _int4_weights(model)
     model.producer_name = "blendq"
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def _block_options(program: torch.export.ExportedProgram) -> dict:
+    """Exporter options for block-quantized weights (``blendq::dequantize_blocks``):
+    written as ``DequantizeLinear`` with ``block_size``, which needs opset 21."""
+    op = torch.ops.blendq.dequantize_blocks.default
+    if not any(n.target is op for n in program.graph.nodes):
+        return {}
+    from onnxscript import opset21
+
+    def dequantize_blocks(codes, scale, block_size: int, axis: int):
+        return opset21.DequantizeLinear(codes, scale, axis=axis, block_size=block_size)
+
+    return {"opset_version": 21, "custom_translation_table": {op: dequantize_blocks}}
 
 
 def _reason(err: Exception) -> str:
@@ -180,6 +202,101 @@ def _to_codes(graph, node, zp) -> None:
     node.input[2] = name
 
 
+def _matmul_nbits(model, accuracy_level: int) -> int:
+    """Write each block-quantized weight-only matmul of codes in -8..7 (``DequantizeLinear``
+    of a constant ``[K, N]`` with ``block_size`` along ``K``, read by ``MatMul``, or by
+    ``Gemm`` directly or through a ``Transpose``) as ONNX Runtime's ``MatMulNBits``
+    (``com.microsoft``): 4-bit codes packed two a byte (stored ``code + 8``, its default
+    zero point), one float32 scale a block, the bias folded in, and the
+    ``accuracy_level`` the file means. ORT's own fusion of the same pattern uses its
+    session default, level 4, which rounds activations to int8 inside the kernel: a
+    computation training did not see. Returns the number of nodes written."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    written, dead = 0, []
+    for node in list(graph.node):
+        found = _nbits_pattern(node, producer, readers, inits)
+        if found is None:
+            continue
+        dq, chain = found
+        codes = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int16)  # [K, N]
+        scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)  # [blocks, N]
+        if codes.ndim != 2 or codes.min() < -8 or codes.max() > 7:
+            continue
+        block = _attr(dq, "block_size")
+        k, n = codes.shape
+        blocks = -(-k // block)
+        padded = np.full((n, blocks * block), 8, np.uint8)  # code 8 = the value 0
+        padded[:, :k] = (codes + 8).T
+        padded = padded.reshape(n, blocks, block)
+        packed = padded[..., 0::2] | (padded[..., 1::2] << 4)
+        base = dq.input[0]
+        names = (f"{base}.nbits", f"{base}.nbits_scale")
+        graph.initializer.extend([numpy_helper.from_array(packed.astype(np.uint8), names[0]),
+                                  numpy_helper.from_array(scale.T.reshape(-1), names[1])])
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
+        inputs = [node.input[0], *names] + (["", "", bias] if bias else [])
+        fused = helper.make_node("MatMulNBits", inputs, list(node.output),
+                                 name=f"{node.name or base}.nbits", domain="com.microsoft",
+                                 K=k, N=n, bits=4, block_size=block,
+                                 accuracy_level=accuracy_level)
+        graph.node.insert(list(graph.node).index(node), fused)
+        dead += [node, *chain]
+        written += 1
+    if written:
+        for node in dead:
+            graph.node.remove(node)
+        used = {i for n in graph.node for i in n.input}
+        for t in [t for t in graph.initializer if t.name not in used]:
+            graph.initializer.remove(t)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        del graph.value_info[:]
+    return written
+
+
+def _attr(node, name: str, default=None):
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name),
+                default)
+
+
+def _nbits_pattern(node, producer, readers, inits):
+    """``(DequantizeLinear, nodes to drop with it)`` where ``node`` is a matmul that
+    ``MatMulNBits`` can replace, else ``None``."""
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+        return None
+    if node.op_type == "Gemm" and (_attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1
+                                   or _attr(node, "beta", 1.0) != 1):
+        return None
+    value, chain = node.input[1], []
+    transposed = node.op_type == "Gemm" and _attr(node, "transB", 0)
+    if transposed:  # Gemm(A, Transpose(W)^T) is A @ W
+        t = producer.get(value)
+        if t is None or t.op_type != "Transpose" or list(_attr(t, "perm", [])) != [1, 0] or \
+                len(readers[value]) != 1:
+            return None
+        chain.append(t)
+        value = t.input[0]
+    dq = producer.get(value)
+    if dq is None or dq.op_type != "DequantizeLinear" or len(readers[value]) != 1 or \
+            not _attr(dq, "block_size") or _attr(dq, "axis", 1) != 0 or len(dq.input) > 2 \
+            or dq.input[0] not in inits or dq.input[1] not in inits:
+        return None
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] not in inits:
+        return None
+    return dq, [*chain, dq]
+
+
 def _int4_weights(model) -> int:
     """Store every int8 weight initializer whose codes fit 4 bits (layers of 4 bits or
     fewer: codes in -7..7) as ONNX INT4 (two codes a byte), with its zero point, and
@@ -220,13 +337,16 @@ def _int4_weights(model) -> int:
 
 def int8_weights(model) -> int:
     """Expand the INT4 weight initializers of an ONNX model (and their zero points) to
-    INT8, in place: the same values, in the type the runtimes' int8 kernels read.
-    Returns the number expanded."""
+    INT8, in place: the same values, in the type the runtimes' int8 kernels read (block
+    -quantized ones stay: runtimes dequantize those from INT4). Returns the number
+    expanded."""
     from onnx import TensorProto, numpy_helper
 
+    blocked = {n.input[0] for n in model.graph.node
+               if n.op_type == "DequantizeLinear" and _attr(n, "block_size")}
     done = 0
     for tensor in model.graph.initializer:
-        if tensor.data_type == TensorProto.INT4:
+        if tensor.data_type == TensorProto.INT4 and tensor.name not in blocked:
             tensor.CopyFrom(numpy_helper.from_array(
                 numpy_helper.to_array(tensor).astype("int8"), tensor.name))
             done += 1
@@ -264,7 +384,8 @@ def _topological_sort(graph) -> None:
 
 def export_onnx(converted_model: nn.Module, path: str | os.PathLike, example_input,
                 program: torch.export.ExportedProgram | None = None,
-                dynamic_batch: bool = True, weights: str = "int8") -> Path:
+                dynamic_batch: bool = True, weights: str = "int8",
+                accuracy_level: int = 0) -> Path:
     """Export a converted model (``blendq.convert``) to an ONNX file at ``path``.
 
     ``example_input`` is a tensor (or a tuple of the forward's positional tensors) the
@@ -275,7 +396,13 @@ def export_onnx(converted_model: nn.Module, path: str | os.PathLike, example_inp
     fewer as ONNX INT4 (opset 21; a W4A8 ResNet-50 file is 0.52x the W8A8 one), but
     ONNX Runtime 1.32 and OpenVINO 2026.4 run no int8 kernel from INT4 weights
     (ResNet-50: 6x and 1.9x slower); :func:`onnx_session` expands them to int8 in
-    memory, lossless, so the int8 kernels run from the small file. Any model
+    memory, lossless, so the int8 kernels run from the small file. Block-quantized
+    (``QuantPolicy(group_size=...)``) weight-only Linear/``Conv1D`` layers of 4 bits or
+    fewer are written as ONNX Runtime's ``MatMulNBits`` (4-bit codes, one scale a block)
+    with ``accuracy_level`` (0, the default: float32 activations, what training
+    computed; 4: int8 activations inside the kernel, faster, not what was trained;
+    docs/int4.md); other block-quantized layers as ``DequantizeLinear`` with
+    ``block_size`` (opset 21). Any model
     that ``torch.export`` can capture exports. The file passes ``onnx.checker`` with
     ``full_check`` and runs in ONNX Runtime.
 
@@ -286,7 +413,7 @@ def export_onnx(converted_model: nn.Module, path: str | os.PathLike, example_inp
     onnx = _require("onnx")
     if program is None:
         program = capture(converted_model, example_input, dynamic_batch=dynamic_batch)
-    model = to_onnx(program, example_input, weights)
+    model = to_onnx(program, example_input, weights, accuracy_level)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
