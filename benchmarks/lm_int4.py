@@ -1,0 +1,339 @@
+"""4-bit block-quantized weights on a small GPT-2: perplexity, file size, ONNX Runtime speed.
+
+    python benchmarks/lm_int4.py train --device cuda --out runs/lm-int4   # the table
+    python benchmarks/lm_int4.py deploy --out runs/lm-int4                 # CPU: ORT
+    python benchmarks/lm_int4.py train --smoke --device cpu --out /tmp/lm  # checks it runs
+
+Data: the Python standard library's own source files (``*.py`` under this interpreter's
+``sysconfig`` stdlib path, site-packages left out) as bytes, split by file into train
+and validation (a file is validation when ``crc32(relative path) % 10 == 0``): real
+text every machine has and nobody here wrote. Model: Hugging Face ``GPT2LMHeadModel``
+from a config (byte vocabulary, 4 layers, width 256, 4 heads, context 128, no dropout).
+
+``train``: the float model first (AdamW, cosine schedule), then, from it, weight-only
+quantization-aware training of every block (``a_bits=None``; the tied embedding /
+``lm_head`` and the layer norms stay float) at W4 group 32, W4 group 128, W4
+per-channel and W3 group 32, each with AB, STE and LSQ and seeds 0-2: same data order
+per seed, steps, optimizer and schedule for every method; AB's α rises linearly over
+the whole run (``AlphaWindow(0, 1)`` semantics), STE and LSQ quantize from the first
+step. Validation perplexity of the α = 1 model (what ``convert`` stores) on fixed
+windows. Jobs run in ``--workers`` processes. Rows go to ``OUT/lm_int4.json``; the
+float weights and the converted W4 g32 AB seed-0 model to ``OUT``.
+
+``deploy`` (CPU): the fp32 ONNX file (``torch.onnx.export``) and the W4 g32 file
+(``blendq.export.export_onnx``: ``MatMulNBits``) at accuracy level 0 (as trained) and 4
+(int8 activations inside the kernel): file size, ORT latency for 1 token and 128 tokens
+(median of alternating runs, default session options, spinning off), and agreement of
+ORT with the α = 1 model on validation windows (next-token top-1, max |logit
+difference|).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import copy
+import json
+import math
+import statistics
+import sys
+import sysconfig
+import time
+import zlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CONTEXT = 128
+SETTINGS = {  # name -> (w_bits, group_size or None for per-channel)
+    "W4 g32": (4, 32), "W4 g128": (4, 128), "W4 per-channel": (4, None), "W3 g32": (3, 32)}
+METHODS = ("ab", "ste", "lsq")
+
+
+def corpus(limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(train bytes, validation bytes, provenance) from the standard library's sources."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+    parts: dict[bool, list[bytes]] = {False: [], True: []}
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        parts[zlib.crc32(rel.encode()) % 10 == 0].append(path.read_bytes() + b"\0")
+    train, val = (torch.frombuffer(bytearray(b"".join(parts[v])), dtype=torch.uint8)
+                  for v in (False, True))
+    if limit:
+        train, val = train[:limit], val[:limit // 10]
+    info = {"stdlib": str(root), "python": sys.version.split()[0], "files": len(files),
+            "train_bytes": train.numel(), "val_bytes": val.numel()}
+    return train.long(), val.long(), info
+
+
+class Logits(nn.Module):
+    """``GPT2LMHeadModel`` returning the logits tensor alone (what export captures)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.m(input_ids=ids, use_cache=False).logits
+
+
+def gpt2(width: int, layers: int) -> Logits:
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    config = GPT2Config(vocab_size=256, n_positions=CONTEXT, n_embd=width, n_layer=layers,
+                        n_head=max(1, width // 64), resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return Logits(GPT2LMHeadModel(config))
+
+
+def batches(data: torch.Tensor, batch: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        start = torch.randint(0, data.numel() - CONTEXT - 1, (batch,), generator=g)
+        yield torch.stack([data[s:s + CONTEXT + 1] for s in start.tolist()])
+
+
+def loss_of(model: nn.Module, chunk: torch.Tensor) -> torch.Tensor:
+    logits = model(chunk[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, 256).float(),
+                                       chunk[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, val: torch.Tensor, windows: int, device: str) -> float:
+    model.eval()
+    starts = torch.linspace(0, val.numel() - CONTEXT - 2, windows).long().tolist()
+    total = 0.0
+    for i in range(0, windows, 32):
+        chunk = torch.stack([val[s:s + CONTEXT + 1] for s in starts[i:i + 32]]).to(device)
+        total += float(loss_of(model, chunk)) * chunk.shape[0]
+    return math.exp(total / windows)
+
+
+def train(model: nn.Module, data: torch.Tensor, steps: int, lr: float, batch: int, seed: int,
+          device: str, controller=None) -> None:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+    model.train()
+    stream = batches(data, batch, seed)
+    for step in range(steps):
+        if controller is not None:
+            controller.step(step)
+        loss = loss_of(model, next(stream).to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+
+
+def policy(setting: str, method: str):
+    import blendq
+
+    bits, group = SETTINGS[setting]
+    return blendq.QuantPolicy(w_bits=bits, a_bits=None, per_channel=group is None,
+                              group_size=group, method=method, skip=("m.lm_head",))
+
+
+def qat_job(job: dict) -> dict:
+    """One quantization-aware run from the float weights (runs in a worker process)."""
+    import blendq
+
+    torch.set_num_threads(job["threads"])
+    torch.manual_seed(job["seed"])
+    train_data, val, _ = corpus(job["limit"])
+    model = gpt2(job["width"], job["layers"])
+    model.load_state_dict(torch.load(job["float"], map_location="cpu"))
+    model = blendq.prepare(model.to(job["device"]), policy(job["setting"], job["method"]))
+    controller = None
+    if blendq.transform.get_alpha(model) < 1:  # AB: α from 0 to 1 over the run
+        controller = blendq.AlphaController(model, blendq.linear(0, job["steps"] - 1))
+    t0 = time.perf_counter()
+    train(model, train_data, job["steps"], job["lr"], job["batch"], job["seed"] + 1,
+          job["device"], controller)
+    row = {k: job[k] for k in ("setting", "method", "seed", "steps")}
+    row["alpha_end"] = blendq.transform.get_alpha(model)
+    row["val_ppl"] = perplexity(model, val, job["windows"], job["device"])
+    row["train_s"] = time.perf_counter() - t0
+    if job.get("save"):
+        converted = blendq.convert(model.cpu())
+        torch.save(converted.state_dict(), job["save"])
+    return row
+
+
+def cmd_train(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    train_data, val, info = corpus(args.limit)
+    print(f"corpus: {info}", flush=True)
+    model = gpt2(args.width, args.layers).to(args.device)
+    t0 = time.perf_counter()
+    train(model, train_data, args.float_steps, args.lr, args.batch, 0, args.device)
+    float_ppl = perplexity(model, val, args.windows, args.device)
+    float_path = out / "gpt2_float.pt"
+    torch.save(model.cpu().state_dict(), float_path)
+    print(f"float: val perplexity {float_ppl:.3f} ({time.perf_counter() - t0:.0f} s)",
+          flush=True)
+    jobs = [dict(setting=s, method=m, seed=seed, steps=args.qat_steps, lr=args.qat_lr,
+                 batch=args.batch, width=args.width, layers=args.layers, limit=args.limit,
+                 windows=args.windows, device=args.device, float=str(float_path),
+                 threads=args.threads,
+                 save=str(out / "gpt2_w4g32_ab_s0.pt") if (s, m, seed) == ("W4 g32", "ab", 0)
+                 else None)
+            for seed in args.seeds for s in args.settings for m in METHODS]
+    rows = []
+    ctx = torch.multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
+        for row in pool.map(qat_job, jobs):
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    result = {"corpus": info, "device": _device_name(args.device), "torch": torch.__version__,
+              "commit": _commit(), "args": vars(args), "float_val_ppl": float_ppl,
+              "rows": rows}
+    (out / "lm_int4.json").write_text(json.dumps(result, indent=1))
+    table(result)
+
+
+def table(result: dict) -> None:
+    print(f"\nvalidation perplexity, mean ± sd over seeds (float: {result['float_val_ppl']:.3f})")
+    print(f"{'setting':16s} " + " ".join(f"{m.upper():>16s}" for m in METHODS))
+    for setting in SETTINGS:
+        cells = []
+        for m in METHODS:
+            v = [r["val_ppl"] for r in result["rows"]
+                 if r["setting"] == setting and r["method"] == m]
+            sd = statistics.stdev(v) if len(v) > 1 else 0.0
+            cells.append(f"{statistics.mean(v):9.3f} ± {sd:5.3f}" if v else f"{'-':>16s}")
+        print(f"{setting:16s} " + " ".join(cells))
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    import platform
+
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def _commit() -> str:
+    import os
+    import subprocess
+
+    if os.environ.get("BLENDQ_COMMIT"):  # a copy of the tree without its .git
+        return os.environ["BLENDQ_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def cmd_deploy(args) -> None:
+    import blendq
+    from blendq.export import export_onnx
+
+    out = Path(args.out)
+    _, val, info = corpus(args.limit)
+    base = gpt2(args.width, args.layers).eval()
+    base.load_state_dict(torch.load(out / "gpt2_float.pt", map_location="cpu"))
+    quant = blendq.prepare(copy.deepcopy(base), policy("W4 g32", "ab"))
+    blendq.set_alpha(quant, 1.0)
+    converted = blendq.convert(quant)
+    trained = out / "gpt2_w4g32_ab_s0.pt"
+    if trained.exists():  # the trained W4 g32 model (its 4-bit codes are stored packed)
+        converted.load_state_dict(torch.load(trained, map_location="cpu"))
+    files = {}
+    for tokens in (1, CONTEXT):
+        ids = val[:tokens].reshape(1, tokens)
+        files[("fp32", tokens)] = out / f"gpt2_fp32_{tokens}.onnx"
+        torch.onnx.export(base, (ids,), str(files[("fp32", tokens)]), dynamo=True,
+                          external_data=False, optimize=True, verbose=False)
+        for level in (0, 4):
+            path = out / f"gpt2_w4g32_l{level}_{tokens}.onnx"
+            files[(f"W4 g32 level {level}", tokens)] = path
+            export_onnx(converted, path, ids, dynamic_batch=False, accuracy_level=level)
+    sessions = {key: _session(path) for key, path in files.items()}
+    times: dict = {key: [] for key in files}
+    for _ in range(args.repeats):
+        for key, session in sessions.items():
+            ids = val[:key[1]].reshape(1, -1).numpy()
+            name = session.get_inputs()[0].name
+            session.run(None, {name: ids})
+            t0 = time.perf_counter()
+            for _ in range(args.inner):
+                session.run(None, {name: ids})
+            times[key].append((time.perf_counter() - t0) / args.inner)
+    starts = torch.linspace(0, val.numel() - CONTEXT - 2, args.agree_windows).long().tolist()
+    chunks = torch.stack([val[s:s + CONTEXT] for s in starts])
+    with torch.no_grad():
+        ref = torch.cat([converted(chunks[i:i + 1]) for i in range(len(starts))])
+    rows = []
+    print(f"\n{'file':22s} {'MB':>7s} {'x fp32':>7s} {'1 token ms':>11s} {'128 tok ms':>11s} "
+          f"{'top-1 agree %':>14s} {'max |dlogit|':>13s}")
+    for label in ("fp32", "W4 g32 level 0", "W4 g32 level 4"):
+        size = files[(label, CONTEXT)].stat().st_size
+        ms = [statistics.median(times[(label, t)]) * 1e3 for t in (1, CONTEXT)]
+        session = sessions[(label, CONTEXT)]
+        name = session.get_inputs()[0].name
+        got = torch.cat([torch.from_numpy(session.run(None, {name: chunks[i:i + 1].numpy()})[0])
+                         for i in range(len(starts))])
+        agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean()) * 100
+        diff = float((got - ref).abs().max())
+        fp32_size = files[("fp32", CONTEXT)].stat().st_size
+        rows.append({"file": label, "bytes": size, "size_ratio": size / fp32_size,
+                     "ms_1_token": ms[0], "ms_128_tokens": ms[1], "top1_agree_pct": agree,
+                     "max_abs_logit_diff": diff})
+        print(f"{label:22s} {size / 1e6:7.2f} {size / fp32_size:7.3f} {ms[0]:11.3f} "
+              f"{ms[1]:11.3f} {agree:14.3f} {diff:13.2e}")
+    result = {"corpus": info, "machine": _device_name("cpu"), "commit": _commit(),
+              "trained_w4g32": trained.exists(), "rows": rows, "args": vars(args)}
+    (out / "lm_int4_deploy.json").write_text(json.dumps(result, indent=1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=("train", "deploy"))
+    p.add_argument("--out", default="runs/lm-int4")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--qat-lr", type=float, default=2e-4)
+    p.add_argument("--float-steps", type=int, default=3000)
+    p.add_argument("--qat-steps", type=int, default=400)
+    p.add_argument("--windows", type=int, default=512, help="validation windows")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--limit", type=int, default=None, help="train bytes used (val: a tenth)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--inner", type=int, default=20)
+    p.add_argument("--agree-windows", type=int, default=32)
+    args = p.parse_args()
+    if args.smoke:
+        for key, value in dict(width=32, layers=1, batch=4, float_steps=4, qat_steps=3,
+                               windows=8, seeds=[0], settings=["W4 g32"], limit=200_000,
+                               repeats=1, inner=1, agree_windows=2).items():
+            setattr(args, key, value)
+    cmd_train(args) if args.command == "train" else cmd_deploy(args)
+
+
+if __name__ == "__main__":
+    main()
