@@ -24,8 +24,9 @@ float weights and the converted W4 g32 AB seed-0 model to ``OUT``.
 (``blendq.export.export_onnx``: ``MatMulNBits``) at accuracy level 0 (as trained) and 4
 (int8 activations inside the kernel): file size, ORT latency for 1 token and 128 tokens
 (median of alternating runs, default session options, spinning off), and agreement of
-ORT with the α = 1 model on validation windows (next-token top-1, max |logit
-difference|).
+ORT with the α = 1 model on validation windows (next-token top-1 against the α = 1
+model's, max |logit difference|, and that in output steps, ``max |logit| / 127`` as
+``blendq verify`` counts them). The fp32 row compares the float model with it.
 """
 
 from __future__ import annotations
@@ -245,6 +246,7 @@ def _session(path: Path):
 def cmd_deploy(args) -> None:
     import blendq
     from blendq.export import export_onnx
+    from blendq.export.verify import output_step
 
     out = Path(args.out)
     _, val, info = corpus(args.limit)
@@ -283,7 +285,7 @@ def cmd_deploy(args) -> None:
         ref = torch.cat([converted(chunks[i:i + 1]) for i in range(len(starts))])
     rows = []
     print(f"\n{'file':22s} {'MB':>7s} {'x fp32':>7s} {'1 token ms':>11s} {'128 tok ms':>11s} "
-          f"{'top-1 agree %':>14s} {'max |dlogit|':>13s}")
+          f"{'top-1 = a=1 %':>14s} {'max |dlogit|':>13s} {'steps':>9s}")
     for label in ("fp32", "W4 g32 level 0", "W4 g32 level 4"):
         size = files[(label, CONTEXT)].stat().st_size
         ms = [statistics.median(times[(label, t)]) * 1e3 for t in (1, CONTEXT)]
@@ -293,12 +295,13 @@ def cmd_deploy(args) -> None:
                          for i in range(len(starts))])
         agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean()) * 100
         diff = float((got - ref).abs().max())
+        steps = diff / output_step(ref)
         fp32_size = files[("fp32", CONTEXT)].stat().st_size
         rows.append({"file": label, "bytes": size, "size_ratio": size / fp32_size,
                      "ms_1_token": ms[0], "ms_128_tokens": ms[1], "top1_agree_pct": agree,
-                     "max_abs_logit_diff": diff})
+                     "max_abs_logit_diff": diff, "max_output_steps": steps})
         print(f"{label:22s} {size / 1e6:7.2f} {size / fp32_size:7.3f} {ms[0]:11.3f} "
-              f"{ms[1]:11.3f} {agree:14.3f} {diff:13.2e}")
+              f"{ms[1]:11.3f} {agree:14.3f} {diff:13.2e} {steps:9.3f}")
     result = {"corpus": info, "machine": _device_name("cpu"), "commit": _commit(),
               "trained_w4g32": trained.exists(), "rows": rows, "args": vars(args)}
     (out / "lm_int4_deploy.json").write_text(json.dumps(result, indent=1))

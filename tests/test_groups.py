@@ -1,0 +1,201 @@
+"""Block-wise (group) weight quantization: policy rules, PPQ per block, convert, 4-bit
+storage, and export of weight-only layers to ONNX Runtime's MatMulNBits."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import blendq
+from blendq import functional as F
+
+
+@pytest.mark.parametrize("group_size", [8, 48, 0, True, 16.0])
+def test_group_sizes_the_runtime_cannot_take_are_refused_with_the_reason(group_size):
+    with pytest.raises(ValueError, match="power of two >= 16.*MatMulNBits"):
+        blendq.QuantPolicy(group_size=group_size)
+
+
+def test_one_bit_layers_keep_their_sign_scale_and_the_rest_use_blocks():
+    with pytest.raises(ValueError, match="2..8-bit"):
+        blendq.quantizers.WeightSpec(bits=1, group_size=16)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    plans = blendq.QuantPolicy(w_bits=4, a_bits=None, group_size=16,
+                               first_layer=(1, None)).resolve(model)
+    assert [p.w_spec.group_size for p in plans] == [None, 16]
+
+
+def test_a_row_that_the_block_size_does_not_divide_ends_in_a_shorter_block():
+    torch.manual_seed(0)
+    layer = nn.Linear(40, 6)  # rows of 40: blocks of 16, 16 and 8
+    model = blendq.prepare(nn.Sequential(layer), blendq.QuantPolicy(
+        w_bits=4, a_bits=None, group_size=16, method="ste"))
+    model.train()(torch.randn(2, 40))
+    q, w = model[0].w_quant, model[0].float_weight.detach()
+    assert q.scale.shape == (6, 3)
+    assert F.block_lengths((6, 40), 0, 16)[:3] == [16, 16, 8]
+    for row, block, cols in ((0, 0, slice(0, 16)), (3, 2, slice(32, 40))):
+        alone, scale = F.ppq(w[row, cols], 4, max_iter=q.spec.init_iter, fixed=True,
+                             scale=F.search_scale(w[row, cols], 4))
+        torch.testing.assert_close(q.scale[row, block], scale.reshape(()), rtol=1e-6, atol=0)
+        assert torch.equal(q.codes[row, cols], alone)
+    qmin, qmax = F.grid(4)
+    assert q.codes.min() >= qmin and q.codes.max() <= qmax
+
+
+@pytest.mark.parametrize("method", ["ab", "ste", "lsq"])
+def test_convert_equals_the_alpha_one_model_exactly(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 24), nn.ReLU(), nn.Linear(24, 5))
+    prepared = blendq.prepare(model, blendq.QuantPolicy(w_bits=4, a_bits=8, group_size=16,
+                                                        method=method))
+    controller = blendq.AlphaController(prepared, blendq.linear(0, 3))
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.05)
+    x = torch.randn(8, 3, 6, 6)
+    prepared.train()
+    for step in range(5):
+        controller.step(step)
+        loss = prepared(x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert blendq.transform.get_alpha(prepared) == 1.0
+    prepared.eval()
+    expected = prepared(x)
+    converted = blendq.convert(prepared)
+    assert torch.equal(converted(x), expected)
+    # 4-bit codes stored two a byte in the converted state dict, and loaded back
+    state = converted.state_dict()
+    assert state["3.weight_codes"].dtype == torch.uint8
+    assert state["3.weight_codes"].numel() == 24 * 8 * 6 * 6 // 2
+    assert state["3.weight_scale"].shape == (24, 18)
+    again = copy.deepcopy(converted)
+    again.load_state_dict(state)
+    assert torch.equal(again(x), expected)
+    rows = {r.name: r for r in blendq.summary(converted)}
+    assert rows["3"].granularity == "group 16"
+    assert rows["0"].granularity == "group 16"  # 3·3·3 = 27 inputs: blocks of 16 and 11
+
+
+def test_summary_says_where_every_row_fits_one_block():
+    model = blendq.prepare(nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Flatten(),
+                                         nn.Linear(4, 2)),
+                           blendq.QuantPolicy(w_bits=4, a_bits=None, group_size=32))
+    rows = {r.name: r for r in blendq.summary(model)}
+    assert rows["0"].granularity == "channel (rows <= group 32)"
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, ids):
+        return self.m(input_ids=ids, use_cache=False).logits
+
+
+def _trained_tiny_gpt2(method: str):
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=2,
+                                     n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = blendq.prepare(_Logits(transformers.GPT2LMHeadModel(config)), blendq.QuantPolicy(
+        w_bits=4, a_bits=None, group_size=32, method=method, skip=("m.lm_head",)))
+    controller = blendq.AlphaController(model, blendq.linear(0, 4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 64, (4, 17))
+    model.train()
+    for step in range(6):
+        controller.step(step)
+        logits = model(ids[:, :-1])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 64), ids[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), ids[:, :-1]
+
+
+@pytest.mark.parametrize("method", ["ab", "lsq"])
+def test_gpt2_with_blocks_runs_in_onnx_runtime_as_matmulnbits(method, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from blendq.export import export_onnx
+    from blendq.export.verify import compare_logits, output_step
+
+    model, ids = _trained_tiny_gpt2(method)
+    layers = [m for m in model.modules() if isinstance(m, blendq.layers.BlendMixin)]
+    assert len(layers) == 8 and all(m.w_quant.spec.group_size == 32 for m in layers)
+    with torch.no_grad():
+        expected = model(ids)
+    converted = blendq.convert(model)
+    assert torch.equal(converted(ids), expected)
+    fp32_bytes = sum(m.float_weight.numel() * 4 for m in layers)
+    for level in (0, 4):
+        path = export_onnx(converted, tmp_path / f"gpt2_{level}.onnx", ids,
+                           accuracy_level=level)
+        nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits"]
+        assert len(nodes) == 8
+        assert {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"} == {level}
+        # a default ONNX Runtime session, nothing set
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name:
+                                                  ids.numpy()})[0])
+        agreement = compare_logits("ort", expected, got, output_step(expected))
+        if level == 0:  # float32 activations: what was trained, to float32 rounding
+            assert agreement.strict_top1 == 100.0 and agreement.max_steps <= 0.01
+            # 4-bit codes two a byte and one float32 scale per 32: 0.156 of float32
+            stored = sum(len(t.raw_data) for t in onnx.load(str(path)).graph.initializer
+                         if ".nbits" in t.name)
+            assert stored <= 0.16 * fp32_bytes
+        else:  # int8 activations inside the kernel: close, not the same computation
+            assert agreement.max_steps <= 2.0
+
+
+def test_block_quantized_convolutions_export_as_blocked_dequantize(tmp_path):
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from blendq.export import export_onnx
+    from blendq.export.onnx import onnx_session, run_onnx
+
+    torch.manual_seed(0)
+    model = blendq.prepare(nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Flatten(),
+                                         nn.Linear(8 * 4 * 4, 3)),
+                           blendq.QuantPolicy(w_bits=4, a_bits=None, group_size=16,
+                                              method="ste"))
+    x = torch.randn(2, 4, 6, 6)
+    model.train()(x)
+    model.eval()
+    converted = blendq.convert(model)
+    path = export_onnx(converted, tmp_path / "conv.onnx", x, weights="int4")
+    graph = onnx.load(str(path)).graph
+    blocked = [n for n in graph.node if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" for a in n.attribute)]
+    assert len(blocked) == 1  # the convolution's; the Linear became MatMulNBits
+    inits = {t.name: t for t in graph.initializer}
+    assert inits[blocked[0].input[0]].data_type == onnx.TensorProto.INT4
+    got = run_onnx(onnx_session(path), x)  # blocked INT4 stays INT4 in the session
+    torch.testing.assert_close(got, converted(x), rtol=1e-5, atol=1e-5)
+
+
+def test_artifact_and_integer_engine_read_block_scales(tmp_path):
+    from blendq.export import IntegerEngine, capture
+    from blendq.export.artifact import load_artifact, save_artifact
+
+    torch.manual_seed(0)
+    model = blendq.prepare(nn.Sequential(nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 3)),
+                           blendq.QuantPolicy(w_bits=3, a_bits=None, group_size=16,
+                                              method="ste"))
+    x = torch.randn(5, 48)
+    model.train()(x)
+    converted = blendq.convert(model.eval())
+    expected = converted(x)
+    size = save_artifact(converted, tmp_path / "m.pt2", x)
+    assert size > 0
+    program = load_artifact(tmp_path / "m.pt2")
+    torch.testing.assert_close(program.module()(x), expected, rtol=1e-6, atol=1e-6)
+    engine = IntegerEngine(capture(converted, x))
+    torch.testing.assert_close(engine(x).float(), expected, rtol=1e-5, atol=1e-5)
