@@ -189,3 +189,35 @@ def test_lightning_callback_refuses_a_module_without_blendq_layers(tmp_path):
     module.net = small_cnn()
     with pytest.raises(ValueError, match="no blendq layers"):
         _pl_trainer(lightning, tmp_path, 1).fit(module, _loader())
+
+
+# ---------------------------------------------------------------------------
+# Two processes through each trainer's own launcher
+
+
+@pytest.mark.parametrize("trainer", ["lightning", "hf"])
+def test_ddp_through_the_trainers_own_launcher_reduces_activation_scales(trainer, tmp_path):
+    """Two CPU ranks (gloo) train on different halves of the data; the activation
+    scales are averaged over the ranks each step, as in blendq's own engine, so they end
+    equal on both ranks, as the parameters do, and α reaches 1 on both."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("lightning" if trainer == "lightning" else "transformers")
+    script = Path(__file__).parent / "trainer_ddp.py"
+    launch = [sys.executable, str(script)] if trainer == "lightning" else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+        "2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launch, trainer, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"{trainer}_rank{r}.pt") for r in (0, 1)]
+    assert [r["alpha"] for r in ranks] == [1.0, 1.0]
+    assert ranks[0]["scales"] and all(
+        torch.equal(a, b) for a, b in zip(ranks[0]["scales"], ranks[1]["scales"], strict=True))
+    assert ranks[0]["params"].keys() == ranks[1]["params"].keys()
+    assert all(torch.equal(ranks[0]["params"][k], ranks[1]["params"][k])
+               for k in ranks[0]["params"])

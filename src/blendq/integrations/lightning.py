@@ -39,4 +39,5 @@ class LightningCallback(lightning.Callback):
         pl_module.log("alpha", alpha, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        pl_module.log_dict(self.alpha.epoch_metrics(), on_step=False, on_epoch=True)
+        pl_module.log_dict(self.alpha.epoch_metrics(), on_step=False, on_epoch=True,
+                           sync_dist=True)  # averaged over ranks (one reduce an epoch)
