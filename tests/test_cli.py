@@ -19,6 +19,7 @@ from blendq.cli import main
     (["train", "--fp32", "--w-bits", "4"], "--fp32 trains without quantization"),
     (["train", "--resume", "--out", "/tmp/blendq-no-run"], "--resume: no checkpoint.pt"),
     (["train", "--method", "sgd"], "invalid choice: 'sgd'"),
+    (["train", "--group-size", "24"], "group_size must be a power of two >= 16"),
     (["train", "--config", "nope"], "config 'nope' not found"),
     (["train", "--set", "wbits=4"], "unknown config keys ['wbits']"),
     (["eval", "/no/such/run"], "checkpoint /no/such/run does not exist"),
@@ -99,6 +100,22 @@ def test_export_and_verify_commands(tmp_path, capsys):
                  "--quiet", "--set", "model_args={\"width\": 8}"]) == 0
     assert main(["export", str(fp)]) == 2
     assert "float (fp32) run" in capsys.readouterr().err
+
+
+def test_block_quantized_weight_only_run_exports_and_verifies(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--model", "digits_cnn", "--data", "digits", "--w-bits", "4",
+                 "--a-bits", "none", "--group-size", "16", "--method", "ste", "--epochs", "1",
+                 "--out", str(run), "--quiet", "--set", "model_args={\"width\": 8}"]) == 0
+    assert json.loads((run / "config.json").read_text())["group_size"] == 16
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "g.onnx")]) == 0
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "g.onnx")).graph.node}
+    assert "MatMulNBits" in ops  # the Linear head; the convolutions: blocked dequantize
+    assert main(["verify", str(run), "--test-subset", "100"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "top-1 agree" in line]
+    assert rows and all("top-1 agree 100.000%" in line for line in rows)
 
 
 def test_compare_command_table_and_plots(tmp_path, capsys):

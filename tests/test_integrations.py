@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 from conftest import small_cnn
-from torch import nn
 
 import blendq
 from blendq.integrations import AlphaWindow
@@ -122,25 +121,9 @@ def test_hugging_face_callback_refuses_a_model_without_blendq_layers(tmp_path):
 
 
 def _lightning_module(lightning):
-    class Module(lightning.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = blendq.prepare(small_cnn(), blendq.QuantPolicy(w_bits=4, a_bits=8))
+    from trainer_ddp import lightning_module
 
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            loss = nn.functional.cross_entropy(self(x), y)
-            self.log("loss", loss)
-            return loss
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05)
-
-    return Module()
+    return lightning_module()
 
 
 def _loader():

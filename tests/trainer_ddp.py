@@ -29,10 +29,9 @@ def _state(model: nn.Module) -> dict:
             "params": {k: v.detach().clone() for k, v in model.named_parameters()}}
 
 
-def _lightning(out: Path) -> None:
+def lightning_module():
+    """A LightningModule holding a prepared small CNN (also used by the one-process tests)."""
     import lightning
-
-    from blendq.integrations import LightningCallback
 
     class Module(lightning.LightningModule):
         def __init__(self):
@@ -45,10 +44,20 @@ def _lightning(out: Path) -> None:
 
         def training_step(self, batch, batch_idx):
             x, y = batch
-            return nn.functional.cross_entropy(self(x), y)
+            loss = nn.functional.cross_entropy(self(x), y)
+            self.log("loss", loss)
+            return loss
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    return Module()
+
+
+def _lightning(out: Path) -> None:
+    import lightning
+
+    from blendq.integrations import LightningCallback
 
     class Record(lightning.Callback):
         def on_train_end(self, trainer, module):
@@ -62,7 +71,7 @@ def _lightning(out: Path) -> None:
                                 enable_model_summary=False, enable_checkpointing=False,
                                 default_root_dir=str(out),
                                 callbacks=[LightningCallback(window=(0.0, 0.5)), Record()])
-    trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=8))
+    trainer.fit(lightning_module(), torch.utils.data.DataLoader(data, batch_size=8))
 
 
 def _hugging_face(out: Path) -> None:

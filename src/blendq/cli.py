@@ -51,6 +51,8 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--a-bits", type=_bits, help="activation bits, 1..8, or 'none'")
     p.add_argument("--per-channel", action="store_true",
                    help="one weight scale per output channel")
+    p.add_argument("--group-size", type=int, metavar="G",
+                   help="one weight scale per block of G inputs of each output channel")
     p.add_argument("--method", choices=tuple(METHODS), help="weight method")
     p.add_argument("--act-method", choices=tuple(METHODS), help="activation method")
     p.add_argument("--epochs", type=int)
@@ -149,6 +151,7 @@ def default_out(cfg) -> Path:
     else:
         tag = f"w{cfg.w_bits}a{cfg.a_bits or 32}-{cfg.method}" + ("-pc" if cfg.per_channel
                                                                   else "")
+        tag += f"-g{cfg.group_size}" if cfg.group_size else ""
     return Path(f"runs/{cfg.model}-{Path(cfg.data).name}-{tag}")
 
 
@@ -156,9 +159,10 @@ def cmd_train(args) -> int:
     from .engine import train
 
     fp32, resume = getattr(args, "fp32", False), getattr(args, "resume", False)
-    if fp32 and any(hasattr(args, k) for k in ("w_bits", "a_bits", "method", "per_channel")):
+    if fp32 and any(hasattr(args, k) for k in ("w_bits", "a_bits", "method", "per_channel",
+                                                  "group_size")):
         raise UsageError("--fp32 trains without quantization; drop --w-bits/--a-bits/"
-                         "--method/--per-channel")
+                         "--method/--per-channel/--group-size")
     if resume:
         if not hasattr(args, "out"):
             raise UsageError("--resume needs the --out of the run to continue")

@@ -213,6 +213,7 @@ def telemetry(model: nn.Module, previous: dict[str, torch.Tensor] | None = None
     for name, m in blend_layers(model):
         w = m.float_weight.detach()
         codes, scale = m.w_quant.eval_projection(m.float_weight)
+        scale = m.w_quant.per_element(scale, tuple(w.shape))
         dist2 += float((w - scale * codes).double().square().sum())
         norm2 += float(w.double().square().sum())
         codes_now[name] = codes.to(torch.int8).cpu()

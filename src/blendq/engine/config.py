@@ -53,6 +53,7 @@ class TrainConfig:
     w_bits: int = 4
     a_bits: int | None = 8
     per_channel: bool = False
+    group_size: int | None = None
     method: str = "ab"
     act_method: str = "ste"
     binary_scale: bool = True
