@@ -34,7 +34,7 @@ def test_a_row_that_the_block_size_does_not_divide_ends_in_a_shorter_block():
     model.train()(torch.randn(2, 40))
     q, w = model[0].w_quant, model[0].float_weight.detach()
     assert q.scale.shape == (6, 3)
-    assert F.block_lengths((6, 40), 0, 16)[:3] == [16, 16, 8]
+    assert F.block_lengths((6, 40), 0, 16)[:4].tolist() == [16, 16, 8, 16]
     for row, block, cols in ((0, 0, slice(0, 16)), (3, 2, slice(32, 40))):
         alone, scale = F.ppq(w[row, cols], 4, max_iter=q.spec.init_iter, fixed=True,
                              scale=F.search_scale(w[row, cols], 4))
@@ -199,3 +199,56 @@ def test_artifact_and_integer_engine_read_block_scales(tmp_path):
     torch.testing.assert_close(program.module()(x), expected, rtol=1e-6, atol=1e-6)
     engine = IntegerEngine(capture(converted, x))
     torch.testing.assert_close(engine(x).float(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_two_layers_sharing_merged_codes_keep_their_own_scales(tmp_path):
+    """The exporter merges equal initializers: two weights whose codes are equal but
+    whose scales differ (one is twice the other) read one codes tensor; each fused node
+    keeps its own scales."""
+    pytest.importorskip("onnxruntime")
+    from blendq.export import export_onnx
+    from blendq.export.onnx import onnx_session, run_onnx
+
+    torch.manual_seed(0)
+    a, b = nn.Linear(32, 32, bias=False), nn.Linear(32, 32, bias=False)
+    with torch.no_grad():
+        b.weight.copy_(2 * a.weight)
+    model = blendq.prepare(nn.Sequential(a, nn.ReLU(), b), blendq.QuantPolicy(
+        w_bits=4, a_bits=None, group_size=16, method="ste"))
+    x = torch.randn(2, 4, 32)
+    model.train()(x)
+    converted = blendq.convert(model.eval())
+    path = export_onnx(converted, tmp_path / "shared.onnx", x)
+    torch.testing.assert_close(run_onnx(onnx_session(path), x), converted(x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_accuracy_level_none_writes_standard_onnx_only(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from blendq.export import ExportError, export_onnx
+
+    model = blendq.prepare(nn.Sequential(nn.Linear(32, 8)), blendq.QuantPolicy(
+        w_bits=4, a_bits=None, group_size=16))
+    x = torch.randn(2, 32)
+    blendq.set_alpha(model, 1.0)
+    model.train()(x)
+    converted = blendq.convert(model.eval())
+    path = export_onnx(converted, tmp_path / "std.onnx", x, accuracy_level=None)
+    graph = onnx.load(str(path))
+    assert "MatMulNBits" not in {n.op_type for n in graph.graph.node}
+    assert all(o.domain in ("", "ai.onnx") for o in graph.opset_import)
+    for bad in (5, True, "0"):
+        with pytest.raises(ExportError, match="accuracy_level"):
+            export_onnx(converted, tmp_path / "bad.onnx", x, accuracy_level=bad)
+
+
+def test_batch_norm_without_affine_rounds_under_bf16_autocast():
+    model = blendq.prepare(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False),
+                                         nn.ReLU(), nn.Flatten(), nn.Linear(128, 3)),
+                           blendq.QuantPolicy(w_bits=4, a_bits=8, method="ste"))
+    x = torch.randn(4, 3, 6, 6)
+    model.train()(x)
+    for mode in (model.train, model.eval):
+        mode()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(x).isfinite().all()

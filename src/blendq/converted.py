@@ -50,6 +50,7 @@ class Deploy:
         self.axis, self.shape, self.integer_bias, self.packed = axis, shape, integer_bias, packed
         # block scales: codes and scale as converted.block_storage lays them out (``shape``
         # is that 2-D shape), blocks along ``block_axis``; ``weight_shape``: the layer's
+        # own weight shape (set by capture)
         self.group_size, self.block_axis, self.weight_shape = group_size, 0, shape
 
 

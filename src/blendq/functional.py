@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -515,8 +516,8 @@ def check_group_size(group_size: int | None) -> None:
     4-bit ``MatMulNBits`` kernels, which run block-quantized weights, take no other)."""
     if group_size is None:
         return
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 16 \
-            or group_size & (group_size - 1):
+    if not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool) or \
+            group_size < 16 or group_size & (group_size - 1):
         raise ValueError(f"group_size must be a power of two >= 16 (ONNX Runtime's 4-bit "
                          f"MatMulNBits kernels take no other block size), got {group_size!r}")
 
@@ -557,11 +558,13 @@ def expand_blocks(scale: Tensor, shape: tuple[int, ...], axis: int, group_size: 
     return per_element.reshape(rows, blocks * group_size)[:, :k].reshape(moved).movedim(0, axis)
 
 
-def block_lengths(shape: tuple[int, ...], axis: int, group_size: int) -> list[int]:
-    """The element count of every block of a weight, row by row (for :func:`ppq_segments`)."""
+def block_lengths(shape: tuple[int, ...], axis: int, group_size: int) -> Tensor:
+    """The element count of every block of a weight, row by row (int64, for
+    :func:`ppq_segments`)."""
     rows, k, blocks = block_layout(tuple(shape), axis, group_size)
-    row = [group_size] * (blocks - 1) + [k - (blocks - 1) * group_size]
-    return row * rows
+    lengths = torch.full((rows, blocks), group_size, dtype=torch.long)
+    lengths[:, -1] = k - (blocks - 1) * group_size
+    return lengths.reshape(-1)
 
 
 def ppq_segments(x: Tensor, lengths: Tensor, bits: int, scale: Tensor, max_iter: int,

@@ -374,8 +374,9 @@ class _FoldedBatchNorm:
             return super().forward(input)
         # the rounding joins the batch norm's own shift (no extra pass over the output)
         self._check_input_dim(input)
-        shift = delta.to(input.dtype) if self.bias is None else \
-            self.bias + delta.to(self.bias.dtype)
+        stats = self.running_mean if self.running_mean is not None else input
+        shift = delta.to(stats.dtype) if self.bias is None else \
+            self.bias + delta.to(self.bias.dtype)  # in the parameters' dtype (autocast)
         return nn.functional.batch_norm(input, *self._statistics(), self.weight, shift,
                                         *self._normalisation())
 

@@ -289,10 +289,10 @@ class WeightGroup:
         flat order in which each channel's scales are consecutive runs."""
         return t.movedim(q.axis, 0) if q.spec.per_channel or q.spec.group_size else t
 
-    def _segments(self, q: WeightQuantizer, w: Tensor) -> list[int]:
+    def _segments(self, q: WeightQuantizer, w: Tensor) -> Tensor:
         if q.spec.group_size is not None:
             return F.block_lengths(tuple(w.shape), q.axis, q.spec.group_size)
-        return [w.numel() // q.scale.numel()] * q.scale.numel()
+        return torch.full((q.scale.numel(),), w.numel() // q.scale.numel(), dtype=torch.long)
 
     def _bind(self) -> None:
         qs = self.quantizers
@@ -312,8 +312,8 @@ class WeightGroup:
             c, s = c + n, s + k
         self.codes, self.scale, self.flags = flat_codes, flat_scale, flags
         device = flat_codes.device
-        self.lengths = torch.tensor([n for q, w in zip(qs, self.weights, strict=True)
-                                     for n in self._segments(q, w)], device=device)
+        self.lengths = torch.cat([self._segments(q, w) for q, w in zip(
+            qs, self.weights, strict=True)]).to(device)
         self.layer_lengths = torch.tensor([w.numel() for w in self.weights], device=device)
         self._bound = [(q.codes.data_ptr(), q.scale.data_ptr()) for q in qs]
 
@@ -329,8 +329,10 @@ class WeightGroup:
         bad = torch.segment_reduce((~torch.isfinite(flat)).to(flat.dtype), "max", unsafe=True,
                                    lengths=self.layer_lengths)  # (layers,)
         self.flags.logical_or_(bad > 0)
-        _, scale = F.ppq_segments(flat, self.lengths, self.spec.bits, self.scale,
-                                  self.spec.max_iter, codes=self.codes)
+        codes, scale = F.ppq_segments(flat, self.lengths, self.spec.bits, self.scale,
+                                      self.spec.max_iter, codes=self.codes)
+        if codes is not self.codes:  # written out of place (while torch.compile traces)
+            self.codes.copy_(codes)
         self.scale.copy_(scale)
         for q in self.quantizers:
             q.grouped, q.stale = True, False

@@ -40,14 +40,15 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 
 def to_onnx(program: torch.export.ExportedProgram, example_input, weights: str = "int8",
-            accuracy_level: int = 0):
+            accuracy_level: int | None = 0):
     """An ``onnx.ModelProto`` of a captured program (checked with ``full_check``);
     ``weights="int4"`` stores codes of 4 bits or fewer as ONNX INT4 (see
     :func:`export_onnx`); ``accuracy_level``: of the ``MatMulNBits`` nodes written for
-    block-quantized weight-only layers of 4 bits or fewer."""
+    block-quantized matmuls of 4 bits or fewer (``None``: none written)."""
     if weights not in WEIGHT_STORAGE:
         raise ExportError(f"weights must be one of {WEIGHT_STORAGE}, got {weights!r}")
-    if accuracy_level not in ACCURACY_LEVELS:
+    if accuracy_level is not None and (isinstance(accuracy_level, bool) or
+                                       accuracy_level not in ACCURACY_LEVELS):
         raise ExportError(f"accuracy_level must be one of {ACCURACY_LEVELS} (0: float32 "
                           f"activations, as trained; 4: int8), got {accuracy_level!r}")
     onnx = _require("onnx")
@@ -68,7 +69,8 @@ def to_onnx(program: torch.export.ExportedProgram, example_input, weights: str =
         logger.setLevel(level)
     model = exported.model_proto
     _hoist_quantize(model)
-    _matmul_nbits(model, accuracy_level)
+    if accuracy_level is not None:
+        _matmul_nbits(model, accuracy_level)
     if weights == "int4":
         _int4_weights(model)
     model.producer_name = "blendq"
@@ -238,8 +240,8 @@ def _matmul_nbits(model, accuracy_level: int) -> int:
         padded[:, :k] = (codes + 8).T
         padded = padded.reshape(n, blocks, block)
         packed = padded[..., 0::2] | (padded[..., 1::2] << 4)
-        base = dq.input[0]
-        names = (f"{base}.nbits", f"{base}.nbits_scale")
+        base = dq.input[0]  # codes the exporter merged may serve two layers: names per node
+        names = (f"{base}.nbits{written}", f"{base}.nbits{written}_scale")
         graph.initializer.extend([numpy_helper.from_array(packed.astype(np.uint8), names[0]),
                                   numpy_helper.from_array(scale.T.reshape(-1), names[1])])
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
@@ -385,7 +387,7 @@ def _topological_sort(graph) -> None:
 def export_onnx(converted_model: nn.Module, path: str | os.PathLike, example_input,
                 program: torch.export.ExportedProgram | None = None,
                 dynamic_batch: bool = True, weights: str = "int8",
-                accuracy_level: int = 0) -> Path:
+                accuracy_level: int | None = 0) -> Path:
     """Export a converted model (``blendq.convert``) to an ONNX file at ``path``.
 
     ``example_input`` is a tensor (or a tuple of the forward's positional tensors) the
@@ -397,12 +399,13 @@ def export_onnx(converted_model: nn.Module, path: str | os.PathLike, example_inp
     ONNX Runtime 1.32 and OpenVINO 2026.4 run no int8 kernel from INT4 weights
     (ResNet-50: 6x and 1.9x slower); :func:`onnx_session` expands them to int8 in
     memory, lossless, so the int8 kernels run from the small file. Block-quantized
-    (``QuantPolicy(group_size=...)``) weight-only Linear/``Conv1D`` layers of 4 bits or
-    fewer are written as ONNX Runtime's ``MatMulNBits`` (4-bit codes, one scale a block)
-    with ``accuracy_level`` (0, the default: float32 activations, what training
-    computed; 4: int8 activations inside the kernel, faster, not what was trained;
-    docs/int4.md); other block-quantized layers as ``DequantizeLinear`` with
-    ``block_size`` (opset 21). Any model
+    (``QuantPolicy(group_size=...)``) matmul weights of 4 bits or fewer (Linear,
+    ``Conv1D``, attention projections) are written as ONNX Runtime's ``MatMulNBits``
+    (4-bit codes, one scale a block) with ``accuracy_level`` (0, the default: float32
+    activations, what training computed; 4: int8 activations inside the kernel, faster,
+    not what was trained; docs/int4.md; ``None``: standard ONNX only, for other
+    runtimes); other block-quantized weights as ``DequantizeLinear`` with ``block_size``
+    (opset 21). Any model
     that ``torch.export`` can capture exports. The file passes ``onnx.checker`` with
     ``full_check`` and runs in ONNX Runtime.
 
