@@ -26,7 +26,8 @@ float weights and the converted W4 g32 AB seed-0 model to ``OUT``.
 (median of alternating runs, default session options, spinning off), and agreement of
 ORT with the α = 1 model on validation windows (next-token top-1 against the α = 1
 model's, max |logit difference|, and that in output steps, ``max |logit| / 127`` as
-``blendq verify`` counts them). The fp32 row compares the float model with it.
+``blendq verify`` counts them), and each file's perplexity on those windows. The fp32
+row compares the float model with it.
 """
 
 from __future__ import annotations
@@ -281,11 +282,18 @@ def cmd_deploy(args) -> None:
             times[key].append((time.perf_counter() - t0) / args.inner)
     starts = torch.linspace(0, val.numel() - CONTEXT - 2, args.agree_windows).long().tolist()
     chunks = torch.stack([val[s:s + CONTEXT] for s in starts])
+    targets = torch.stack([val[s + 1:s + CONTEXT + 1] for s in starts])
     with torch.no_grad():
         ref = torch.cat([converted(chunks[i:i + 1]) for i in range(len(starts))])
+
+    def ppl(logits: torch.Tensor) -> float:
+        return math.exp(float(nn.functional.cross_entropy(logits.reshape(-1, 256).double(),
+                                                          targets.reshape(-1))))
+
+    print(f"alpha=1 model (torch): validation perplexity {ppl(ref):.4f} on these windows")
     rows = []
     print(f"\n{'file':22s} {'MB':>7s} {'x fp32':>7s} {'1 token ms':>11s} {'128 tok ms':>11s} "
-          f"{'top-1 = a=1 %':>14s} {'max |dlogit|':>13s} {'steps':>9s}")
+          f"{'top-1 = a=1 %':>14s} {'max |dlogit|':>13s} {'steps':>9s} {'ppl':>8s}")
     for label in ("fp32", "W4 g32 level 0", "W4 g32 level 4"):
         size = files[(label, CONTEXT)].stat().st_size
         ms = [statistics.median(times[(label, t)]) * 1e3 for t in (1, CONTEXT)]
@@ -299,11 +307,13 @@ def cmd_deploy(args) -> None:
         fp32_size = files[("fp32", CONTEXT)].stat().st_size
         rows.append({"file": label, "bytes": size, "size_ratio": size / fp32_size,
                      "ms_1_token": ms[0], "ms_128_tokens": ms[1], "top1_agree_pct": agree,
-                     "max_abs_logit_diff": diff, "max_output_steps": steps})
+                     "max_abs_logit_diff": diff, "max_output_steps": steps,
+                     "val_ppl": ppl(got)})
         print(f"{label:22s} {size / 1e6:7.2f} {size / fp32_size:7.3f} {ms[0]:11.3f} "
-              f"{ms[1]:11.3f} {agree:14.3f} {diff:13.2e} {steps:9.3f}")
+              f"{ms[1]:11.3f} {agree:14.3f} {diff:13.2e} {steps:9.3f} {ppl(got):8.4f}")
     result = {"corpus": info, "machine": _device_name("cpu"), "commit": _commit(),
-              "trained_w4g32": trained.exists(), "rows": rows, "args": vars(args)}
+              "trained_w4g32": trained.exists(), "alpha_one_val_ppl": ppl(ref), "rows": rows,
+              "args": vars(args)}
     (out / "lm_int4_deploy.json").write_text(json.dumps(result, indent=1))
 
 
@@ -328,7 +338,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="train bytes used (val: a tenth)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--inner", type=int, default=20)
-    p.add_argument("--agree-windows", type=int, default=32)
+    p.add_argument("--agree-windows", type=int, default=128)
     args = p.parse_args()
     if args.smoke:
         for key, value in dict(width=32, layers=1, batch=4, float_steps=4, qat_steps=3,
