@@ -22,7 +22,9 @@ float weights and the converted W4 g32 AB seed-0 model to ``OUT``.
 
 ``deploy`` (CPU): the fp32 ONNX file (``torch.onnx.export``) and the W4 g32 file
 (``blendq.export.export_onnx``: ``MatMulNBits``) at accuracy level 0 (as trained) and 4
-(int8 activations inside the kernel): file size, ORT latency for 1 token and 128 tokens
+(int8 activations inside the kernel), and at level 4 with the same weights under
+``int8_block_inputs`` (the α = 1 model rounds its inputs as the kernel does; these
+weights were not retrained with it): file size, ORT latency for 1 token and 128 tokens
 (median of alternating runs, default session options, spinning off), and agreement of
 ORT with the α = 1 model on validation windows (next-token top-1 against the α = 1
 model's, max |logit difference|, and that in output steps, ``max |logit| / 127`` as
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import copy
+import dataclasses
 import json
 import math
 import statistics
@@ -253,21 +256,26 @@ def cmd_deploy(args) -> None:
     _, val, info = corpus(args.limit)
     base = gpt2(args.width, args.layers).eval()
     base.load_state_dict(torch.load(out / "gpt2_float.pt", map_location="cpu"))
-    quant = blendq.prepare(copy.deepcopy(base), policy("W4 g32", "ab"))
-    blendq.set_alpha(quant, 1.0)
-    converted = blendq.convert(quant)
     trained = out / "gpt2_w4g32_ab_s0.pt"
-    if trained.exists():  # the trained W4 g32 model (its 4-bit codes are stored packed)
-        converted.load_state_dict(torch.load(trained, map_location="cpu"))
+    models = {}  # label -> (converted model, accuracy level)
+    for label, level, int8_inputs in (("W4 g32 level 0", 0, False), ("W4 g32 level 4", 4, False),
+                                      ("W4 g32 level 4, int8 in", 4, True)):
+        rules = dataclasses.replace(policy("W4 g32", "ab"), int8_block_inputs=int8_inputs)
+        quant = blendq.prepare(copy.deepcopy(base), rules)
+        blendq.set_alpha(quant, 1.0)
+        converted = blendq.convert(quant)
+        if trained.exists():  # the trained W4 g32 model (its 4-bit codes stored packed)
+            converted.load_state_dict(torch.load(trained, map_location="cpu"))
+        models[label] = (converted, level)
     files = {}
     for tokens in (1, CONTEXT):
         ids = val[:tokens].reshape(1, tokens)
         files[("fp32", tokens)] = out / f"gpt2_fp32_{tokens}.onnx"
         torch.onnx.export(base, (ids,), str(files[("fp32", tokens)]), dynamo=True,
                           external_data=False, optimize=True, verbose=False)
-        for level in (0, 4):
-            path = out / f"gpt2_w4g32_l{level}_{tokens}.onnx"
-            files[(f"W4 g32 level {level}", tokens)] = path
+        for i, (label, (converted, level)) in enumerate(models.items()):
+            path = out / f"gpt2_w4g32_{i}_{tokens}.onnx"
+            files[(label, tokens)] = path
             export_onnx(converted, path, ids, dynamic_batch=False, accuracy_level=level)
     sessions = {key: _session(path) for key, path in files.items()}
     times: dict = {key: [] for key in files}
@@ -283,36 +291,42 @@ def cmd_deploy(args) -> None:
     starts = torch.linspace(0, val.numel() - CONTEXT - 2, args.agree_windows).long().tolist()
     chunks = torch.stack([val[s:s + CONTEXT] for s in starts])
     targets = torch.stack([val[s + 1:s + CONTEXT + 1] for s in starts])
-    with torch.no_grad():
-        ref = torch.cat([converted(chunks[i:i + 1]) for i in range(len(starts))])
+    with torch.no_grad():  # each file against the α = 1 model it was exported from
+        refs = {label: torch.cat([m(chunks[i:i + 1]) for i in range(len(starts))])
+                for label, (m, _) in models.items()}
+    ref = refs["W4 g32 level 0"]
 
     def ppl(logits: torch.Tensor) -> float:
         return math.exp(float(nn.functional.cross_entropy(logits.reshape(-1, 256).double(),
                                                           targets.reshape(-1))))
 
-    print(f"alpha=1 model (torch): validation perplexity {ppl(ref):.4f} on these windows")
+    for label, logits in refs.items():
+        print(f"alpha=1 model for {label!r} (torch): perplexity {ppl(logits):.4f}")
     rows = []
-    print(f"\n{'file':22s} {'MB':>7s} {'x fp32':>7s} {'1 token ms':>11s} {'128 tok ms':>11s} "
+    print(f"\n{'file':24s} {'MB':>7s} {'x fp32':>7s} {'1 token ms':>11s} {'128 tok ms':>11s} "
           f"{'top-1 = a=1 %':>14s} {'max |dlogit|':>13s} {'steps':>9s} {'ppl':>8s}")
-    for label in ("fp32", "W4 g32 level 0", "W4 g32 level 4"):
+    for label in ("fp32", *models):
         size = files[(label, CONTEXT)].stat().st_size
         ms = [statistics.median(times[(label, t)]) * 1e3 for t in (1, CONTEXT)]
         session = sessions[(label, CONTEXT)]
         name = session.get_inputs()[0].name
         got = torch.cat([torch.from_numpy(session.run(None, {name: chunks[i:i + 1].numpy()})[0])
                          for i in range(len(starts))])
-        agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean()) * 100
-        diff = float((got - ref).abs().max())
-        steps = diff / output_step(ref)
+        own = refs.get(label, ref)
+        agree = float((got.argmax(-1) == own.argmax(-1)).float().mean()) * 100
+        diff = float((got - own).abs().max())
+        steps = diff / output_step(own)
         fp32_size = files[("fp32", CONTEXT)].stat().st_size
         rows.append({"file": label, "bytes": size, "size_ratio": size / fp32_size,
                      "ms_1_token": ms[0], "ms_128_tokens": ms[1], "top1_agree_pct": agree,
                      "max_abs_logit_diff": diff, "max_output_steps": steps,
                      "val_ppl": ppl(got)})
-        print(f"{label:22s} {size / 1e6:7.2f} {size / fp32_size:7.3f} {ms[0]:11.3f} "
+        print(f"{label:24s} {size / 1e6:7.2f} {size / fp32_size:7.3f} {ms[0]:11.3f} "
               f"{ms[1]:11.3f} {agree:14.3f} {diff:13.2e} {steps:9.3f} {ppl(got):8.4f}")
     result = {"corpus": info, "machine": _device_name("cpu"), "commit": _commit(),
-              "trained_w4g32": trained.exists(), "alpha_one_val_ppl": ppl(ref), "rows": rows,
+              "trained_w4g32": trained.exists(),
+              "alpha_one_val_ppl": {label: ppl(logits) for label, logits in refs.items()},
+              "rows": rows,
               "args": vars(args)}
     (out / "lm_int4_deploy.json").write_text(json.dumps(result, indent=1))
 

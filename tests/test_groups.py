@@ -252,3 +252,62 @@ def test_batch_norm_without_affine_rounds_under_bf16_autocast():
         mode()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert model(x).isfinite().all()
+
+
+def test_int8_block_inputs_need_blocks_and_float_inputs():
+    for bad in (dict(group_size=None), dict(group_size=32, a_bits=8)):
+        with pytest.raises(ValueError, match="int8_block_inputs"):
+            blendq.QuantPolicy(w_bits=4, **{"a_bits": None, **bad}, int8_block_inputs=True)
+    with pytest.raises(ValueError, match="needs group_size"):
+        blendq.quantizers.WeightSpec(bits=4, int8_inputs=True)
+
+
+def test_int8_block_inputs_make_the_fast_kernel_compute_what_was_trained(tmp_path):
+    """Trained with the input rounding ONNX Runtime's MatMulNBits applies at accuracy
+    level 4, the level-4 file agrees with the α = 1 model to float rounding."""
+    ort = pytest.importorskip("onnxruntime")
+    transformers = pytest.importorskip("transformers")
+    from blendq.export import export_onnx
+    from blendq.export.verify import compare_logits, output_step
+
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=2,
+                                     n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = blendq.prepare(_Logits(transformers.GPT2LMHeadModel(config)), blendq.QuantPolicy(
+        w_bits=4, a_bits=None, group_size=32, method="ste", skip=("m.lm_head",),
+        int8_block_inputs=True))
+    layers = [m for m in model.modules() if isinstance(m, blendq.layers.BlendMixin)]
+    assert len(layers) == 8 and all(m.w_quant.spec.int8_inputs for m in layers)
+    ids = torch.randint(0, 64, (4, 17))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(4):
+        logits = model(ids[:, :-1])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 64), ids[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(m.float_weight.grad is not None for m in layers)
+    model.eval()
+    with torch.no_grad():
+        expected = model(ids)
+    converted = blendq.convert(model)
+    with torch.no_grad():
+        assert torch.equal(converted(ids), expected)
+    path = export_onnx(converted, tmp_path / "int8in.onnx", ids, accuracy_level=4)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0])
+    agreement = compare_logits("ort", expected, got, output_step(expected))
+    assert agreement.strict_top1 == 100.0 and agreement.max_steps <= 0.01
+
+
+def test_int8_blocks_rounds_per_block_of_the_last_dimension():
+    x = torch.tensor([[0.0] * 16 + [1.0, -2.0] + [0.5] * 14 + [0.3]])  # 33 inputs
+    out = F.int8_blocks(x, 16)
+    assert torch.equal(out[0, :16], torch.zeros(16))  # a block of zeros stays 0
+    second = x[0, 16:32]
+    expected = torch.round(second * (127 / 2.0)) * (2.0 / 127)
+    torch.testing.assert_close(out[0, 16:32], expected, rtol=0, atol=1e-7)
+    assert out[0, 32] == x[0, 32]  # a block of one: its own peak, exactly

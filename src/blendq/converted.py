@@ -69,6 +69,7 @@ class QuantMixin:
     round_bias = True
     deploy: Deploy | None = None
     group_size: int | None = None  # block scales: ``weight_scale`` is (rows, blocks)
+    int8_inputs = False  # the float input rounded as the 4-bit kernel's level 4 does
     _kind: LayerKind
 
     @classmethod
@@ -89,6 +90,7 @@ class QuantMixin:
         new.w_bits = layer.w_quant.spec.bits
         new.per_channel = layer.w_quant.spec.per_channel
         new.group_size = layer.w_quant.spec.group_size
+        new.int8_inputs = layer.w_quant.spec.int8_inputs
         a = layer.a_quant
         new.a_bits = None if a is None else a.spec.bits
         new.a_signed = None if a is None else a.is_signed
@@ -138,8 +140,9 @@ class QuantMixin:
                                             -2**31, 2**31 - 1, torch.int32)
 
     def quantized_input(self, x: Tensor) -> Tensor:
-        if self.a_bits is None:
-            return x
+        if self.a_bits is None:  # in export too: plain operators before MatMulNBits,
+            # whose own rounding at level 4 then leaves these values as they are
+            return F.int8_blocks(x, self.group_size) if self.int8_inputs else x
         if self.deploy is not None:
             return _deploy_input(x, self.deploy)
         scale = self.act_scale.to(x.dtype)

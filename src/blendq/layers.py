@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from . import methods
 from .quantizers import ActQuantizer, ActSpec, WeightQuantizer, WeightSpec
 
 __all__ = ["link_holds", "linked_producer", "bias_unit",
@@ -157,7 +158,13 @@ class BlendMixin:
         return self.w_quant(self.float_weight, self.alpha)
 
     def blended_input(self, x: Tensor) -> Tensor:
-        if self.a_quant is None or self.input_from_site:
+        if self.a_quant is None:
+            spec = self.w_quant.spec
+            if not spec.int8_inputs:
+                return x
+            rounded = F.int8_blocks(x.detach(), spec.group_size)  # as the 4-bit kernel
+            return methods.get("ste").mix(x, rounded, self.alpha)
+        if self.input_from_site:
             return x
         return self.a_quant(x, self.alpha)
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import methods
 from .functional import check_bits, check_group_size
-from .layers import layer_kind
+from .layers import is_hf_conv1d, layer_kind
 from .quantizers import ActSpec, WeightSpec, check_method
 
 __all__ = ["QuantPolicy", "LayerPlan", "quantizable", "PLACEMENTS"]
@@ -87,6 +87,11 @@ class QuantPolicy:
             Layers at 1 bit (sign) keep their per-channel or per-layer scale. With
             ``a_bits=None`` and ``w_bits <= 4``, Linear and ``Conv1D`` layers export to
             ONNX Runtime's ``MatMulNBits`` (docs/int4.md).
+        int8_block_inputs: with ``group_size`` and ``a_bits=None``, Linear and ``Conv1D``
+            layers round their input as ``MatMulNBits`` does at its fast accuracy level 4
+            (int8, one scale ``max|x|/127`` per block of ``group_size`` inputs, computed
+            at run time; straight-through gradient, blended with α), so a level-4 file
+            computes what was trained (docs/int4.md).
 
     Raises:
         ValueError: bits outside 1..8, an unknown method, a malformed rule; at
@@ -110,10 +115,14 @@ class QuantPolicy:
     placement: str = "graph"
     site_bits: int = 8
     group_size: int | None = None
+    int8_block_inputs: bool = False
 
     def __post_init__(self) -> None:
         check_bits("w_bits", self.w_bits)
         check_group_size(self.group_size)
+        if self.int8_block_inputs and (self.group_size is None or self.a_bits is not None):
+            raise ValueError("int8_block_inputs rounds the float inputs of block-quantized "
+                             "layers: it needs group_size and a_bits=None")
         check_bits("embedding", self.embedding, allow_none=True)
         check_bits("a_bits", self.a_bits, allow_none=True)
         for name in ("method", "act_method"):
@@ -180,15 +189,18 @@ class QuantPolicy:
             bits.update({n: pair for n in bits if fnmatch.fnmatchcase(n, pattern)})
         for name in no_input:
             bits[name] = (bits[name][0], None)
-        return [self._plan(n, *bits[n]) for n, _ in candidates
+        return [self._plan(n, *bits[n], matmul=_is_matmul(m)) for n, m in candidates
                 if n in bits and not self._skipped(n)]
 
-    def _plan(self, name: str, w_bits: int, a_bits: int | None) -> LayerPlan:
+    def _plan(self, name: str, w_bits: int, a_bits: int | None,
+              matmul: bool = False) -> LayerPlan:
         group = self.group_size if w_bits >= 2 else None
         w = WeightSpec(
             bits=w_bits,
             per_channel=self.per_channel or group is not None,
             group_size=group,
+            int8_inputs=self.int8_block_inputs and matmul and group is not None
+            and a_bits is None,
             method=self.method,
             binary_scale=self.binary_scale,
             quant_every=self.quant_every,
@@ -224,6 +236,11 @@ def _input_inside_parent(model: nn.Module, name: str) -> bool:
     the attention's forward, so only its weight is quantized."""
     parent = name.rpartition(".")[0]
     return bool(name) and isinstance(model.get_submodule(parent), nn.MultiheadAttention)
+
+
+def _is_matmul(m: nn.Module) -> bool:
+    """A layer whose input is a matmul's: Linear (and subclasses) or Hugging Face Conv1D."""
+    return isinstance(m, nn.Linear) or is_hf_conv1d(m)
 
 
 def _is_depthwise(m: nn.Module) -> bool:

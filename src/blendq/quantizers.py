@@ -34,6 +34,9 @@ class WeightSpec:
     group_size: one scale per block of this many consecutive elements of each output
     channel's row (its input channels × kernel, in memory order; the last block holds
     the remainder where it does not divide); a power of two >= 16, bits 2..8;
+    int8_inputs: the layer's (float) input is rounded as the 4-bit kernel that runs block
+    weights rounds it at its fast accuracy level (:func:`~blendq.functional.int8_blocks`,
+    blocks of ``group_size``); needs ``group_size``;
     method: a registered method name (:mod:`blendq.methods`: ``ab``, ``ste``, ``lsq``);
     binary_scale: 1-bit uses the least-squares scale
     ``mean|w|`` (docs/design.md); quant_every: recompute codes every this many steps
@@ -51,6 +54,7 @@ class WeightSpec:
     max_iter: int = 3
     init_iter: int = 10
     group_size: int | None = None
+    int8_inputs: bool = False
 
     def __post_init__(self) -> None:
         F.check_bits("w_bits", self.bits)
@@ -61,6 +65,8 @@ class WeightSpec:
                              "sign scale per channel or layer)")
         if self.quant_every < 1:
             raise ValueError(f"quant_every must be >= 1, got {self.quant_every}")
+        if self.int8_inputs and self.group_size is None:
+            raise ValueError("int8_inputs rounds inputs per weight block: it needs group_size")
 
 
 @dataclass(frozen=True)
