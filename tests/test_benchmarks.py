@@ -71,3 +71,18 @@ def test_deploy_speed_script_runs_in_smoke_mode(tmp_path):
         assert kernels.get("QLinearConv") == 53 and kernels.get("QLinearAdd") == 16
         assert "Conv" not in kernels and "FusedConv" not in kernels
     assert all(r["ms"] > 0 for r in rows)
+
+
+def test_lm_int4_script_trains_and_deploys_in_smoke_mode(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("onnxruntime")
+    out = _run("lm_int4.py", "train", "--smoke", "--device", "cpu", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "lm_int4.json").read_text())
+    assert {r["method"] for r in result["rows"]} == {"ab", "ste", "lsq"}
+    assert all(r["alpha_end"] == 1.0 and r["val_ppl"] > 1 for r in result["rows"])
+    assert "validation perplexity" in out
+    _run("lm_int4.py", "deploy", "--smoke", "--out", str(tmp_path))
+    rows = {r["file"]: r for r in
+            json.loads((tmp_path / "lm_int4_deploy.json").read_text())["rows"]}
+    assert rows["W4 g32 level 0"]["top1_agree_pct"] == 100.0
+    assert rows["W4 g32 level 4, int8 in"]["max_output_steps"] < 0.01

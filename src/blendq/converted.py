@@ -140,9 +140,12 @@ class QuantMixin:
                                             -2**31, 2**31 - 1, torch.int32)
 
     def quantized_input(self, x: Tensor) -> Tensor:
-        if self.a_bits is None:  # in export too: plain operators before MatMulNBits,
-            # whose own rounding at level 4 then leaves these values as they are
-            return F.int8_blocks(x, self.group_size) if self.int8_inputs else x
+        if self.a_bits is None:
+            if not self.int8_inputs:
+                return x
+            if self.deploy is not None:  # one operator the ONNX export can hand to the kernel
+                return int8_blocks(x, self.group_size)
+            return F.int8_blocks(x, self.group_size)
         if self.deploy is not None:
             return _deploy_input(x, self.deploy)
         scale = self.act_scale.to(x.dtype)
@@ -199,6 +202,19 @@ def dequantize_blocks(codes: Tensor, scale: Tensor, block_size: int, axis: int) 
 @dequantize_blocks.register_fake
 def _(codes: Tensor, scale: Tensor, block_size: int, axis: int) -> Tensor:
     return codes.new_empty(codes.shape, dtype=scale.dtype)
+
+
+@torch.library.custom_op("blendq::int8_blocks", mutates_args=())
+def int8_blocks(x: Tensor, block: int) -> Tensor:
+    """:func:`blendq.functional.int8_blocks` as one operator of a captured graph: the ONNX
+    export gives it to a following ``MatMulNBits`` at accuracy level 4 (whose own input
+    rounding it is) or writes it out in standard operators."""
+    return F.int8_blocks(x, block)
+
+
+@int8_blocks.register_fake
+def _(x: Tensor, block: int) -> Tensor:
+    return torch.empty_like(x)
 
 
 def block_storage(codes: Tensor, scale: Tensor, axis: int) -> tuple[Tensor, Tensor, int]:

@@ -36,6 +36,7 @@ def _require(module: str):
 
 
 WEIGHT_STORAGE = ("int8", "int4")
+INT8_BLOCKS = ("blendq", "Int8Blocks")  # domain and type of the placeholder node
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 
@@ -71,6 +72,7 @@ def to_onnx(program: torch.export.ExportedProgram, example_input, weights: str =
     _hoist_quantize(model)
     if accuracy_level is not None:
         _matmul_nbits(model, accuracy_level)
+    _int8_blocks(model)
     if weights == "int4":
         _int4_weights(model)
     model.producer_name = "blendq"
@@ -82,14 +84,119 @@ def _block_options(program: torch.export.ExportedProgram) -> dict:
     """Exporter options for block-quantized weights (``blendq::dequantize_blocks``):
     written as ``DequantizeLinear`` with ``block_size``, which needs opset 21."""
     op = torch.ops.blendq.dequantize_blocks.default
-    if not any(n.target is op for n in program.graph.nodes):
+    rounding = torch.ops.blendq.int8_blocks.default
+    if not any(n.target in (op, rounding) for n in program.graph.nodes):
         return {}
     from onnxscript import opset21
+    from onnxscript.values import Opset
+
+    blendq_ops = Opset(INT8_BLOCKS[0], 1)
+    _register_int8_blocks()
 
     def dequantize_blocks(codes, scale, block_size: int, axis: int):
         return opset21.DequantizeLinear(codes, scale, axis=axis, block_size=block_size)
 
-    return {"opset_version": 21, "custom_translation_table": {op: dequantize_blocks}}
+    def int8_blocks(x, block: int):  # a placeholder node that _int8_blocks resolves
+        return blendq_ops.Int8Blocks(x, block=block, k=x.shape[-1])
+
+    return {"opset_version": 21,
+            "custom_translation_table": {op: dequantize_blocks, rounding: int8_blocks}}
+
+
+def _register_int8_blocks() -> None:
+    """An ONNX schema for the placeholder, so the exporter's checks accept it until
+    :func:`_int8_blocks` replaces it (process-wide, once)."""
+    from onnx import defs
+
+    if defs.has(INT8_BLOCKS[1], INT8_BLOCKS[0]):
+        return
+    schema = defs.OpSchema
+    defs.register_schema(schema(
+        INT8_BLOCKS[1], INT8_BLOCKS[0], 1,
+        inputs=[schema.FormalParameter("x", "T")], outputs=[schema.FormalParameter("y", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"],
+                           "float")],
+        attributes=[schema.Attribute("block", schema.AttrType.INT, "block size"),
+                    schema.Attribute("k", schema.AttrType.INT, "last dimension")]))
+
+
+def _int8_blocks(model) -> int:
+    """Resolve each ``blendq.Int8Blocks`` placeholder (:func:`blendq.functional.int8_blocks`
+    of a layer trained with ``int8_block_inputs``): where only ``MatMulNBits`` nodes of
+    its block size read it, that kernel's own input rounding at accuracy level 4 is the
+    same computation, so the node goes and they run at level 4; elsewhere it is written
+    out in standard operators. Returns the number handed to the kernel."""
+    graph = model.graph
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    handed = 0
+    for node in [n for n in graph.node if (n.domain, n.op_type) == INT8_BLOCKS]:
+        block, k = _attr(node, "block"), _attr(node, "k")
+        users = readers.get(node.output[0], [])
+        if users and all(u.op_type == "MatMulNBits" and u.input[0] == node.output[0]
+                         and _attr(u, "block_size") == block for u in users):
+            for user in users:
+                user.input[0] = node.input[0]
+                for a in user.attribute:
+                    if a.name == "accuracy_level":
+                        a.i = 4
+            graph.node.remove(node)
+            handed += 1
+        else:
+            at = list(graph.node).index(node)
+            graph.node.remove(node)
+            for i, new in enumerate(_int8_blocks_nodes(graph, node, block, k)):
+                graph.node.insert(at + i, new)
+    for opset in [o for o in model.opset_import if o.domain == INT8_BLOCKS[0]]:
+        model.opset_import.remove(opset)
+    return handed
+
+
+def _int8_blocks_nodes(graph, node, block: int, k: int) -> list:
+    """:func:`blendq.functional.int8_blocks` in standard ONNX operators (float32)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    blocks = -(-k // block)
+    name = node.output[0]
+
+    def const(suffix: str, value) -> str:
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value),
+                                                         f"{name}.c_{suffix}"))
+        return f"{name}.c_{suffix}"
+
+    n = lambda op, ins, out, **kw: helper.make_node(op, ins, [f"{name}.{out}"], **kw)  # noqa: E731
+    nodes = [n("Shape", [node.input[0]], "shape"),
+             n("Cast", [node.input[0]], "f", to=TensorProto.FLOAT),
+             n("Reshape", [f"{name}.f", const("rows", np.array([-1, k], np.int64))], "rows"),
+             n("Pad", [f"{name}.rows", const("pads", np.array([0, 0, 0, blocks * block - k],
+                                                                np.int64))], "padded"),
+             n("Reshape", [f"{name}.padded", const("blocks", np.array([-1, blocks, block],
+                                                                      np.int64))], "b"),
+             n("Abs", [f"{name}.b"], "abs"),
+             n("ReduceMax", [f"{name}.abs", const("axes", np.array([-1], np.int64))], "peak",
+               keepdims=1),
+             n("Greater", [f"{name}.peak", const("zero", np.float32(0))], "nz"),
+             n("Div", [const("q", np.float32(127)), f"{name}.peak"], "inv0"),
+             n("Where", [f"{name}.nz", f"{name}.inv0", f"{name}.c_zero"], "inv"),
+             n("Mul", [f"{name}.b", f"{name}.inv"], "scaled"),
+             n("Round", [f"{name}.scaled"], "round"),
+             n("Clip", [f"{name}.round", const("lo", np.float32(-128)),
+                        const("hi", np.float32(127))], "codes"),
+             n("Div", [f"{name}.peak", f"{name}.c_q"], "step"),
+             n("Mul", [f"{name}.codes", f"{name}.step"], "value"),
+             n("Reshape", [f"{name}.value", const("flat", np.array([-1, blocks * block],
+                                                                   np.int64))], "flat"),
+             n("Slice", [f"{name}.flat", const("start", np.array([0], np.int64)),
+                         const("end", np.array([k], np.int64)),
+                         const("axis", np.array([1], np.int64))], "kept"),
+             n("Reshape", [f"{name}.kept", f"{name}.shape"], "back")]
+    out_type = next((v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.output]
+                     if v.name == name), TensorProto.FLOAT)
+    nodes.append(helper.make_node("Cast", [f"{name}.back"], [name], to=out_type))
+    return nodes
 
 
 def _reason(err: Exception) -> str:
@@ -403,9 +510,11 @@ def export_onnx(converted_model: nn.Module, path: str | os.PathLike, example_inp
     ``Conv1D``, attention projections) are written as ONNX Runtime's ``MatMulNBits``
     (4-bit codes, one scale a block) with ``accuracy_level`` (0, the default: float32
     activations, what training computed; 4: int8 activations inside the kernel, faster,
-    not what was trained; docs/int4.md; ``None``: standard ONNX only, for other
-    runtimes); other block-quantized weights as ``DequantizeLinear`` with ``block_size``
-    (opset 21). Any model
+    not what was trained, unless the model was trained with
+    ``QuantPolicy(int8_block_inputs=True)``: such layers are written at level 4 whatever
+    ``accuracy_level`` says, their input rounding being the kernel's own; docs/int4.md;
+    ``None``: standard ONNX only, for other runtimes); other block-quantized weights as
+    ``DequantizeLinear`` with ``block_size`` (opset 21). Any model
     that ``torch.export`` can capture exports. The file passes ``onnx.checker`` with
     ``full_check`` and runs in ONNX Runtime.
 
