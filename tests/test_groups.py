@@ -266,6 +266,7 @@ def test_int8_block_inputs_make_the_fast_kernel_compute_what_was_trained(tmp_pat
     """Trained with the input rounding ONNX Runtime's MatMulNBits applies at accuracy
     level 4, the level-4 file agrees with the α = 1 model to float rounding."""
     ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
     transformers = pytest.importorskip("transformers")
     from blendq.export import export_onnx
     from blendq.export.verify import compare_logits, output_step
@@ -296,7 +297,11 @@ def test_int8_block_inputs_make_the_fast_kernel_compute_what_was_trained(tmp_pat
     converted = blendq.convert(model)
     with torch.no_grad():
         assert torch.equal(converted(ids), expected)
-    path = export_onnx(converted, tmp_path / "int8in.onnx", ids, accuracy_level=4)
+    path = export_onnx(converted, tmp_path / "int8in.onnx", ids)  # level 0 asked for
+    nodes = onnx.load(str(path)).graph.node
+    kernels = [n for n in nodes if n.op_type == "MatMulNBits"]
+    assert len(kernels) == 8 and "Round" not in {n.op_type for n in nodes}  # handed over
+    assert {a.i for n in kernels for a in n.attribute if a.name == "accuracy_level"} == {4}
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0])
     agreement = compare_logits("ort", expected, got, output_step(expected))
@@ -311,3 +316,26 @@ def test_int8_blocks_rounds_per_block_of_the_last_dimension():
     expected = torch.round(second * (127 / 2.0)) * (2.0 / 127)
     torch.testing.assert_close(out[0, 16:32], expected, rtol=0, atol=1e-7)
     assert out[0, 32] == x[0, 32]  # a block of one: its own peak, exactly
+
+
+def test_int8_block_inputs_are_written_out_where_no_kernel_takes_them(tmp_path):
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from blendq.export import export_onnx
+    from blendq.export.onnx import onnx_session, run_onnx
+
+    torch.manual_seed(0)
+    model = blendq.prepare(nn.Sequential(nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 8)),
+                           blendq.QuantPolicy(w_bits=4, a_bits=None, group_size=16,
+                                              int8_block_inputs=True))
+    x = torch.randn(3, 5, 40)  # 40 inputs: blocks of 16, 16 and 8
+    blendq.set_alpha(model, 1.0)
+    model.train()(x)
+    converted = blendq.convert(model.eval())
+    with torch.no_grad():
+        expected = converted(x)
+    path = export_onnx(converted, tmp_path / "std.onnx", x, accuracy_level=None)
+    graph = onnx.load(str(path))
+    assert {"Round", "ReduceMax"} <= {n.op_type for n in graph.graph.node}
+    assert all(o.domain in ("", "ai.onnx") for o in graph.opset_import)
+    torch.testing.assert_close(run_onnx(onnx_session(path), x), expected, rtol=0, atol=1e-4)

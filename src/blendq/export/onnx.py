@@ -131,15 +131,16 @@ def _int8_blocks(model) -> int:
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
+    consts = {t.name: t for t in graph.initializer}
     handed = 0
     for node in [n for n in graph.node if (n.domain, n.op_type) == INT8_BLOCKS]:
         block, k = _attr(node, "block"), _attr(node, "k")
-        users = readers.get(node.output[0], [])
-        if users and all(u.op_type == "MatMulNBits" and u.input[0] == node.output[0]
-                         and _attr(u, "block_size") == block for u in users):
-            for user in users:
+        kernels = _kernels_reading(node.output[0], block, k, readers, consts)
+        if kernels is not None:
+            for user in readers[node.output[0]]:  # MatMulNBits, or a Reshape before it
                 user.input[0] = node.input[0]
-                for a in user.attribute:
+            for kernel in kernels:
+                for a in kernel.attribute:
                     if a.name == "accuracy_level":
                         a.i = 4
             graph.node.remove(node)
@@ -152,6 +153,30 @@ def _int8_blocks(model) -> int:
     for opset in [o for o in model.opset_import if o.domain == INT8_BLOCKS[0]]:
         model.opset_import.remove(opset)
     return handed
+
+
+def _kernels_reading(value: str, block: int, k: int, readers, consts) -> list | None:
+    """The ``MatMulNBits`` nodes of block size ``block`` that read ``value`` directly or
+    through a ``Reshape`` keeping the last dimension ``k`` (rows flattened for a 2-D
+    matmul), where those are all its readers; else ``None``."""
+    from onnx import numpy_helper
+
+    kernels = []
+    for user in readers.get(value, []):
+        if user.op_type == "Reshape" and user.input[0] == value and user.input[1] in consts:
+            shape = numpy_helper.to_array(consts[user.input[1]])
+            if shape.size == 0 or int(shape[-1]) != k:
+                return None
+            found = _kernels_reading(user.output[0], block, k, readers, consts)
+            if found is None:
+                return None
+            kernels += found
+        elif user.op_type == "MatMulNBits" and user.input[0] == value and \
+                _attr(user, "block_size") == block:
+            kernels.append(user)
+        else:
+            return None
+    return kernels or None
 
 
 def _int8_blocks_nodes(graph, node, block: int, k: int) -> list:
