@@ -104,7 +104,8 @@ def _trained_tiny_gpt2(method: str, **policy):
                                      n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
                                      attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     model = blendq.prepare(_Logits(transformers.GPT2LMHeadModel(config)), blendq.QuantPolicy(
-        w_bits=4, a_bits=None, group_size=32, method=method, skip=("m.lm_head",), **policy))
+        **{"w_bits": 4, "a_bits": None, "group_size": 32, "method": method,
+           "skip": ("m.lm_head",), **policy}))
     controller = blendq.AlphaController(model, blendq.linear(0, 4))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = torch.randint(0, 64, (4, 17))
@@ -321,3 +322,40 @@ def test_int8_block_inputs_are_written_out_where_no_kernel_takes_them(tmp_path):
     assert {"Round", "ReduceMax"} <= {n.op_type for n in graph.graph.node}
     assert all(o.domain in ("", "ai.onnx") for o in graph.opset_import)
     torch.testing.assert_close(run_onnx(onnx_session(path), x), expected, rtol=0, atol=1e-4)
+
+
+def test_int8_blocks_divides_as_the_kernel_and_survives_tiny_peaks():
+    # x · 127 / peak is exactly 43.5 here: a true division rounds it to 44 (half to even),
+    # a multiplication by the rounded reciprocal of peak would give 43
+    x = torch.zeros(1, 16)
+    x[0, 0], x[0, 1] = 3.44, 1.1782677
+    codes = torch.round(F.int8_blocks(x, 16) / (x.abs().max() / 127))
+    assert codes[0, 1] == 44  # what MatMulNBits computes at level 4 (onnxruntime 1.32)
+    tiny = torch.zeros(1, 16)
+    tiny[0, 0] = 1e-38  # 127 / peak overflows: the block becomes 0, not NaN
+    assert torch.equal(F.int8_blocks(tiny, 16), torch.zeros(1, 16))
+
+
+@pytest.mark.parametrize(("bits", "per_channel"), [(4, True), (8, True), (4, False)])
+def test_weight_only_matmuls_are_written_at_the_level_the_file_means(bits, per_channel,
+                                                                     tmp_path):
+    """ONNX Runtime fuses a weight-only matmul's DequantizeLinear into MatMulNBits at its
+    session default, level 4 (int8 activations): blendq writes the node itself at
+    level 0, so a default session computes what was trained (found on a GPT-2)."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from blendq.export import export_onnx
+    from blendq.export.verify import compare_logits, output_step
+
+    model, ids = _trained_tiny_gpt2("ste", group_size=None, w_bits=bits,
+                                    per_channel=per_channel)
+    with torch.no_grad():
+        expected = model(ids)
+    path = export_onnx(blendq.convert(model), tmp_path / "wo.onnx", ids)
+    kernels = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits"]
+    assert len(kernels) == 8
+    assert {a.i for n in kernels for a in n.attribute if a.name == "bits"} == {min(bits, 8)}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0])
+    agreement = compare_logits("ort", expected, got, output_step(expected))
+    assert agreement.strict_top1 == 100.0 and agreement.max_steps <= 0.01

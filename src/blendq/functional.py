@@ -570,9 +570,11 @@ def block_lengths(shape: tuple[int, ...], axis: int, group_size: int) -> Tensor:
 def int8_blocks(x: Tensor, block: int) -> Tensor:
     """``x`` rounded as ONNX Runtime's ``MatMulNBits`` rounds its input at accuracy level 4:
     along the last dimension, per block of ``block`` elements, ``s = max|x| / 127`` and
-    ``clamp(round(x · (127 / max|x|)), -128, 127) · s`` in float32 (a block of zeros stays
-    0). Measured against the kernel (onnxruntime 1.32, x86): equal to float32 rounding
-    of its accumulation. Returns ``x``'s dtype and shape."""
+    ``clamp(round(x · (127 / max|x|)), -128, 127) · s`` in float32 (a block whose peak is
+    0, or so small that ``127 / max|x|`` overflows, becomes 0). Measured against the
+    kernel (onnxruntime 1.32, x86): equal to float32 rounding of its accumulation. Both
+    divisions are true float32 divisions, as the kernel's (PyTorch may otherwise multiply by
+    a reciprocal, which rounds twice). Returns ``x``'s dtype and shape."""
     k = x.shape[-1]
     blocks = -(-k // block)
     xf = x.float()
@@ -580,9 +582,11 @@ def int8_blocks(x: Tensor, block: int) -> Tensor:
         xf = torch.nn.functional.pad(xf, (0, blocks * block - k))
     xb = xf.reshape(*xf.shape[:-1], blocks, block)
     peak = xb.abs().amax(-1, keepdim=True)
-    inverse = torch.where(peak > 0, 127.0 / peak, torch.zeros_like(peak))
+    finite = peak > 127.0 / torch.finfo(torch.float32).max  # 127 / peak stays finite
+    levels = torch.full_like(peak, 127.0)
+    inverse = torch.where(finite, levels / peak, torch.zeros_like(peak))
     codes = torch.clamp(torch.round(xb * inverse), -128, 127)
-    out = (codes * (peak / 127.0)).reshape(xf.shape)
+    out = (codes * (peak / levels)).reshape(xf.shape)
     return out[..., :k].to(x.dtype)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import numbers
 import os
 import re
 import warnings
@@ -48,8 +49,8 @@ def to_onnx(program: torch.export.ExportedProgram, example_input, weights: str =
     block-quantized matmuls of 4 bits or fewer (``None``: none written)."""
     if weights not in WEIGHT_STORAGE:
         raise ExportError(f"weights must be one of {WEIGHT_STORAGE}, got {weights!r}")
-    if accuracy_level is not None and (isinstance(accuracy_level, bool) or
-                                       accuracy_level not in ACCURACY_LEVELS):
+    if accuracy_level is not None and (isinstance(accuracy_level, bool) or not isinstance(
+            accuracy_level, numbers.Integral) or accuracy_level not in ACCURACY_LEVELS):
         raise ExportError(f"accuracy_level must be one of {ACCURACY_LEVELS} (0: float32 "
                           f"activations, as trained; 4: int8), got {accuracy_level!r}")
     onnx = _require("onnx")
@@ -135,7 +136,8 @@ def _int8_blocks(model) -> int:
     handed = 0
     for node in [n for n in graph.node if (n.domain, n.op_type) == INT8_BLOCKS]:
         block, k = _attr(node, "block"), _attr(node, "k")
-        kernels = _kernels_reading(node.output[0], block, k, readers, consts)
+        kernels = _kernels_reading(node.output[0], block, k, readers, consts,
+                                   {o.name for o in graph.output})
         if kernels is not None:
             for user in readers[node.output[0]]:  # MatMulNBits, or a Reshape before it
                 user.input[0] = node.input[0]
@@ -155,19 +157,22 @@ def _int8_blocks(model) -> int:
     return handed
 
 
-def _kernels_reading(value: str, block: int, k: int, readers, consts) -> list | None:
+def _kernels_reading(value: str, block: int, k: int, readers, consts,
+                     outputs: set[str]) -> list | None:
     """The ``MatMulNBits`` nodes of block size ``block`` that read ``value`` directly or
     through a ``Reshape`` keeping the last dimension ``k`` (rows flattened for a 2-D
     matmul), where those are all its readers; else ``None``."""
     from onnx import numpy_helper
 
     kernels = []
+    if value in outputs:
+        return None
     for user in readers.get(value, []):
         if user.op_type == "Reshape" and user.input[0] == value and user.input[1] in consts:
             shape = numpy_helper.to_array(consts[user.input[1]])
             if shape.size == 0 or int(shape[-1]) != k:
                 return None
-            found = _kernels_reading(user.output[0], block, k, readers, consts)
+            found = _kernels_reading(user.output[0], block, k, readers, consts, outputs)
             if found is None:
                 return None
             kernels += found
@@ -203,9 +208,11 @@ def _int8_blocks_nodes(graph, node, block: int, k: int) -> list:
              n("Abs", [f"{name}.b"], "abs"),
              n("ReduceMax", [f"{name}.abs", const("axes", np.array([-1], np.int64))], "peak",
                keepdims=1),
-             n("Greater", [f"{name}.peak", const("zero", np.float32(0))], "nz"),
+             n("Greater", [f"{name}.peak", const("tiny", np.float32(127) / np.float32(
+                 np.finfo(np.float32).max))], "nz"),
+             n("Mul", [f"{name}.peak", const("zero", np.float32(0))], "zeros"),
              n("Div", [const("q", np.float32(127)), f"{name}.peak"], "inv0"),
-             n("Where", [f"{name}.nz", f"{name}.inv0", f"{name}.c_zero"], "inv"),
+             n("Where", [f"{name}.nz", f"{name}.inv0", f"{name}.zeros"], "inv"),
              n("Mul", [f"{name}.b", f"{name}.inv"], "scaled"),
              n("Round", [f"{name}.scaled"], "round"),
              n("Clip", [f"{name}.round", const("lo", np.float32(-128)),
@@ -218,9 +225,7 @@ def _int8_blocks_nodes(graph, node, block: int, k: int) -> list:
                          const("end", np.array([k], np.int64)),
                          const("axis", np.array([1], np.int64))], "kept"),
              n("Reshape", [f"{name}.kept", f"{name}.shape"], "back")]
-    out_type = next((v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.output]
-                     if v.name == name), TensorProto.FLOAT)
-    nodes.append(helper.make_node("Cast", [f"{name}.back"], [name], to=out_type))
+    nodes.append(helper.make_node("CastLike", [f"{name}.back", node.input[0]], [name]))
     return nodes
 
 
@@ -337,12 +342,14 @@ def _to_codes(graph, node, zp) -> None:
 
 
 def _matmul_nbits(model, accuracy_level: int) -> int:
-    """Write each block-quantized weight-only matmul of codes in -8..7 (``DequantizeLinear``
-    of a constant ``[K, N]`` with ``block_size`` along ``K``, read by ``MatMul``, or by
-    ``Gemm`` directly or through a ``Transpose``) as ONNX Runtime's ``MatMulNBits``
-    (``com.microsoft``): 4-bit codes packed two a byte (stored ``code + 8``, its default
-    zero point), one float32 scale a block, the bias folded in, and the
-    ``accuracy_level`` the file means. ORT's own fusion of the same pattern uses its
+    """Write each matmul whose weight is a constant ``DequantizeLinear`` that ONNX Runtime
+    would fuse into ``MatMulNBits`` as that node itself, with the ``accuracy_level`` the
+    file means: block-quantized weights (blocks along ``K``), and per-channel or per-layer
+    weights of weight-only layers (float input; as ORT does, in blocks of 32 with the
+    channel's scale repeated). Read by ``MatMul``, or by ``Gemm`` directly or through a
+    ``Transpose``. Codes in -8..7 are packed two a byte as 4 bits, wider ones one a byte
+    as 8 bits (stored ``code + 2^(bits-1)``, the kernel's default zero point); one float32
+    scale a block; the bias folded in. ORT's own fusion of these patterns takes its
     session default, level 4, which rounds activations to int8 inside the kernel: a
     computation training did not see. Returns the number of nodes written."""
     import numpy as np
@@ -360,27 +367,25 @@ def _matmul_nbits(model, accuracy_level: int) -> int:
         found = _nbits_pattern(node, producer, readers, inits)
         if found is None:
             continue
-        dq, chain = found
-        codes = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int16)  # [K, N]
-        scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)  # [blocks, N]
-        if codes.ndim != 2 or codes.min() < -8 or codes.max() > 7:
-            continue
-        block = _attr(dq, "block_size")
+        dq, chain, codes, scale, block = found  # codes [K, N], scale [blocks, N]
+        bits = 4 if codes.min() >= -8 and codes.max() <= 7 else 8
+        zero = 2 ** (bits - 1)
         k, n = codes.shape
         blocks = -(-k // block)
-        padded = np.full((n, blocks * block), 8, np.uint8)  # code 8 = the value 0
-        padded[:, :k] = (codes + 8).T
+        padded = np.full((n, blocks * block), zero, np.uint8)  # the zero point: value 0
+        padded[:, :k] = (codes + zero).T
         padded = padded.reshape(n, blocks, block)
-        packed = padded[..., 0::2] | (padded[..., 1::2] << 4)
+        packed = padded[..., 0::2] | (padded[..., 1::2] << 4) if bits == 4 else padded
         base = dq.input[0]  # codes the exporter merged may serve two layers: names per node
         names = (f"{base}.nbits{written}", f"{base}.nbits{written}_scale")
-        graph.initializer.extend([numpy_helper.from_array(packed.astype(np.uint8), names[0]),
-                                  numpy_helper.from_array(scale.T.reshape(-1), names[1])])
+        graph.initializer.extend([
+            numpy_helper.from_array(packed.astype(np.uint8), names[0]),
+            numpy_helper.from_array(scale.T.reshape(-1).astype(np.float32), names[1])])
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
         inputs = [node.input[0], *names] + (["", "", bias] if bias else [])
         fused = helper.make_node("MatMulNBits", inputs, list(node.output),
                                  name=f"{node.name or base}.nbits", domain="com.microsoft",
-                                 K=k, N=n, bits=4, block_size=block,
+                                 K=k, N=n, bits=bits, block_size=block,
                                  accuracy_level=accuracy_level)
         graph.node.insert(list(graph.node).index(node), fused)
         dead += [node, *chain]
@@ -404,31 +409,62 @@ def _attr(node, name: str, default=None):
                 default)
 
 
+NBITS_BLOCK = 32  # the block a per-channel weight is written in (ORT's own default)
+
+
 def _nbits_pattern(node, producer, readers, inits):
-    """``(DequantizeLinear, nodes to drop with it)`` where ``node`` is a matmul that
-    ``MatMulNBits`` can replace, else ``None``."""
+    """``(DequantizeLinear, nodes to drop with it, codes [K, N], scales [blocks, N],
+    block)`` where ``node`` is a matmul that ``MatMulNBits`` can replace, else ``None``."""
+    import numpy as np
+    from onnx import numpy_helper
+
     if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
         return None
     if node.op_type == "Gemm" and (_attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1
                                    or _attr(node, "beta", 1.0) != 1):
         return None
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] and \
+            node.input[2] not in inits:
+        return None
     value, chain = node.input[1], []
-    transposed = node.op_type == "Gemm" and _attr(node, "transB", 0)
-    if transposed:  # Gemm(A, Transpose(W)^T) is A @ W
-        t = producer.get(value)
-        if t is None or t.op_type != "Transpose" or list(_attr(t, "perm", [])) != [1, 0] or \
-                len(readers[value]) != 1:
+    flips = int(node.op_type == "Gemm" and bool(_attr(node, "transB", 0)))
+    t = producer.get(value)
+    if t is not None and t.op_type == "Transpose" and len(readers[value]) == 1:
+        if list(_attr(t, "perm", [])) != [1, 0]:
             return None
         chain.append(t)
-        value = t.input[0]
+        value, flips = t.input[0], flips + 1
     dq = producer.get(value)
     if dq is None or dq.op_type != "DequantizeLinear" or len(readers[value]) != 1 or \
-            not _attr(dq, "block_size") or _attr(dq, "axis", 1) != 0 or len(dq.input) > 2 \
-            or dq.input[0] not in inits or dq.input[1] not in inits:
+            dq.input[0] not in inits or dq.input[1] not in inits:
         return None
-    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] not in inits:
+    if len(dq.input) > 2 and dq.input[2] and (
+            dq.input[2] not in inits or numpy_helper.to_array(inits[dq.input[2]]).any()):
         return None
-    return dq, [*chain, dq]
+    codes = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int16)
+    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+    if codes.ndim != 2 or codes.min() < -128 or codes.max() > 127:
+        return None
+    out_axis = 0 if flips % 2 else 1  # the dimension of N in the dequantized weight
+    codes = codes.T if flips % 2 else codes  # [K, N]
+    k, n = codes.shape
+    axis = _attr(dq, "axis", 1) % 2
+    block = _attr(dq, "block_size", 0)
+    if block:
+        if axis == out_axis:
+            return None  # blocks along N: not a MatMulNBits layout
+        return dq, [*chain, dq], codes, (scale.T if flips % 2 else scale), block
+    a = producer.get(node.input[0])
+    if a is not None and a.op_type == "DequantizeLinear":
+        return None  # quantized input: ORT's int8 kernels (QGemm, MatMulInteger) run it
+    if scale.size == 1:
+        per_n = np.full(n, float(scale.reshape(())), np.float32)
+    elif scale.ndim == 1 and scale.size == n and axis == out_axis:
+        per_n = scale
+    else:
+        return None
+    blocks = -(-k // NBITS_BLOCK)
+    return dq, [*chain, dq], codes, np.tile(per_n[None, :], (blocks, 1)), NBITS_BLOCK
 
 
 def _int4_weights(model) -> int:
