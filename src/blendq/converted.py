@@ -223,9 +223,9 @@ def block_storage(codes: Tensor, scale: Tensor, axis: int) -> tuple[Tensor, Tens
     reads, blocks along the input dimension: a Linear's ``W^T`` ``[in, out]`` (the graph
     transposes it back for ``linear``, so ONNX Runtime sees ``DequantizeLinear ->
     MatMul``), Hugging Face ``Conv1D``'s own ``[in, out]``; other layers ``(rows, K)``."""
-    if codes.dim() == 2:
-        rows_first = codes.t() if axis == 1 else codes  # (out, in)
-        return rows_first.t().contiguous(), scale.t().contiguous(), 0
+    if codes.dim() == 2:  # [in, out]: Conv1D's own layout, a Linear's transposed
+        in_out = codes if axis == 1 else codes.t()
+        return in_out.contiguous(), scale.t().contiguous(), 0
     rows = codes.shape[axis]
     return codes.movedim(axis, 0).reshape(rows, -1).contiguous(), scale, 1
 

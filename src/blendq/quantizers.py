@@ -462,12 +462,16 @@ class ActQuantizer(nn.Module):
         return self.method.mix(x, xq, alpha, lo, hi)
 
     @torch.no_grad()
-    def _count_clipped(self, codes: Tensor, signed: bool) -> None:
+    def _count_clipped(self, codes: Tensor, signed: bool, to_codes=None) -> None:
         """Telemetry: inputs at the grid's ends, counted on the strided sample the batch
         scale uses (``spec.sample``; two passes over a large activation cost a few per
-        cent of a CPU step), so ``clipped / seen`` is that sample's fraction."""
+        cent of a CPU step), so ``clipped / seen`` is that sample's fraction.
+        ``to_codes``: ``codes`` are inputs, whose sample this (elementwise) function
+        turns into codes, so no codes are computed for the rest."""
         if self.spec.sample is not None:
             codes = F.strided_sample(codes, self.spec.sample)
+        if to_codes is not None:
+            codes = to_codes(codes)
         qmin, qmax = F.grid(self.spec.bits, signed, full=True)
         at_ends = torch.count_nonzero(codes <= qmin) if signed else codes.new_zeros(())
         self.clipped += at_ends + torch.count_nonzero(codes >= qmax)
@@ -488,8 +492,9 @@ class ActQuantizer(nn.Module):
         value = F.lsq(x, step.to(x.dtype), self.spec.bits, signed,
                       grad_scale=1.0 / math.sqrt(per_sample * qmax), full=True)
         if self.training:
-            self._count_clipped(torch.round(torch.clamp(x.detach() / step, *F.grid(
-                self.spec.bits, signed, full=True))), signed)
+            grid = F.grid(self.spec.bits, signed, full=True)
+            self._count_clipped(x.detach(), signed,
+                                lambda s: torch.round(torch.clamp(s / step, *grid)))
         return value
 
     def current_scale(self) -> Tensor:

@@ -128,10 +128,7 @@ def _int8_blocks(model) -> int:
     same computation, so the node goes and they run at level 4; elsewhere it is written
     out in standard operators. Returns the number handed to the kernel."""
     graph = model.graph
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
     consts = {t.name: t for t in graph.initializer}
     handed = 0
     for node in [n for n in graph.node if (n.domain, n.op_type) == INT8_BLOCKS]:
@@ -239,6 +236,15 @@ def _reason(err: Exception) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
+def _readers(graph) -> dict[str, list]:
+    """The nodes reading each value of ``graph``."""
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
 def _hoist_quantize(model) -> int:
     """Move each QuantizeLinear back across the operations between it and the value they
     start from that commute with it, where every value on the way has one reader: max
@@ -255,10 +261,7 @@ def _hoist_quantize(model) -> int:
     consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t)
                    for n in graph.node if n.op_type == "Constant" and n.attribute})
     producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
     outputs = {o.name for o in graph.output}
     moves, dropped = 0, []
     for q in [n for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) == 3]:
@@ -358,10 +361,7 @@ def _matmul_nbits(model, accuracy_level: int) -> int:
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
     written, dead = 0, []
     for node in list(graph.node):
         found = _nbits_pattern(node, producer, readers, inits)
@@ -476,10 +476,7 @@ def _int4_weights(model) -> int:
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
     done = 0
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
