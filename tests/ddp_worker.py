@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import blendq
 from blendq.engine import TrainConfig, train
 
 out = Path(sys.argv[1])
@@ -26,6 +27,7 @@ x = torch.randn(16, 1, 8, 8) * (1 + 3 * dist.get_rank())  # rank 1: 4x larger in
 local = layer.a_quant._batch_scale(x, layer.a_quant.is_signed)  # before: same warm start
 with torch.no_grad():
     model(x)
+blendq.transform.settle(model)  # the batch's statistic may wait for the next step
 torch.save({"before": before, "after": layer.a_quant.scale.clone(), "local": local},
            out / f"ema{dist.get_rank()}.pt")
 # every rank done with its collectives before any tears the group down: gloo aborts a

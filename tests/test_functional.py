@@ -232,9 +232,16 @@ def test_strided_sample_is_an_even_view():
         s = strided_sample(t, 10_000)
         assert s.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()  # no copy
         assert 5_000 <= s.numel() <= 10_001 + t.numel() // 10_000
-        assert s.stride(0) % 2 == 1  # odd: visits every channel
+        stride = s.stride(0)
+        assert all(stride % d for d in range(2, stride))  # a prime
+        assert all(e % stride for e in (28, 28 * 28, 32 * 28 * 28, 32, 32 * 28))
+    # 128 maps of 14x14 sampled ~16k of 800k: 49 (a divisor of 196) would read 4 pixels
+    y = torch.arange(16 * 32 * 14 * 14, dtype=torch.float32).reshape(16, 32, 14, 14)
+    pixels = strided_sample(y, 2_048).long() % 196  # step 49
+    assert pixels.unique().numel() > 150
     small = torch.randn(100)
     assert strided_sample(small, 100) is small
+    assert strided_sample(torch.randn(150), 100).numel() == 150  # under 2n: all of it
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])

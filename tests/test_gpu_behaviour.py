@@ -1,6 +1,8 @@
 """What a GPU step needs, checked on the CPU: no operation that waits for the device
 inside a training step, and a NaN weight still named (checked later, on the host)."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -145,11 +147,32 @@ def test_weight_refresh_op_count_does_not_grow_with_depth(per_channel):
     counts = {}
     for depth in (10, 40):
         model, controller = _deep_mlp(depth, per_channel)
+        controller.act_stats.settle()  # the last batch's activation statistics (below)
         with CountOps() as ops:
             controller.step(2)  # alpha for every layer, then one grouped weight refresh
         counts[depth] = ops.count
     assert counts[40] - counts[10] <= 4, counts
     assert counts[40] < 60  # a fixed number of whole-buffer operations
+
+
+def test_activation_statistics_op_count_does_not_grow_with_depth():
+    """A training forward keeps one sample copy per activation quantizer; the controller's
+    next step settles all of them in a fixed number of operations."""
+    forward, settle = {}, {}
+    for depth in (10, 40):
+        model, controller = _deep_mlp(depth, per_channel=True)
+        controller.step(2)
+        x = torch.randn(4, 16)
+        with CountOps() as ops:
+            model(x)
+        forward[depth] = sum(n.startswith("constant_pad_nd") for n in ops.names)  # copies
+        assert all(a._pending is not None for a in blendq.transform._act_quantizers(model))
+        with CountOps() as ops:
+            controller.act_stats.settle()
+        settle[depth] = ops.count
+        assert "_local_scalar_dense" not in ops.names and "item" not in ops.names
+    assert forward == {10: 10, 40: 40}
+    assert settle[40] == settle[10] < 130, settle  # two grids (signed input, unsigned rest)
 
 
 def test_grouped_refresh_equals_per_layer_projection():
@@ -265,6 +288,8 @@ def test_fused_path_trains_a_model_as_the_eager_path_does(monkeypatch):
                                blendq.QuantPolicy(w_bits=4, a_bits=4, method="ste"))
         blendq.set_alpha(model, 1.0)
         model.train()
+        for q in blendq.transform._act_quantizers(model):  # the kernel counts all inputs
+            q.spec = dataclasses.replace(q.spec, sample=None)
         x = torch.randn(8, 1, 28, 28)
         loss = model(x).square().mean()
         loss.backward()

@@ -338,3 +338,61 @@ def test_activation_scale_from_a_strided_sample_or_the_whole_batch():
         assert torch.equal(xg.grad, inside.float())
     with pytest.raises(ValueError, match="sample"):
         ActSpec(sample=0)
+
+
+def test_deferred_activation_statistics_are_the_immediate_ones_one_step_later():
+    """Under a controller (an ActStatistics) a batch is quantized with the EMA as it
+    stands and its statistic enters at the next settle: the EMA sequence is the immediate
+    update's (same samples, same warm starts), each batch quantized one EMA older."""
+    from blendq.functional import grid, quantize, strided_sample
+    from blendq.quantizers import ActQuantizer, ActSpec, ActStatistics
+
+    torch.manual_seed(0)
+    spec = ActSpec(bits=4, sample=1000)
+    inline, deferred = ActQuantizer(spec).train(), ActQuantizer(spec).train()
+    ActStatistics([deferred])
+    alpha = torch.tensor(1.0)
+    qmax = grid(4, False, full=True)[1]
+    for i in range(5):
+        x = torch.randn(16, 8, 10, 10).relu() * (1 + i)
+        used = deferred.scale.clone()
+        out = deferred(x, alpha)
+        inline(x, alpha)
+        if i == 0:  # the first batch starts the EMA where it is quantized
+            assert deferred._pending is None and torch.equal(deferred.scale, inline.scale)
+            continue
+        assert torch.equal(deferred.scale, used)  # not yet
+        assert torch.equal(out, quantize(x, used, 4, False, full=True) * used)
+        clipped = float(deferred.clipped)
+        deferred.settle()
+        torch.testing.assert_close(deferred.scale, inline.scale, rtol=2e-6, atol=0)
+        codes = quantize(strided_sample(x, 1000), used, 4, False, full=True)
+        assert float(deferred.clipped) - clipped == float((codes >= qmax).sum())
+    x = torch.rand(16, 8, 10, 10)
+    deferred(x, alpha)
+    state = deferred.state_dict()  # a checkpoint holds the settled scale
+    assert deferred._pending is None and torch.equal(state["scale"], deferred.scale)
+    deferred(x, alpha)
+    deferred.eval()  # so does evaluation
+    assert deferred._pending is None
+    deferred.train()(x, alpha)
+    deferred.load_state_dict(state)  # a loaded state replaces what was not settled
+    assert deferred._pending is None and torch.equal(deferred.scale, state["scale"])
+
+
+def test_controller_settles_a_models_statistics_and_convert_sees_them(cnn, images):
+    model = blendq.prepare(cnn, blendq.QuantPolicy(w_bits=4, a_bits=8))
+    controller = blendq.AlphaController(model, blendq.constant(1.0))
+    quantizers = blendq.transform._act_quantizers(model)
+    model.train()
+    for step in range(3):
+        controller.step(step)
+        model(images)
+    assert all(a._pending is not None for a in quantizers)
+    scales = [a.scale.clone() for a in quantizers]
+    converted = blendq.convert(model)  # settles first
+    assert all(a._pending is None for a in quantizers)
+    assert all(not torch.equal(a.scale, s) for a, s in zip(quantizers, scales, strict=True))
+    ref = blendq.transform.eval_mode
+    with ref(model):
+        torch.testing.assert_close(converted(images), model(images))

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["NONE_WORDS", "check_bits", "grid", "is_sign", "integer_input", "lsq", "ppq",
-           "ppq_segments",
+           "ppq_segments", "segment_sum",
            "search_scale", "binarize", "quantize", "blend", "straight_through", "check_finite",
            "round_bias", "strided_sample", "pack_codes", "unpack_codes", "fake_quantize"]
 
@@ -123,18 +123,39 @@ def _ppq_step(xf: Tensor, gamma: Tensor, dims: tuple[int, ...], qmin: int, qmax:
 def strided_sample(x: Tensor, n: int) -> Tensor:
     """About ``n`` elements of ``x`` (at least ``n / 2``), evenly strided through memory:
     a view (no copy) for contiguous and channels-last tensors; ``x`` itself when it holds
-    no more than ``n``. The stride is odd, so it does not keep landing on the same one of
-    a power-of-two number of channels."""
+    no more than ``n``. The stride is a prime that divides none of the extents of the
+    inner dimensions (in memory order: ``W``, ``H·W``, ``C·H·W`` of a contiguous image
+    batch), so the sample does not keep landing on the same pixels or channels: a stride
+    of 49 through 14×14 maps would read the same 4 pixels of every map."""
     if x.numel() <= n:
         return x
     if x.is_contiguous():
-        flat = x.view(-1)
+        flat, sizes = x.view(-1), list(x.shape)
     elif x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         flat = x.permute(0, 2, 3, 1).reshape(-1)  # a view: this is its memory order
+        sizes = [x.shape[0], x.shape[2], x.shape[3], x.shape[1]]
     else:
-        flat = x.reshape(-1)
-    step = flat.numel() // n
-    return flat[:: step + 1 - step % 2]
+        flat, sizes = x.reshape(-1), list(x.shape)
+    return flat[::_sample_stride(flat.numel() // n, sizes)]
+
+
+def _sample_stride(step: int, sizes: list[int]) -> int:
+    """The smallest prime ``>= step`` dividing no product of trailing ``sizes`` (there is
+    one below ``2·step`` but for a few skipped)."""
+    if step <= 1:
+        return 1  # all of it (fewer than 2n elements)
+    extents, inner = [], 1
+    for size in reversed(sizes[1:]):
+        inner *= size
+        extents.append(inner)
+    p = step
+    while not (_is_prime(p) and all(e % p for e in extents)):
+        p += 1
+    return p
+
+
+def _is_prime(p: int) -> bool:
+    return p >= 2 and all(p % d for d in range(2, math.isqrt(p) + 1))
 
 
 def check_finite(x: Tensor) -> None:
@@ -418,7 +439,7 @@ class _FakeQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _clipped_grad):
         (saved,) = ctx.saved_tensors
-        grad = grad * saved if ctx.ste else grad * (1 - saved)
+        grad = torch.where(saved, grad, 0.0) if ctx.ste else grad * (1 - saved)
         return grad, None, None, None, None, None, None
 
 
@@ -591,22 +612,36 @@ def int8_blocks(x: Tensor, block: int) -> Tensor:
 
 
 def ppq_segments(x: Tensor, lengths: Tensor, bits: int, scale: Tensor, max_iter: int,
-                 codes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 codes: Tensor | None = None, signed: bool = True, full: bool = False
+                 ) -> tuple[Tensor, Tensor]:
     """:func:`ppq` of many tensors at once: ``x`` is their flat concatenation, cut into
     consecutive segments of ``lengths`` (one per output channel, or one per tensor),
     each with its own scale (``scale``, one per segment, the warm start). Runs exactly
     ``max_iter`` iterations (no host synchronisation); the number of operations does not
-    grow with the number of tensors. ``codes``: an output buffer like ``x``.
+    grow with the number of tensors. ``codes``: an output buffer like ``x``;
+    ``signed``/``full``: the grid (:func:`grid`).
+
+    ``x`` may also be 2-D, ``(rows, chunk)``, with ``lengths`` counting rows: each
+    segment is whole rows (zero-padded at its end: zeros change neither sum). Its sums
+    then run as row sums, vectorised and spread over threads, before the segment
+    reduction, which is a serial loop on the CPU (~30× slower than a sum per element).
 
     Returns ``(codes, scale)`` flat, as :func:`ppq` would per segment (up to the order of
     floating-point summation)."""
-    qmin, qmax = grid(bits, True)
+    qmin, qmax = grid(bits, signed, full)
     gamma = scale
     for _ in range(max_iter):
         # sizes given and lengths trusted: neither op reads a value back to the host
-        per_element = torch.repeat_interleave(gamma, lengths, output_size=x.numel())
-        codes = _codes(x, per_element, qmin, qmax, codes)
-        num = torch.segment_reduce(x * codes, "sum", lengths=lengths, unsafe=True)  # (S,)
-        den = torch.segment_reduce(codes * codes, "sum", lengths=lengths, unsafe=True)
+        per_row = torch.repeat_interleave(gamma, lengths, output_size=x.shape[0])
+        codes = _codes(x, per_row.view(-1, *[1] * (x.dim() - 1)), qmin, qmax, codes)
+        num = segment_sum(x * codes, lengths)  # (S,)
+        den = segment_sum(codes * codes, lengths)
         gamma = torch.where(den > 0, num / den.clamp(min=1), gamma)
     return codes, gamma
+
+
+def segment_sum(t: Tensor, lengths: Tensor) -> Tensor:
+    """Sums of consecutive runs of ``lengths`` rows of ``t`` (rows: dim 0)."""
+    if t.dim() > 1:
+        t = t.sum(dim=tuple(range(1, t.dim())))
+    return torch.segment_reduce(t, "sum", lengths=lengths, unsafe=True)

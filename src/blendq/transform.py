@@ -15,7 +15,7 @@ from .converted import QuantMixin, QuantSite, quant_class
 from .layers import FOLDED_BN_MAP, BlendMixin, BlendSite, blend_class, layer_kind, rebuild
 from .placement import place_sites, sites
 from .policy import QuantPolicy
-from .quantizers import WeightGroup
+from .quantizers import ActStatistics, WeightGroup
 from .schedules import Schedule
 
 __all__ = [
@@ -208,6 +208,7 @@ def telemetry(model: nn.Module, previous: dict[str, torch.Tensor] | None = None
     - ``act_clipped``: the fraction of training inputs at the ends of their grids since
       the last call (the counters are reset).
     """
+    settle(model)
     dist2 = norm2 = changed = total = clipped = seen = 0.0
     codes_now = {}
     for name, m in blend_layers(model):
@@ -230,6 +231,15 @@ def telemetry(model: nn.Module, previous: dict[str, torch.Tensor] | None = None
     if seen:
         out["act_clipped"] = clipped / seen
     return out, codes_now
+
+
+def settle(model: nn.Module) -> None:
+    """Bring every activation quantizer's scale and counters up to date with the
+    batches it has quantized (their statistics may wait for the controller's next step:
+    :class:`~blendq.quantizers.ActStatistics`); ``eval()`` and ``state_dict()`` do so
+    themselves."""
+    for a in _act_quantizers(model):
+        a.settle()
 
 
 def _act_quantizers(model: nn.Module) -> list:
@@ -289,11 +299,16 @@ class AlphaController:
         self.after = after
         self.alpha: float | None = None  # last α applied; None: nothing applied yet
         self.groups = _weight_groups(self.layers) if group else []
+        # activation statistics of a step computed together at the next (eager training)
+        self.act_stats = ActStatistics(_act_quantizers(model)) if group else None
 
     def step(self, step: int) -> float:
         """Apply α of ``step`` and refresh the weight codes that are due: every layer of a
         group in one flat projection (the count of operations does not grow with depth),
-        the others at their forward."""
+        the others at their forward. First, the activation statistics of the last step's
+        batches enter their EMAs, all at once (:class:`~blendq.quantizers.ActStatistics`)."""
+        if self.act_stats is not None:
+            self.act_stats.settle()
         alpha = self.schedule(step)
         if alpha != self.alpha:
             alphas = [m.alpha for m in self.holders]  # read now: a module move replaces them
@@ -409,6 +424,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     layers = list(blend_layers(model))
     if not layers:
         raise ValueError("model has no blended layers; call blendq.prepare(model, policy) first")
+    settle(model)
     for name, layer in layers:
         if float(layer.alpha) < 1.0:
             raise ValueError(
