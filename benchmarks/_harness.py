@@ -38,7 +38,7 @@ def commit() -> str:
 
 
 def train_step(model: nn.Module, x, y, lr: float, bf16: bool = False,
-               compile_mode: str | None = None):
+               compile_mode: str | None = None, defer_statistics: bool = True):
     """A closure running one SGD step of ``model`` on ``(x, y)``; a blended model gets an
     :class:`~blendq.AlphaController` holding its current α (and marking stale codes).
     ``compile_mode``: steps after the first run ``torch.compile(model, mode=...)`` (the
@@ -48,7 +48,8 @@ def train_step(model: nn.Module, x, y, lr: float, bf16: bool = False,
     controller = None
     if any(True for _ in blendq.transform.blend_layers(model)):
         alpha = blendq.transform.get_alpha(model)
-        controller = blendq.AlphaController(model, blendq.constant(alpha))
+        controller = blendq.AlphaController(model, blendq.constant(alpha),
+                                            defer_statistics=defer_statistics)
     autocast = (lambda: torch.autocast(x.device.type, dtype=torch.bfloat16)) if bf16 else \
         contextlib.nullcontext
     counter = [0]

@@ -7,8 +7,10 @@ Same model, data and batch for every variant, timed in one process, alternating
 rounds so that drifts in machine load hit all variants alike; prints the fastest
 round (least disturbed by other work on the machine) and the median. AB and STE use W4A8
 per-channel with codes recomputed every step (``quant_every=1``, the worst case)
-and with ``quant_every=8``. Also prints the ATen operations of one step of each variant
-(counted at dispatch; views and detach left out) and PPQ throughput on the model's weights.
+and with ``quant_every=8``; AB also with each activation statistic computed where its
+batch is quantized instead of all at the next step (``defer_statistics=False``). Also
+prints the ATen operations of one step of each variant (counted at dispatch; views and
+detach left out) and PPQ throughput on the model's weights.
 """
 
 from __future__ import annotations
@@ -51,10 +53,17 @@ def _variants(base: nn.Module) -> dict[str, nn.Module]:
             if act_iters is not None and layer.a_quant is not None:
                 layer.a_quant.spec = dataclasses.replace(layer.a_quant.spec, max_iter=act_iters)
         out[label] = model
+    model = blendq.prepare(copy.deepcopy(base), blendq.QuantPolicy(w_bits=4, a_bits=8,
+                                                                  per_channel=True))
+    blendq.set_alpha(model, 0.5)
+    out[IMMEDIATE] = model
     qat = torch_ao_qat(base)
     if qat is not None:
         out["torch.ao QAT (int8 fake-quant)"] = qat
     return out
+
+
+IMMEDIATE = "AB W4A8, statistics not deferred"  # each EMA updated where its batch is quantized
 
 
 class _CountOps(TorchDispatchMode):
@@ -88,7 +97,8 @@ def main() -> None:
     extra = {} if args.width is None else {"width": args.width}
     base = build_model(args.model, in_channels=1, image_size=28, **extra).train()
     x, y = torch.randn(args.batch, 1, 28, 28), torch.randint(0, 10, (args.batch,))
-    steps = {name: train_step(m.train(), x, y, lr=1e-3) for name, m in _variants(base).items()}
+    steps = {name: train_step(m.train(), x, y, lr=1e-3, defer_statistics=name != IMMEDIATE)
+             for name, m in _variants(base).items()}
     for fn in steps.values():  # warm up (first projection, allocator)
         for _ in range(3):
             fn()

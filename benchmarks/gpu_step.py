@@ -8,8 +8,10 @@ Rows (ratios measured in this process, same model, data and batch; alternating r
 
 - ResNet-50 v1, batch 128, 224 px, bf16 autocast, channels-last: plain, AB W4A8
   per-channel, STE W4A8 per-channel, each with codes recomputed every step
-  (``quant_every=1``) and every 8 steps; torch.ao eager QAT where it runs (it is
-  tried under bf16 autocast, else run in fp32 against a plain fp32 step).
+  (``quant_every=1``) and every 8 steps; AB with each activation statistic computed
+  where its batch is quantized (``defer_statistics=False``) instead of all at the next
+  step; torch.ao eager QAT where it runs (it is tried under bf16 autocast, else run in
+  fp32 against a plain fp32 step).
 - BinaryNet W1A1 (scaled sign, first layer's input real), batch 256, 32 px, bf16,
   channels-last: plain, AB, STE.
 - The same ResNet-50 rows compiled (``torch.compile`` after one eager step): plain, AB and
@@ -120,16 +122,17 @@ def _per_step_counts(fn, device: torch.device, n: int = 3) -> tuple[float, float
 
 
 def _table(title: str, variants: dict[str, tuple], x, y, args) -> list[dict]:
-    """``variants``: name -> (model, bf16, compile mode or None). The first row of each
-    (bf16, compiled) kind is the baseline of that kind's ratios."""
+    """``variants``: name -> (model, bf16, compile mode or None[, defer statistics]). The
+    first row of each (bf16, compiled) kind is the baseline of that kind's ratios."""
     device = x.device
     steps, models = {}, {}
-    for name, (model, bf16, mode) in variants.items():
+    for name, (model, bf16, mode, *defer) in variants.items():
         model = model.to(device).train()
         if args.channels_last and x.dim() == 4:
             model = model.to(memory_format=torch.channels_last)
         models[name] = model
-        step = train_step(model, x, y, lr=1e-4, bf16=bf16, compile_mode=mode)
+        step = train_step(model, x, y, lr=1e-4, bf16=bf16, compile_mode=mode,
+                          defer_statistics=defer[0] if defer else True)
         t0 = time.perf_counter()
         try:
             for _ in range(max(args.warmup, 3 if mode else 0)):
@@ -236,6 +239,9 @@ def _resnet_table(resnet: nn.Module, side: int, batch: int, device: torch.device
                                         quant_every=every)
             variants[f"{method.upper()} W4A8 per-channel, quant_every={every}"] = (
                 _quantized(resnet, policy, alpha), True, None)
+    policy = blendq.QuantPolicy(w_bits=4, a_bits=8, per_channel=True)
+    variants["AB W4A8 per-channel, statistics not deferred"] = (  # each where quantized
+        _quantized(resnet, policy, 0.5), True, None, False)
     qat = torch_ao_qat(resnet)
     if qat is not None:
         variants["torch.ao QAT under bf16 autocast"] = (qat, True, None)

@@ -602,6 +602,7 @@ class ActStatistics:
     def __init__(self, quantizers: list[ActQuantizer]) -> None:
         self.quantizers = list(quantizers)
         for q in self.quantizers:
+            q.settle()  # what an earlier controller kept
             q._stats = self
         self._lengths: dict[tuple, Tensor] = {}  # segment lengths on the device, reused
 

@@ -287,10 +287,16 @@ class AlphaController:
 
     Call ``controller.step(step)`` before the forward pass of ``step``; it holds
     no counter of its own, so a resumed run passes the step it resumes at.
+
+    ``group``: weight refreshes of like layers run as one projection
+    (:class:`~blendq.quantizers.WeightGroup`). ``defer_statistics``: each training
+    batch's activation statistics enter the EMAs at the next step, all together
+    (:class:`~blendq.quantizers.ActStatistics`); ``False`` updates each EMA where its
+    batch is quantized, as a model without a controller does.
     """
 
     def __init__(self, model: nn.Module, schedule: Schedule, group: bool = True,
-                 after: str = "freeze") -> None:
+                 after: str = "freeze", defer_statistics: bool = True) -> None:
         if after not in AFTER_ALPHA:
             raise ValueError(f"after must be one of {AFTER_ALPHA}, got {after!r}")
         self.layers = _require_blend(model)
@@ -300,7 +306,13 @@ class AlphaController:
         self.alpha: float | None = None  # last α applied; None: nothing applied yet
         self.groups = _weight_groups(self.layers) if group else []
         # activation statistics of a step computed together at the next (eager training)
-        self.act_stats = ActStatistics(_act_quantizers(model)) if group else None
+        self.act_stats = None
+        if defer_statistics:
+            self.act_stats = ActStatistics(_act_quantizers(model))
+        else:
+            for a in _act_quantizers(model):  # as a model without a controller
+                a.settle()
+                a._stats = None
 
     def step(self, step: int) -> float:
         """Apply α of ``step`` and refresh the weight codes that are due: every layer of a
