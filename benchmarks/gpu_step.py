@@ -1,6 +1,6 @@
 """GPU training-step cost of quantization, peak memory and PPQ time, in one call.
 
-    python benchmarks/gpu_step.py                 # everything: ~10 minutes on an H200, most of it compiling
+    python benchmarks/gpu_step.py          # everything: ~10 min on an H200, mostly compiling
     python benchmarks/gpu_step.py --smoke --device cpu   # tiny shapes: checks the script runs
     python benchmarks/gpu_step.py --device cpu --only ppq   # PPQ rows alone, any device
 
