@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_step.py [--batch 128] [--steps 30] [--model fmnist_cnn]
     python benchmarks/cpu_step.py --model resnet50_v1 --width 0.125   # a residual CNN
+    python benchmarks/cpu_step.py --breakdown [--sample 262144]   # where AB's step goes
 
 Same model, data and batch for every variant, timed in one process, alternating
 rounds so that drifts in machine load hit all variants alike; prints the fastest
@@ -30,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import blendq
 from blendq.functional import ppq, search_scale
 from blendq.models import build_model
+from blendq.quantizers import ActQuantizer, ActStatistics
 
 
 def _variants(base: nn.Module) -> dict[str, nn.Module]:
@@ -85,6 +87,35 @@ def _ops_per_step(step) -> int:
     return count.count
 
 
+def _breakdown(steps: dict, n: int) -> None:
+    """Where the AB step's time goes: wall time inside the activation quantizers'
+    forwards and inside the settles of their statistics, per step (``--breakdown``)."""
+    name = "AB W4A8 quant_every=1"
+    spent = {"activation quantizer forwards": 0.0, "statistics settles": 0.0}
+    originals = (ActQuantizer.forward, ActStatistics.settle)
+
+    def timed(label, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] += time.perf_counter() - t0
+        return wrapper
+
+    ActQuantizer.forward = timed("activation quantizer forwards", originals[0])
+    ActStatistics.settle = timed("statistics settles", originals[1])
+    try:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            steps[name]()
+        total = (time.perf_counter() - t0) / n
+    finally:
+        ActQuantizer.forward, ActStatistics.settle = originals
+    print(f"{name}: {total * 1e3:.2f} ms a step, of which " + ", ".join(
+        f"{label} {t / n * 1e3:.2f} ms" for label, t in spent.items()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="fmnist_cnn")
@@ -92,13 +123,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--width", type=float, default=None, help="width multiplier (ResNets)")
+    p.add_argument("--sample", type=int, default=None,
+                   help="elements of an activation statistic's sample (default: ActSpec's)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the AB step's activation forwards and settles")
     args = p.parse_args()
     torch.manual_seed(0)
     extra = {} if args.width is None else {"width": args.width}
     base = build_model(args.model, in_channels=1, image_size=28, **extra).train()
     x, y = torch.randn(args.batch, 1, 28, 28), torch.randint(0, 10, (args.batch,))
+    variants = _variants(base)
+    for model in variants.values():
+        for a in blendq.transform._act_quantizers(model) if args.sample else ():
+            a.spec = dataclasses.replace(a.spec, sample=args.sample)
     steps = {name: train_step(m.train(), x, y, lr=1e-3, defer_statistics=name != IMMEDIATE)
-             for name, m in _variants(base).items()}
+             for name, m in variants.items()}
     for fn in steps.values():  # warm up (first projection, allocator)
         for _ in range(3):
             fn()
@@ -114,11 +153,13 @@ def main() -> None:
     print(f"{args.model}, batch {args.batch}, CPU {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"{args.rounds} rounds x {args.steps} steps")
-    print(f"{'variant':36s} {'best ms':>9s} {'ratio':>7s} {'median ms':>10s} {'ratio':>7s} "
+    print(f"{'variant':40s} {'best ms':>9s} {'ratio':>7s} {'median ms':>10s} {'ratio':>7s} "
           f"{'ATen ops':>9s}")
     for name in times:
-        print(f"{name:36s} {best[name] * 1e3:9.2f} {best[name] / best['plain fp32']:7.3f} "
+        print(f"{name:40s} {best[name] * 1e3:9.2f} {best[name] / best['plain fp32']:7.3f} "
               f"{med[name] * 1e3:10.2f} {med[name] / med['plain fp32']:7.3f} {ops[name]:9d}")
+    if args.breakdown:
+        _breakdown(steps, args.steps)
     weights = [m.weight.detach() for m in base.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     n = sum(w.numel() for w in weights)
     for label, fn in (("PPQ 3 warm iterations", lambda w: ppq(w, 4, axis=0, max_iter=3,
