@@ -347,17 +347,18 @@ class _StraightThrough(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, value: Tensor, lo: Tensor | None, hi: Tensor | None) -> Tensor:
+    def forward(ctx, x: Tensor, value: Tensor, lo: Tensor | float | None,
+                hi: Tensor | float | None) -> Tensor:
         ctx.bounds = None
         # host bounds: free on the CPU, a sync on a GPU and a graph break when compiling
         if lo is not None and CPU_FAST_STE and x.device.type == "cpu" and x.dtype in (
                 torch.float32, torch.float64) and not torch.compiler.is_compiling():
-            lo, hi = lo.to(x.dtype), hi.to(x.dtype)
+            lo, hi = (torch.as_tensor(b, dtype=x.dtype) for b in (lo, hi))
             ctx.bounds = (float(torch.nextafter(lo, lo.new_tensor(-float("inf")))),
                           float(torch.nextafter(hi, hi.new_tensor(float("inf")))))
             ctx.save_for_backward(x)
-        elif lo is not None:
-            mask = torch.ge(x, lo)
+        elif lo is not None:  # tensors on x's device, or host numbers (which made into
+            mask = torch.ge(x, lo)  # tensors on a GPU would wait for it)
             mask &= torch.le(x, hi)
             ctx.save_for_backward(mask)
         ctx.masked = lo is not None
@@ -382,9 +383,6 @@ def straight_through(
 
     The forward value is ``value`` bit for bit (no ``x + (v - x).detach()`` rounding).
     """
-    if lo is not None:
-        lo = torch.as_tensor(lo, dtype=x.dtype, device=x.device)
-        hi = torch.as_tensor(hi, dtype=x.dtype, device=x.device)
     return _StraightThrough.apply(x, value, lo, hi)
 
 
