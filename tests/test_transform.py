@@ -380,19 +380,33 @@ def test_deferred_activation_statistics_are_the_immediate_ones_one_step_later():
     assert deferred._pending is None and torch.equal(deferred.scale, state["scale"])
 
 
-def test_controller_settles_a_models_statistics_and_convert_sees_them(cnn, images):
+def test_controller_settles_statistics_as_the_forward_returns(cnn, images):
     model = blendq.prepare(cnn, blendq.QuantPolicy(w_bits=4, a_bits=8))
     controller = blendq.AlphaController(model, blendq.constant(1.0))
     quantizers = blendq.transform._act_quantizers(model)
+    layer = next(m for m in model.modules() if isinstance(m, blendq.layers.BlendMixin))
+    seen = []
+    hook = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
     model.train()
     for step in range(3):
         controller.step(step)
+        before = [a.scale.clone() for a in quantizers]
         model(images)
-    assert all(a._pending is not None for a in quantizers)
-    scales = [a.scale.clone() for a in quantizers]
+        assert all(a._pending is None for a in quantizers)  # settled on the way out
+        if step > 0:
+            assert all(not torch.equal(a.scale, b)
+                       for a, b in zip(quantizers, before, strict=True))
+    hook.remove()
+    layer(seen[-1])  # a forward of a part of the model: kept until the state is read
+    assert layer.a_quant._pending is not None
+    scale = layer.a_quant.scale.clone()
     converted = blendq.convert(model)  # settles first
-    assert all(a._pending is None for a in quantizers)
-    assert all(not torch.equal(a.scale, s) for a, s in zip(quantizers, scales, strict=True))
-    ref = blendq.transform.eval_mode
-    with ref(model):
+    assert layer.a_quant._pending is None and not torch.equal(layer.a_quant.scale, scale)
+    with blendq.transform.eval_mode(model):
         torch.testing.assert_close(converted(images), model(images))
+    controller2 = blendq.AlphaController(model, blendq.constant(1.0))  # replaces the first
+    assert len(model._forward_hooks) == 1 and controller2.act_stats.model is model
+    copied = copy.deepcopy(model)  # hooks and statistics copied with the model
+    assert next(iter(copied._forward_hooks.values())).__self__.model is copied
+    blendq.AlphaController(model, blendq.constant(1.0), defer_statistics=False)
+    assert not model._forward_hooks and all(a._stats is None for a in quantizers)

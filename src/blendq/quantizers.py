@@ -433,6 +433,10 @@ class ActQuantizer(nn.Module):
             self.settle()
         return super().train(mode)
 
+    def _apply(self, fn, recurse: bool = True):
+        self.settle()  # kept samples would stay where they are (model.to, .half(), ...)
+        return super()._apply(fn, recurse)
+
     def settle(self) -> None:
         """Bring the scale and the clip counters up to date with every batch seen (see
         :class:`ActStatistics`; nothing to do unless one computes this quantizer's)."""
@@ -577,80 +581,135 @@ class ActQuantizer(nn.Module):
 
 
 class ActStatistics:
-    """Activation quantizers whose batch statistics are computed together, once a step
-    (:class:`~blendq.transform.AlphaController` sets one up over a model's quantizers).
+    """Activation quantizers whose batch statistics are computed together, once a
+    forward (:class:`~blendq.transform.AlphaController` sets one up over a model).
 
     In eager training a member quantizes each batch with its EMA scale as it stands and
-    keeps a copy of the batch's strided sample (``ActSpec.sample`` elements at most);
-    :meth:`settle` then runs the batch-scale PPQ of every kept sample as one PPQ over
-    their concatenation (one per grid: :func:`blendq.functional.ppq_segments`),
-    averages the scales over ranks in one reduction, updates every EMA and counts the
-    sampled inputs at the grids' ends at the scale they were quantized with. The count
-    of operations a step no longer grows with the number of quantizers (71 in a
-    ResNet-50), where each cost a few dozen small operations before.
+    keeps a copy of the batch's strided sample (about ``ActSpec.sample`` elements);
+    when the model's forward returns (a forward hook on the model), :meth:`settle` runs
+    the batch-scale PPQ of every kept sample as one PPQ over their concatenation (one
+    per grid: :func:`blendq.functional.ppq_segments`), averages all the scales over
+    ranks in one reduction, updates every EMA and counts the sampled inputs at the
+    grids' ends at the scale they were quantized with. The count of operations a step
+    no longer grows with the number of quantizers (71 in a ResNet-50), where each cost
+    a few dozen small operations before.
 
     What differs from computing the statistic where the batch is quantized: a batch is
     quantized with the EMA before its own statistic enters it, so the scale it uses
     differs by ``(1 - momentum)`` of the batch-to-EMA difference (1 % of it at the
-    default momentum 0.99). The first batch (which starts the EMA), sign grids,
-    full-batch statistics (``sample=None``) and graphs torch.compile traces keep
-    the immediate update. Settled before anything reads the state: the controller's
-    next step, ``eval()``, ``state_dict()``, ``convert`` and ``telemetry``; the same
-    samples always settle together, so a run that saves a checkpoint computes what one
-    that does not computes.
+    default momentum 0.99); the EMA sequence is the same. The first batch (which starts
+    the EMA), sign grids, full-batch statistics (``sample=None``) and graphs
+    torch.compile traces keep the immediate update. Settled at the end of every forward
+    of the model (so on every rank of a distributed run, and before anything outside a
+    forward reads the state), and, for forwards of a part of the model, by the next
+    controller step, a second call of the same quantizer, ``eval()``, ``state_dict()``,
+    ``model.to()``, ``convert`` and ``telemetry``. The same samples always settle
+    together, so a run that saves a checkpoint computes what one that does not computes.
     """
 
-    def __init__(self, quantizers: list[ActQuantizer]) -> None:
+    def __init__(self, quantizers: list[ActQuantizer], model: nn.Module | None = None
+                 ) -> None:
         self.quantizers = list(quantizers)
         for q in self.quantizers:
-            q.settle()  # what an earlier controller kept
+            if q._stats is not None and q._stats is not self:
+                q._stats.close()  # what an earlier controller kept settles, its hook goes
             q._stats = self
-        self._lengths: dict[tuple, Tensor] = {}  # segment lengths on the device, reused
+        self._cache: dict[tuple, Tensor] = {}  # index tensors on the device, reused
+        # the model whose forward settles as it returns (no hook handle kept: a model,
+        # and this with it, must stay deep-copyable)
+        self.model = model
+        if model is not None:
+            model.register_forward_hook(self._after_forward)
 
-    def _on_device(self, values: tuple[int, ...], device: torch.device) -> Tensor:
-        """``values`` as an int64 tensor on ``device``, built once (a copy to a GPU
-        every step would wait for it)."""
-        key = (values, device)
-        if key not in self._lengths:
-            self._lengths[key] = torch.tensor(values, device=device)
-        return self._lengths[key]
+    def _after_forward(self, module: nn.Module, args, output) -> None:
+        if not torch.compiler.is_compiling():
+            self.settle()
+
+    def close(self) -> None:
+        """Settle, and stop: the quantizers go back to updating where they quantize."""
+        self.settle()
+        if self.model is not None:
+            hooks = self.model._forward_hooks
+            for key in [k for k, h in hooks.items() if getattr(h, "__self__", None) is self]:
+                del hooks[key]
+            self.model = None
+        for q in self.quantizers:
+            if q._stats is self:
+                q._stats = None
+
+    def _on_device(self, values: tuple, device: torch.device,
+                   dtype: torch.dtype = torch.long) -> Tensor:
+        """``values`` as a tensor on ``device``, built once per value (up to 64 kept); a
+        GPU gets it by an asynchronous copy from pinned memory, which does not wait for
+        the device as a copy from ordinary memory does."""
+        key = (values, device, dtype)
+        if key not in self._cache:
+            if len(self._cache) >= 64:  # shapes that keep changing: start over
+                self._cache.clear()
+            t = torch.tensor(values, dtype=dtype)
+            if device.type == "cuda":
+                t = t.pin_memory().to(device, non_blocking=True)
+            self._cache[key] = t.to(device)
+        return self._cache[key]
 
     @torch.no_grad()
     def settle(self) -> None:
         """Fold every kept sample into its quantizer's EMA and clip counters."""
-        by_grid: dict[tuple, list[ActQuantizer]] = {}
+        parts: dict[tuple, list[ActQuantizer]] = {}  # scales on one device, of one dtype
         for q in self.quantizers:
             if q._pending is not None:
-                key = (q.spec.bits, q.is_signed, q.spec.max_iter, q.spec.momentum,
-                       q._pending.dtype, q.scale.dtype, q.scale.device)
-                by_grid.setdefault(key, []).append(q)
-        for (bits, signed, max_iter, momentum, *_), qs in by_grid.items():
-            samples = [q._pending for q in qs]
-            counted = [i for i, q in enumerate(qs) if q._count_pending]
-            sizes = tuple(q._pending_size for q in qs)
-            for q in qs:
+                parts.setdefault((q.scale.device, q.scale.dtype), []).append(q)
+        for pending in parts.values():
+            samples = [q._pending for q in pending]
+            for q in pending:
                 q._pending = None
-            x = torch.cat(samples) if len(samples) > 1 else samples[0]
-            lengths = self._on_device(tuple(t.shape[0] for t in samples), x.device)
-            used = torch.stack([q.scale.reshape(()) for q in qs])  # what quantized them
-            _, batch = F.ppq_segments(x, lengths, bits, used.to(x.dtype), max_iter,
+            self._settle(pending, samples)
+
+    def _settle(self, pending: list[ActQuantizer], samples: list[Tensor]) -> None:
+        used = torch.stack([q.scale.reshape(()) for q in pending])  # what quantized them
+        by_grid: dict[tuple, list[int]] = {}
+        for i, q in enumerate(pending):
+            by_grid.setdefault((q.spec.bits, q.is_signed, q.spec.max_iter,
+                                samples[i].dtype), []).append(i)
+        batch = torch.empty_like(used)
+        for (bits, signed, max_iter, _), idx in by_grid.items():
+            rows = self._on_device(tuple(samples[i].shape[0] for i in idx), used.device)
+            where = None if len(idx) == len(pending) else self._on_device(tuple(idx),
+                                                                            used.device)
+            x = torch.cat([samples[i] for i in idx]) if len(idx) > 1 else samples[idx[0]]
+            start = used if where is None else used[where]
+            _, scale = F.ppq_segments(x, rows, bits, start.to(x.dtype), max_iter,
                                       signed=signed, full=True)
-            batch = _mean_over_ranks(batch.to(used.dtype))
-            torch._foreach_copy_([q.scale for q in qs],
-                                 list((momentum * used + (1 - momentum) * batch).unbind()))
-            if not counted:
-                continue
-            # telemetry: each sample's inputs at the grid's ends, at the scale it was
-            # quantized with
-            per_row = torch.repeat_interleave(used.to(x.dtype), lengths, output_size=len(x))
-            codes = F.quantize(x, per_row[:, None], bits, signed, full=True)  # padding: 0
-            qmin, qmax = F.grid(bits, signed, full=True)
-            at_ends = codes >= qmax
-            if signed:
-                at_ends |= codes <= qmin
-            clipped = F.segment_sum(at_ends.to(x.dtype), lengths).double()
-            if len(counted) < len(qs):
-                clipped = clipped[self._on_device(tuple(counted), x.device)]
-            torch._foreach_add_([qs[i].clipped for i in counted], list(clipped.unbind()))
-            torch._foreach_add_([qs[i].seen for i in counted],
-                                [float(sizes[i]) for i in counted])
+            if where is None:
+                batch = scale.to(used.dtype)
+            else:
+                batch[where] = scale.to(used.dtype)
+            self._count(pending, idx, x, rows, start, bits, signed)
+        # one reduction for all, in the quantizers' order (whatever grids each rank saw)
+        batch = _mean_over_ranks(batch)
+        momenta = tuple(q.spec.momentum for q in pending)
+        m = momenta[0] if len(set(momenta)) == 1 else \
+            self._on_device(momenta, used.device, used.dtype)
+        torch._foreach_copy_([q.scale for q in pending],
+                             list((m * used + (1 - m) * batch).unbind()))
+
+    def _count(self, pending: list[ActQuantizer], idx: list[int], x: Tensor, rows: Tensor,
+               used: Tensor, bits: int, signed: bool) -> None:
+        """Telemetry: each sample's inputs at the grid's ends, at the scale it was
+        quantized with (zero padding counts at neither end)."""
+        counted = [j for j, i in enumerate(idx) if pending[i]._count_pending]
+        if not counted:
+            return
+        per_row = torch.repeat_interleave(used.to(x.dtype), rows, output_size=len(x))
+        codes = F.quantize(x, per_row[:, None], bits, signed, full=True)
+        qmin, qmax = F.grid(bits, signed, full=True)
+        at_ends = codes >= qmax
+        if signed:
+            at_ends |= codes <= qmin
+        clipped = F.segment_sum(at_ends.to(x.dtype), rows).double()
+        if len(counted) < len(idx):
+            clipped = clipped[self._on_device(tuple(counted), x.device)]
+        quantizers = [pending[idx[j]] for j in counted]
+        torch._foreach_add_([q.clipped for q in quantizers], list(clipped.unbind()))
+        torch._foreach_add_([q.seen for q in quantizers],
+                            [float(q._pending_size) for q in quantizers])

@@ -290,9 +290,9 @@ class AlphaController:
 
     ``group``: weight refreshes of like layers run as one projection
     (:class:`~blendq.quantizers.WeightGroup`). ``defer_statistics``: each training
-    batch's activation statistics enter the EMAs at the next step, all together
-    (:class:`~blendq.quantizers.ActStatistics`); ``False`` updates each EMA where its
-    batch is quantized, as a model without a controller does.
+    batch's activation statistics enter the EMAs together when the model's forward
+    returns (:class:`~blendq.quantizers.ActStatistics`); ``False`` updates each EMA
+    where its batch is quantized, as a model without a controller does.
     """
 
     def __init__(self, model: nn.Module, schedule: Schedule, group: bool = True,
@@ -308,17 +308,18 @@ class AlphaController:
         # activation statistics of a step computed together at the next (eager training)
         self.act_stats = None
         if defer_statistics:
-            self.act_stats = ActStatistics(_act_quantizers(model))
+            self.act_stats = ActStatistics(_act_quantizers(model), model)
         else:
             for a in _act_quantizers(model):  # as a model without a controller
-                a.settle()
-                a._stats = None
+                if a._stats is not None:
+                    a._stats.close()
 
     def step(self, step: int) -> float:
         """Apply α of ``step`` and refresh the weight codes that are due: every layer of a
         group in one flat projection (the count of operations does not grow with depth),
-        the others at their forward. First, the activation statistics of the last step's
-        batches enter their EMAs, all at once (:class:`~blendq.quantizers.ActStatistics`)."""
+        the others at their forward. First, activation statistics still kept (from
+        forwards of a part of the model: a whole forward settles them as it returns)
+        enter their EMAs, all at once (:class:`~blendq.quantizers.ActStatistics`)."""
         if self.act_stats is not None:
             self.act_stats.settle()
         alpha = self.schedule(step)

@@ -37,6 +37,9 @@ class HuggingFaceCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self.alpha.step(state.global_step)
 
+    def on_step_end(self, args, state, control, **kwargs):
+        self.alpha.settle()
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.alpha.controller is None or logs is None:
             return

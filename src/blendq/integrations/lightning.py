@@ -38,6 +38,9 @@ class LightningCallback(lightning.Callback):
         alpha = self.alpha.step(trainer.global_step)
         pl_module.log("alpha", alpha, on_step=True, on_epoch=False)
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.alpha.settle()
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         pl_module.log_dict(self.alpha.epoch_metrics(), on_step=False, on_epoch=True,
                            sync_dist=True)  # averaged over ranks (one reduce an epoch)

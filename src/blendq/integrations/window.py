@@ -95,6 +95,13 @@ class AlphaWindow:
         self._last_step = int(global_step)
         return self.controller.step(int(global_step))
 
+    def settle(self) -> None:
+        """Activation statistics still kept (forwards of a part of the model) into their
+        EMAs; called by the callbacks at each step's end, on every rank, so a checkpoint
+        one rank writes afterwards needs no collective."""
+        if self.controller is not None and self.controller.act_stats is not None:
+            self.controller.act_stats.settle()
+
     @property
     def alpha(self) -> float:
         return float(self.controller.alpha) if self.controller and \
