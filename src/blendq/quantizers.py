@@ -383,9 +383,11 @@ class ActQuantizer(nn.Module):
     two's-complement grid where signed (8 bits: -128..127, as int8 runtimes store it).
 
     Training: PPQ on the batch (warm-started from the EMA scale), averaged over the
-    ranks of a distributed run, then ``ema = m·ema + (1 - m)·batch_scale``; the batch is
-    quantized with the updated EMA scale. Eval: the EMA scale is frozen (a never-trained
-    quantizer uses the batch scale without storing it).
+    ranks of a distributed run, then ``ema = m·ema + (1 - m)·batch_scale``; alone, the
+    batch is quantized with the updated EMA scale; under an :class:`ActStatistics` (what
+    a controller sets up) with the EMA as it stood, the update coming as the model's
+    forward returns. Eval: the EMA scale is frozen (a never-trained quantizer uses the
+    batch scale without storing it).
     """
 
     def __init__(self, spec: ActSpec, name: str = "") -> None:

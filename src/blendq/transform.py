@@ -235,9 +235,10 @@ def telemetry(model: nn.Module, previous: dict[str, torch.Tensor] | None = None
 
 def settle(model: nn.Module) -> None:
     """Bring every activation quantizer's scale and counters up to date with the
-    batches it has quantized (their statistics may wait for the controller's next step:
-    :class:`~blendq.quantizers.ActStatistics`); ``eval()`` and ``state_dict()`` do so
-    themselves."""
+    batches it has quantized (after a forward of a part of the model, statistics wait:
+    :class:`~blendq.quantizers.ActStatistics`); ``eval()``, ``state_dict()`` and
+    ``model.to()`` do so themselves. Under DDP, every rank calls it (it averages over
+    the ranks)."""
     for a in _act_quantizers(model):
         a.settle()
 
