@@ -378,6 +378,9 @@ def test_deferred_activation_statistics_are_the_immediate_ones_one_step_later():
     deferred.train()(x, alpha)
     deferred.load_state_dict(state)  # a loaded state replaces what was not settled
     assert deferred._pending is None and torch.equal(deferred.scale, state["scale"])
+    deferred(x, alpha)
+    deferred.double()  # a move or cast settles first (the samples would stay behind)
+    assert deferred._pending is None and deferred.scale.dtype == torch.float64
 
 
 def test_controller_settles_statistics_as_the_forward_returns(cnn, images):
