@@ -108,6 +108,7 @@ def test_training_forward_compiles_whole(method, alpha, channels_last):
     torch.manual_seed(0)
     model = blendq.prepare(small_cnn(), blendq.QuantPolicy(
         w_bits=4, a_bits=8, per_channel=True, method=method))
+    blendq.AlphaController(model, blendq.constant(alpha))  # its forward hook is traced too
     x = torch.randn(4, 3, 8, 8)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=channels_last)
     if channels_last:
