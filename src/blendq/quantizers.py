@@ -367,6 +367,16 @@ def _sign_straight(x: Tensor) -> Tensor:
 _CHUNK = 1024  # row length of a kept activation sample (ActStatistics)
 
 
+def _at_grid_ends(codes: Tensor, bits: int, signed: bool) -> Tensor:
+    """Where activation codes sit at an end of their (full) grid: the clip telemetry's
+    one rule (an unsigned grid's 0 is no clip)."""
+    qmin, qmax = F.grid(bits, signed, full=True)
+    at_ends = codes >= qmax
+    if signed:
+        at_ends |= codes <= qmin
+    return at_ends
+
+
 def _mean_over_ranks(value: Tensor) -> Tensor:
     """``value`` averaged over the ranks of a distributed run (as SyncBatchNorm combines
     batch statistics), so every rank's EMA scale follows every rank's batches."""
@@ -500,8 +510,7 @@ class ActQuantizer(nn.Module):
         statistic would keep a copy of the whole batch)."""
         if torch.compiler.is_compiling() or self._stats is None or not self._initialized:
             return False
-        if self._pending is not None:  # called twice in one step: the first settles now
-            self._stats.settle()
+        self.settle()  # called twice in one forward: the first batch's statistic enters now
         return self.spec.sample is not None and not F.is_sign(self.spec.bits, signed)
 
     @torch.no_grad()
@@ -535,9 +544,7 @@ class ActQuantizer(nn.Module):
             codes = F.strided_sample(codes, self.spec.sample)
         if to_codes is not None:
             codes = to_codes(codes)
-        qmin, qmax = F.grid(self.spec.bits, signed, full=True)
-        at_ends = torch.count_nonzero(codes <= qmin) if signed else codes.new_zeros(())
-        self.clipped += at_ends + torch.count_nonzero(codes >= qmax)
+        self.clipped += torch.count_nonzero(_at_grid_ends(codes, self.spec.bits, signed))
         self.seen += codes.numel()
 
     def _lsq(self, x: Tensor, signed: bool) -> Tensor:
@@ -704,10 +711,7 @@ class ActStatistics:
             return
         per_row = torch.repeat_interleave(used.to(x.dtype), rows, output_size=len(x))
         codes = F.quantize(x, per_row[:, None], bits, signed, full=True)
-        qmin, qmax = F.grid(bits, signed, full=True)
-        at_ends = codes >= qmax
-        if signed:
-            at_ends |= codes <= qmin
+        at_ends = _at_grid_ends(codes, bits, signed)
         clipped = F.segment_sum(at_ends.to(x.dtype), rows).double()
         if len(counted) < len(idx):
             clipped = clipped[self._on_device(tuple(counted), x.device)]

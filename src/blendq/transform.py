@@ -306,7 +306,7 @@ class AlphaController:
         self.after = after
         self.alpha: float | None = None  # last α applied; None: nothing applied yet
         self.groups = _weight_groups(self.layers) if group else []
-        # activation statistics of a step computed together at the next (eager training)
+        # activation statistics of a forward computed together as it returns (eager)
         self.act_stats = None
         if defer_statistics:
             self.act_stats = ActStatistics(_act_quantizers(model), model)
