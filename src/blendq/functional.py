@@ -13,13 +13,15 @@ import functools
 import math
 import numbers
 
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = ["NONE_WORDS", "check_bits", "grid", "is_sign", "integer_input", "lsq", "ppq",
            "ppq_segments", "segment_sum",
            "search_scale", "binarize", "quantize", "blend", "straight_through", "check_finite",
-           "round_bias", "strided_sample", "pack_codes", "unpack_codes", "fake_quantize"]
+           "round_bias", "strided_sample", "straight_through_fake_quantize", "pack_codes",
+           "unpack_codes", "fake_quantize"]
 
 _ZERO_SCALE = 1.0  # scale given to an all-zero tensor or slice: any positive value is exact
 
@@ -384,6 +386,38 @@ def straight_through(
     The forward value is ``value`` bit for bit (no ``x + (v - x).detach()`` rounding).
     """
     return _StraightThrough.apply(x, value, lo, hi)
+
+
+def _host_bound(scale: float, offset: float, dtype: torch.dtype, toward: float) -> float:
+    """``scale·offset`` as a tensor of ``dtype`` computes it, moved one ulp ``toward``."""
+    if dtype == torch.float32:
+        value = np.float32(scale) * np.float32(offset)
+        return float(np.nextafter(value, np.float32(toward)))
+    return math.nextafter(scale * offset, toward)
+
+
+def straight_through_fake_quantize(x: Tensor, scale: Tensor, alpha: Tensor, qmin: int,
+                                   qmax: int) -> Tensor:
+    """``lerp(x, clamp(round(x / scale), qmin, qmax)·scale, alpha)`` with the
+    straight-through gradient, passed where ``scale·(qmin - 0.5) <= x <= scale·(qmax +
+    0.5)``: the value and gradient of :meth:`blendq.methods.Method.mix` after
+    :func:`quantize`, bit for bit, for float32/64 tensors on the CPU.
+
+    One native autograd node and no mask: a ``hardtanh`` of ``x`` at those bounds (one
+    ulp outside: it passes strictly between) owns the gradient, and its output is
+    overwritten in place with the quantized value (the node keeps ``x``, not its
+    output). Its clamp does not change a code: ``round`` and the clamp to the grid are
+    monotone and the bounds lie beyond the grid's ends."""
+    s = float(scale)  # the CPU's own memory: no synchronisation
+    lo = _host_bound(s, qmin - 0.5, x.dtype, -math.inf)
+    hi = _host_bound(s, qmax + 0.5, x.dtype, math.inf)
+    value = torch.nn.functional.hardtanh(x, lo, hi)
+    with torch.no_grad():
+        v = value.detach()
+        v.div_(scale).round_().clamp_(qmin, qmax).mul_(scale)
+        if float(alpha) != 1.0:  # lerp's exact value at 1 is the quantized one
+            torch.lerp(x.detach(), v, alpha, out=v)
+    return value
 
 
 FUSED_FAKE_QUANT = "auto"  # "auto": fused on CUDA outside a compiled graph; True / False

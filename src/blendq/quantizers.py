@@ -367,6 +367,20 @@ def _sign_straight(x: Tensor) -> Tensor:
 _CHUNK = 1024  # row length of a kept activation sample (ActStatistics)
 
 
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows(samples: list[Tensor], zeros: Tensor) -> Tensor:
+    """Flat samples one after the other, each zero-padded to whole rows of ``_CHUNK``
+    (:func:`~blendq.functional.ppq_segments`; ``zeros``: ``_CHUNK`` of them): one copy
+    of them all, in ``zeros``' dtype or wider."""
+    parts = []
+    for sample in samples:
+        parts += [sample, zeros[:-len(sample) % _CHUNK]]
+    return torch.cat(parts).to(zeros.dtype).view(-1, _CHUNK)
+
+
 def _at_grid_ends(codes: Tensor, bits: int, signed: bool) -> Tensor:
     """Where activation codes sit at an end of their (full) grid: the clip telemetry's
     one rule (an unsigned grid's 0 is no clip)."""
@@ -481,7 +495,7 @@ class ActQuantizer(nn.Module):
         if self.training:
             deferred = self._defers(signed)
             if deferred:  # quantized with the EMA as it stands; the statistic comes later
-                self._keep(x, count=not fused)
+                self._keep(x, count=not fused, view=self._straight_on_cpu(x))
             else:
                 self._update_inline(x, signed)
             scale = self.scale
@@ -490,6 +504,9 @@ class ActQuantizer(nn.Module):
         else:
             scale = self._batch_scale(x.detach(), signed)
         scale = scale.to(x.dtype)
+        if deferred and self._straight_on_cpu(x):
+            qmin, qmax = F.grid(self.spec.bits, signed, full=True)
+            return F.straight_through_fake_quantize(x, scale, alpha.to(x.dtype), qmin, qmax)
         if fused:
             value, clipped = F.fake_quantize(x, scale, alpha, self.spec.bits, signed,
                                              self.method.gradient, fused=True)
@@ -504,6 +521,13 @@ class ActQuantizer(nn.Module):
         lo, hi = self._ste_range(scale, signed)
         return self.method.mix(x, xq, alpha, lo, hi)
 
+    def _straight_on_cpu(self, x: Tensor) -> bool:
+        """Whether a training batch takes :func:`F.straight_through_fake_quantize`: a
+        straight-through method, float32/64 on the CPU, recorded by autograd."""
+        return F.CPU_FAST_STE and self.method.gradient == "ste" and x.device.type == "cpu" \
+            and x.dtype in (torch.float32, torch.float64) and x.requires_grad \
+            and torch.is_grad_enabled()
+
     def _defers(self, signed: bool) -> bool:
         """Whether this training batch's statistic waits for :meth:`ActStatistics.settle`:
         in eager mode, once the EMA exists, for sampled PPQ grids (a full-batch
@@ -514,14 +538,13 @@ class ActQuantizer(nn.Module):
         return self.spec.sample is not None and not F.is_sign(self.spec.bits, signed)
 
     @torch.no_grad()
-    def _keep(self, x: Tensor, count: bool) -> None:
-        """Keep a copy of the batch's strided sample (float32 at least) for the settle,
-        zero-padded to whole rows of ``_CHUNK`` (:func:`~blendq.functional.ppq_segments`)."""
+    def _keep(self, x: Tensor, count: bool, view: bool = False) -> None:
+        """Keep the batch's strided sample (about ``spec.sample`` elements) for the
+        settle. ``view``: as a view of ``x`` (autograd keeps ``x`` for the backward, and
+        would refuse a backward after ``x`` changed in place), else a copy."""
         sample = F.strided_sample(x.detach(), self.spec.sample).reshape(-1)
-        n = sample.numel()
-        sample = sample.to(torch.promote_types(x.dtype, torch.float32))
-        self._pending = torch.nn.functional.pad(sample, (0, -n % _CHUNK)).view(-1, _CHUNK)
-        self._pending_size, self._count_pending = n, count
+        self._pending = sample if view else sample.clone()
+        self._pending_size, self._count_pending = sample.numel(), count
 
     @torch.no_grad()
     def _update_inline(self, x: Tensor, signed: bool) -> None:
@@ -589,6 +612,28 @@ class ActQuantizer(nn.Module):
         return scale * (qmin - 0.5), scale * (qmax + 0.5)
 
 
+class DeviceConstants:
+    """Small constant tensors (indices, counts, per-element constants) on a device, each
+    built once per value (up to 64 kept). A GPU gets them by an asynchronous copy from
+    pinned memory, which does not wait for the device as a copy from ordinary memory
+    does, so a training step that asks for one never synchronises."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, Tensor] = {}
+
+    def __call__(self, values: tuple, device: torch.device,
+                 dtype: torch.dtype = torch.long) -> Tensor:
+        key = (values, device, dtype)
+        if key not in self._cache:
+            if len(self._cache) >= 64:  # shapes that keep changing: start over
+                self._cache.clear()
+            t = torch.tensor(values, dtype=dtype)
+            if device.type == "cuda":
+                t = t.pin_memory().to(device, non_blocking=True)
+            self._cache[key] = t.to(device)
+        return self._cache[key]
+
+
 class ActStatistics:
     """Activation quantizers whose batch statistics are computed together, once a
     forward (:class:`~blendq.transform.AlphaController` sets one up over a model).
@@ -623,7 +668,7 @@ class ActStatistics:
             if q._stats is not None and q._stats is not self:
                 q._stats.close()  # what an earlier controller kept settles, its hook goes
             q._stats = self
-        self._cache: dict[tuple, Tensor] = {}  # index tensors on the device, reused
+        self._on_device = DeviceConstants()  # index tensors on the device, reused
         # the model whose forward settles as it returns (no hook handle kept: a model,
         # and this with it, must stay deep-copyable)
         self.model = model
@@ -646,21 +691,6 @@ class ActStatistics:
             if q._stats is self:
                 q._stats = None
 
-    def _on_device(self, values: tuple, device: torch.device,
-                   dtype: torch.dtype = torch.long) -> Tensor:
-        """``values`` as a tensor on ``device``, built once per value (up to 64 kept); a
-        GPU gets it by an asynchronous copy from pinned memory, which does not wait for
-        the device as a copy from ordinary memory does."""
-        key = (values, device, dtype)
-        if key not in self._cache:
-            if len(self._cache) >= 64:  # shapes that keep changing: start over
-                self._cache.clear()
-            t = torch.tensor(values, dtype=dtype)
-            if device.type == "cuda":
-                t = t.pin_memory().to(device, non_blocking=True)
-            self._cache[key] = t.to(device)
-        return self._cache[key]
-
     @torch.no_grad()
     def settle(self) -> None:
         """Fold every kept sample into its quantizer's EMA and clip counters."""
@@ -679,13 +709,16 @@ class ActStatistics:
         by_grid: dict[tuple, list[int]] = {}
         for i, q in enumerate(pending):
             by_grid.setdefault((q.spec.bits, q.is_signed, q.spec.max_iter,
-                                samples[i].dtype), []).append(i)
+                                _at_least_float32(samples[i].dtype)),
+                               []).append(i)
         batch = torch.empty_like(used)
-        for (bits, signed, max_iter, _), idx in by_grid.items():
-            rows = self._on_device(tuple(samples[i].shape[0] for i in idx), used.device)
+        for (bits, signed, max_iter, dtype), idx in by_grid.items():
+            rows = self._on_device(tuple(-(-len(samples[i]) // _CHUNK) for i in idx),
+                                   used.device)
             where = None if len(idx) == len(pending) else self._on_device(tuple(idx),
                                                                             used.device)
-            x = torch.cat([samples[i] for i in idx]) if len(idx) > 1 else samples[idx[0]]
+            x = _rows([samples[i] for i in idx], self._on_device((0.0,) * _CHUNK,
+                                                                 used.device, dtype))
             start = used if where is None else used[where]
             _, scale = F.ppq_segments(x, rows, bits, start.to(x.dtype), max_iter,
                                       signed=signed, full=True)

@@ -12,7 +12,16 @@ import torch.fx
 from torch import nn
 
 from .converted import QuantMixin, QuantSite, quant_class
-from .layers import FOLDED_BN_MAP, BlendMixin, BlendSite, blend_class, layer_kind, rebuild
+from .layers import (
+    FOLDED_BN_MAP,
+    BiasRounding,
+    BlendMixin,
+    BlendSite,
+    blend_class,
+    layer_kind,
+    linked_producer,
+    rebuild,
+)
 from .placement import place_sites, sites
 from .policy import QuantPolicy
 from .quantizers import ActStatistics, WeightGroup
@@ -308,8 +317,11 @@ class AlphaController:
         self.groups = _weight_groups(self.layers) if group else []
         # activation statistics of a forward computed together as it returns (eager)
         self.act_stats = None
+        self.bias_rounding = None  # the folded batch norms' rounding, once a step
         if defer_statistics:
             self.act_stats = ActStatistics(_act_quantizers(model), model)
+            self.bias_rounding = BiasRounding([m for m in model.modules()
+                                               if linked_producer(m) is not None])
         else:
             for a in _act_quantizers(model):  # as a model without a controller
                 if a._stats is not None:
@@ -337,6 +349,8 @@ class AlphaController:
         for group in self.groups:
             if all(q.stale for q in group.quantizers):
                 group.project()
+        if self.bias_rounding is not None:  # the scales stay as they are through the forward
+            self.bias_rounding.refresh()
         return alpha
 
 
