@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["NONE_WORDS", "check_bits", "grid", "is_sign", "integer_input", "lsq", "ppq",
-           "ppq_segments", "segment_sum",
+           "ppq_segments", "segment_index", "segment_sum",
            "search_scale", "binarize", "quantize", "blend", "straight_through", "check_finite",
            "round_bias", "strided_sample", "straight_through_fake_quantize", "pack_codes",
            "unpack_codes", "fake_quantize"]
@@ -644,14 +644,16 @@ def int8_blocks(x: Tensor, block: int) -> Tensor:
 
 
 def ppq_segments(x: Tensor, lengths: Tensor, bits: int, scale: Tensor, max_iter: int,
-                 codes: Tensor | None = None, signed: bool = True, full: bool = False
-                 ) -> tuple[Tensor, Tensor]:
+                 codes: Tensor | None = None, signed: bool = True, full: bool = False,
+                 index: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`ppq` of many tensors at once: ``x`` is their flat concatenation, cut into
     consecutive segments of ``lengths`` (one per output channel, or one per tensor),
     each with its own scale (``scale``, one per segment, the warm start). Runs exactly
     ``max_iter`` iterations (no host synchronisation); the number of operations does not
     grow with the number of tensors. ``codes``: an output buffer like ``x``;
-    ``signed``/``full``: the grid (:func:`grid`).
+    ``signed``/``full``: the grid (:func:`grid`). ``index``: each row's segment
+    (``segment_index(lengths)``), for callers that run many PPQs over one layout: a
+    gather by index is several times faster on the CPU than ``repeat_interleave``.
 
     ``x`` may also be 2-D, ``(rows, chunk)``, with ``lengths`` counting rows: each
     segment is whole rows (zero-padded at its end: zeros change neither sum). Its sums
@@ -664,12 +666,18 @@ def ppq_segments(x: Tensor, lengths: Tensor, bits: int, scale: Tensor, max_iter:
     gamma = scale
     for _ in range(max_iter):
         # sizes given and lengths trusted: neither op reads a value back to the host
-        per_row = torch.repeat_interleave(gamma, lengths, output_size=x.shape[0])
+        per_row = torch.index_select(gamma, 0, index) if index is not None else \
+            torch.repeat_interleave(gamma, lengths, output_size=x.shape[0])
         codes = _codes(x, per_row.view(-1, *[1] * (x.dim() - 1)), qmin, qmax, codes)
         num = segment_sum(x * codes, lengths)  # (S,)
         den = segment_sum(codes * codes, lengths)
         gamma = torch.where(den > 0, num / den.clamp(min=1), gamma)
     return codes, gamma
+
+
+def segment_index(lengths: Tensor) -> Tensor:
+    """The segment of each row, for :func:`ppq_segments` (``lengths``: rows a segment)."""
+    return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
 
 
 def segment_sum(t: Tensor, lengths: Tensor) -> Tensor:
