@@ -254,3 +254,37 @@ def test_straight_through_mask_is_inclusive_on_both_paths(dtype):
     out = straight_through(x, torch.zeros_like(x), lo, hi)
     (out * torch.arange(1, 6, dtype=dtype)).sum().backward()
     assert torch.equal(x.grad, torch.tensor([1.0, 0.0, 3.0, 0.0, 5.0], dtype=dtype))
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), signed=st.booleans(),
+       alpha=st.sampled_from([0.0, 0.3, 1.0]), seed=st.integers(0, 10**6),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_cpu_straight_through_fake_quantize_is_the_eager_path_bit_for_bit(
+        bits, signed, alpha, seed, dtype):
+    """One hardtanh node overwritten in place: the value and the gradient of quantize,
+    then Method.mix with straight-through bounds half a step beyond the grid's ends,
+    also at those bounds, one ulp outside them and at ties between codes."""
+    from blendq import methods
+    from blendq.functional import straight_through_fake_quantize
+
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand((), generator=g, dtype=dtype) * 0.1 + 0.01
+    qmin, qmax = grid(bits, signed, full=True)
+    inf = torch.tensor(float("inf"), dtype=dtype)
+    edges = torch.stack([scale * (qmin - 0.5), scale * (qmax + 0.5)])
+    x = torch.cat([torch.randn(500, generator=g, dtype=dtype) * scale * qmax,
+                   (torch.arange(qmin, qmax, dtype=dtype) + 0.5) * scale,  # ties
+                   edges, torch.nextafter(edges, torch.stack([-inf, inf])), -edges])
+    a = torch.tensor(alpha, dtype=dtype)
+    upstream = torch.randn(x.shape, generator=g, dtype=dtype)
+
+    ours = x.clone().requires_grad_()
+    value = straight_through_fake_quantize(ours, scale, a, qmin, qmax)
+    value.backward(upstream)
+    ref = x.clone().requires_grad_()
+    xq = quantize(ref.detach(), scale, bits, signed, full=True) * scale
+    expected = methods.get("ste").mix(ref, xq, a, edges[0], edges[1])
+    expected.backward(upstream)
+    assert torch.equal(value, expected)
+    assert torch.equal(ours.grad, ref.grad)

@@ -413,3 +413,49 @@ def test_controller_settles_statistics_as_the_forward_returns(cnn, images):
     assert next(iter(copied._forward_hooks.values())).__self__.model is copied
     blendq.AlphaController(model, blendq.constant(1.0), defer_statistics=False)
     assert not model._forward_hooks and all(a._stats is None for a in quantizers)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_batch_norm_rounding_computed_together_is_each_ones_own(cnn, images, per_channel,
+                                                                 monkeypatch):
+    """The controller computes every folded batch norm's bias rounding at once; each
+    equals the batch norm's own bit for bit, the forward uses it, and a forward after
+    anything it reads changed (here the batch norms' weights) computes its own again."""
+    model = blendq.prepare(cnn, blendq.QuantPolicy(w_bits=4, a_bits=8,
+                                                   per_channel=per_channel))
+    controller = blendq.AlphaController(model, blendq.constant(0.7))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    norms = [m for m in model.modules() if isinstance(m, FoldedBatchNorm2d)]
+    assert len(norms) == 2 and any(n.producer.bias is not None for n in norms) and \
+        any(n.producer.bias is None for n in norms)
+    own = []  # batch norms that computed their own rounding in a forward
+    rounding = FoldedBatchNorm2d.rounding_delta
+
+    def counted(bn):
+        kept = bn.__dict__.get("_rounding_kept")
+        if kept is None or kept[0] != blendq.layers.BiasRounding.state(bn):
+            own.append(bn)
+        return rounding(bn)
+
+    model.train()
+    for step in range(4):
+        controller.step(step)
+        if step > 0:
+            for bn in norms:  # the kept value against the batch norm's own
+                kept = bn.__dict__.pop("_rounding_kept")
+                assert kept[0] == blendq.layers.BiasRounding.state(bn)
+                alone = bn.rounding_delta()
+                assert alone is not None and torch.equal(kept[1], alone)
+                bn.__dict__["_rounding_kept"] = kept
+        monkeypatch.setattr(FoldedBatchNorm2d, "rounding_delta", counted)
+        own.clear()
+        if step == 3:  # between the controller's step and the forward
+            with torch.no_grad():
+                for bn in norms:
+                    bn.weight.mul_(1.01)
+        model(images).sum().backward()
+        monkeypatch.setattr(FoldedBatchNorm2d, "rounding_delta", rounding)
+        # the first step's activation scales start in its forward (and so do the codes)
+        assert own == ([] if step in (1, 2) else norms), step
+        opt.step()
+        opt.zero_grad()

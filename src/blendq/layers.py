@@ -421,8 +421,9 @@ class _FoldedBatchNorm:
         (float64), ``t = k·b + t_bn`` the folded bias, ``R`` rounding to whole units of
         ``|k|·γ_w·γ_a``; ``None`` where no unit applies. A :class:`BiasRounding`'s value
         where it computed this one's from the state as it is now."""
-        kept = self.__dict__.get("_rounding_kept")
-        if kept is not None and kept[0] == BiasRounding.state(self):
+        kept = self.__dict__.get("_rounding_kept")  # (eager: a graph has no versions)
+        if kept is not None and not torch.compiler.is_compiling() and \
+                kept[0] == BiasRounding.state(self):
             return kept[1]
         layer = self.producer
         if layer is None or self.running_mean is None or not layer.round_bias:
