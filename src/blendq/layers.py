@@ -464,18 +464,21 @@ class BiasRounding:
         """What ``bn``'s training-time rounding reads, as identities and versions;
         ``None`` where a group does not compute it (no unit a group computes, or
         tensors without version counters, as in inference mode)."""
-        layer = bn.producer
-        a = getattr(layer, "a_quant", None)
+        layer = bn.producer  # (read from the modules' own dicts: twice a step each)
+        a = layer._modules.get("a_quant") if layer is not None else None
+        norm, affine = bn._buffers, bn._parameters
         if a is None or not layer.training or not layer.round_bias or \
-                bn.running_mean is None or bn.weight is None or bn.bias is None:
+                norm.get("running_mean") is None or affine.get("weight") is None or \
+                affine.get("bias") is None:
             return None
-        w = layer.w_quant
+        w = layer._modules["w_quant"]
         if w.spec.group_size is not None or w.method.learns_scale or \
                 a.method.learns_scale or not w._ready or \
                 not rounds_bias(layer._kind, a.spec.bits, a.is_signed):
             return None
-        tensors = (bn.running_var, bn.running_mean, bn.weight, bn.bias,
-                   layer._parameters.get("bias"), w.scale, a.scale, a.signed, layer.alpha)
+        tensors = (norm["running_var"], norm["running_mean"], affine["weight"],
+                   affine["bias"], layer._parameters.get("bias"), w._buffers["scale"],
+                   a._buffers["scale"], a._buffers["signed"], layer._buffers["alpha"])
         try:
             return tuple((id(t), t._version) if t is not None else None for t in tensors)
         except RuntimeError:  # inference tensors keep no version
