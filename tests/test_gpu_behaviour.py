@@ -93,6 +93,29 @@ def test_nan_weight_in_training_is_named_at_the_check(images=None):
     blendq.transform.check_weights(model)  # the flag was cleared with the report
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weight_in_a_grouped_refresh_is_named(bad):
+    """A group whose sums run on rows flags a layer by its rows' sums: NaN and ±inf
+    reach the sum of their row."""
+    torch.manual_seed(0)
+    model = blendq.prepare(torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+        torch.nn.Linear(32, 8)), blendq.QuantPolicy(w_bits=4, a_bits=8, per_channel=True))
+    controller = blendq.AlphaController(model, blendq.constant(0.5))
+    x = torch.randn(4, 16)
+    model.train()
+    for step in range(2):
+        controller.step(step)
+        model(x)
+    assert controller.groups[0].row == 16 and len(controller.groups[0].quantizers) == 3
+    blendq.transform.check_weights(model)
+    with torch.no_grad():
+        model[2].float_weight[5, 7] = bad
+    controller.step(2)
+    with pytest.raises(ValueError, match=r"layer\(s\) 2\b"):
+        blendq.transform.check_weights(model)
+
+
 @pytest.mark.parametrize("method", ["ab", "ste"])
 @pytest.mark.parametrize("alpha", [0.5, 1.0])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -206,14 +229,17 @@ def test_grouped_refresh_equals_per_layer_projection():
 
 
 @pytest.mark.parametrize("group_size", [None, 16])
-def test_grouped_refresh_covers_axis_1_layouts_and_blocks(group_size):
+@pytest.mark.parametrize("mid", [8, 6])
+def test_grouped_refresh_covers_axis_1_layouts_and_blocks(group_size, mid):
     """Output channels on axis 1 (transposed convolutions; Hugging Face Conv1D) and block
-    scales refresh in the one flat PPQ too, and land where each layer's own projection
-    from the same warm start would."""
+    scales refresh in the one PPQ too, and land where each layer's own projection from
+    the same warm start would. ``mid=6``: the second layer's runs of weights (54 per
+    channel; blocks of 16 and 6) do not divide into rows of 8, so it projects apart
+    from the group, whose sums run on rows."""
     F = blendq.functional
     torch.manual_seed(0)
     model = blendq.prepare(torch.nn.Sequential(
-        torch.nn.ConvTranspose2d(8, 6, 3), torch.nn.ConvTranspose2d(6, 5, 3),
+        torch.nn.ConvTranspose2d(8, mid, 3), torch.nn.ConvTranspose2d(mid, 5, 3),
         torch.nn.Flatten(), torch.nn.Linear(5 * 8 * 8, 40)),
         blendq.QuantPolicy(w_bits=4, a_bits=None, per_channel=True, group_size=group_size))
     controller = blendq.AlphaController(model, blendq.linear(0, 4))
@@ -222,8 +248,12 @@ def test_grouped_refresh_covers_axis_1_layouts_and_blocks(group_size):
     for step in range(2):
         controller.step(step)
         model(x).sum().backward()
-    assert len(controller.groups) == 1 and len(controller.groups[0].quantizers) == 3
     layers = [m for m in model.modules() if isinstance(m, blendq.layers.BlendMixin)]
+    if mid == 6:
+        layers = [layers[0], layers[2]]
+    assert len(controller.groups) == 1 and \
+        controller.groups[0].quantizers == [m.w_quant for m in layers]
+    assert controller.groups[0].row == 8  # 72 weights a channel (blocks of 16 and 8)
     warm = [m.w_quant.scale.clone() for m in layers]
     controller.step(2)
     for m, start in zip(layers, warm, strict=True):

@@ -283,12 +283,29 @@ class WeightGroup:
 
     @staticmethod
     def key(q: WeightQuantizer) -> tuple | None:
-        """Quantizers with equal keys can share a group (``None``: never grouped)."""
+        """Quantizers with equal keys can share a group (``None``: never grouped); those
+        whose scales' runs of weights all divide into rows of 8 or more go apart from
+        the rest, so that their group's sums run on rows (:meth:`row_length`)."""
         s = q.spec
         if s.bits < 2 or not q.method.groups:
             return None
         return (s.bits, s.per_channel, s.group_size, s.max_iter, q.scale.dtype,
-                q.scale.device)
+                q.scale.device, WeightGroup.row_length(q) >= 8)
+
+    @staticmethod
+    def row_length(q: WeightQuantizer) -> int:
+        """The longest row, a power of two up to 64, that divides every run of weights
+        one scale of ``q`` covers (an output channel, a block or the whole weight)."""
+        shape, s = tuple(q.codes.shape), q.spec
+        if s.group_size is not None:
+            runs = set(F.block_lengths(shape, q.axis, s.group_size).tolist())
+        else:
+            runs = {q.codes.numel() // q.scale.numel()}
+        r = 64
+        for n in runs:
+            while n % r:
+                r //= 2
+        return r
 
     @staticmethod
     def _rows(t: Tensor, q: WeightQuantizer) -> Tensor:
@@ -321,8 +338,14 @@ class WeightGroup:
         device = flat_codes.device
         self.lengths = torch.cat([self._segments(q, w) for q, w in zip(
             qs, self.weights, strict=True)]).to(device)
-        self.layer_lengths = torch.tensor([w.numel() for w in self.weights], device=device)
-        self.index = F.segment_index(self.lengths)  # each weight's scale, once a binding
+        # sums run on rows of R weights (each scale's run whole rows), row sums first: a
+        # CPU's segment_reduce is a serial loop, several times slower per element
+        r = min(self.row_length(q) for q in qs)
+        self.row = r if r >= 8 else 1
+        self.lengths = self.lengths // self.row
+        self.layer_lengths = torch.tensor([w.numel() // self.row for w in self.weights],
+                                          device=device)
+        self.index = F.segment_index(self.lengths)  # each row's scale, once a binding
         self._bound = [(q.codes.data_ptr(), q.scale.data_ptr()) for q in qs]
 
     @torch.no_grad()
@@ -334,13 +357,19 @@ class WeightGroup:
         self._bind()
         flat = torch.cat([self._rows(w.detach(), q).reshape(-1).to(self.codes.dtype)
                           for q, w in zip(self.quantizers, self.weights, strict=True)])
-        bad = torch.segment_reduce((~torch.isfinite(flat)).to(flat.dtype), "max", unsafe=True,
+        if self.row > 1:  # a row's sum is NaN or ±inf where a weight is (or, past 1e36
+            x, out = flat.view(-1, self.row), self.codes.view(-1, self.row)  # a weight,
+            finite = torch.isfinite(x.sum(1))  # overflows: a weight gone wrong too)
+        else:
+            x, out = flat, self.codes
+            finite = torch.isfinite(flat)
+        bad = torch.segment_reduce((~finite).to(flat.dtype), "max", unsafe=True,
                                    lengths=self.layer_lengths)  # (layers,)
         self.flags.logical_or_(bad > 0)
-        codes, scale = F.ppq_segments(flat, self.lengths, self.spec.bits, self.scale,
-                                      self.spec.max_iter, codes=self.codes, index=self.index)
-        if codes is not self.codes:  # written out of place (while torch.compile traces)
-            self.codes.copy_(codes)
+        codes, scale = F.ppq_segments(x, self.lengths, self.spec.bits, self.scale,
+                                      self.spec.max_iter, codes=out, index=self.index)
+        if codes is not out:  # written out of place (while torch.compile traces)
+            self.codes.copy_(codes.reshape(-1))
         self.scale.copy_(scale)
         for q in self.quantizers:
             q.grouped, q.stale = True, False
