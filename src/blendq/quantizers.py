@@ -283,14 +283,17 @@ class WeightGroup:
 
     @staticmethod
     def key(q: WeightQuantizer) -> tuple | None:
-        """Quantizers with equal keys can share a group (``None``: never grouped); those
-        whose scales' runs of weights all divide into rows of 8 or more go apart from
-        the rest, so that their group's sums run on rows (:meth:`row_length`)."""
+        """Quantizers with equal keys can share a group (``None``: never grouped). On the
+        CPU those whose scales' runs of weights all divide into rows of 8 or more go
+        apart from the rest, so that their group's sums run on rows
+        (:meth:`row_length`); a GPU's segment reduction is parallel, and a group fewer
+        is fewer launches."""
         s = q.spec
         if s.bits < 2 or not q.method.groups:
             return None
+        rows = WeightGroup.row_length(q) >= 8 if q.scale.device.type == "cpu" else None
         return (s.bits, s.per_channel, s.group_size, s.max_iter, q.scale.dtype,
-                q.scale.device, WeightGroup.row_length(q) >= 8)
+                q.scale.device, rows)
 
     @staticmethod
     def row_length(q: WeightQuantizer) -> int:
