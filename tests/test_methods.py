@@ -70,3 +70,31 @@ def test_ab_after_ste_changes_the_method_mode_not_the_spec():
     assert layer.w_quant.spec.method == "ab"  # the spec is as prepared
     assert layer.w_quant.method.name == "ab" and layer.w_quant.method.gradient == "ste"
     assert blendq.summary(model)[0].method.startswith("ab")
+
+
+def test_a_method_overriding_mix_runs_its_own_on_the_cpu(monkeypatch):
+    """The CPU's straight-through fast path stands in only for Method.mix itself: a
+    registered method with its own mix (here half the straight-through gradient) gets
+    its own gradient there too."""
+    from blendq import methods
+    from blendq.quantizers import ActQuantizer, ActSpec, ActStatistics
+
+    class HalfStraight(methods.StraightThrough):
+        name = "half_ste_test"
+
+        def mix(self, x, xq, alpha, lo=None, hi=None):
+            value = super().mix(x, xq, alpha, lo, hi)
+            return value.detach() + 0.5 * (value - value.detach())
+
+    monkeypatch.setitem(methods.METHODS, HalfStraight.name, HalfStraight())
+    grads = {}
+    for name in ("ste", HalfStraight.name):
+        a = ActQuantizer(ActSpec(bits=8, method=name)).train()
+        ActStatistics([a])
+        x = torch.rand(4, 8, 6, 6)
+        a(x, torch.tensor(1.0))  # starts the EMA (quantized where its batch is)
+        x = x.clone().requires_grad_()
+        a(x, torch.tensor(1.0)).sum().backward()  # deferred: the CPU's path
+        grads[name] = x.grad
+    assert torch.equal(grads["ste"], torch.ones_like(grads["ste"]))
+    assert torch.equal(grads[HalfStraight.name], torch.full_like(grads["ste"], 0.5))

@@ -418,44 +418,54 @@ def test_controller_settles_statistics_as_the_forward_returns(cnn, images):
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_batch_norm_rounding_computed_together_is_each_ones_own(cnn, images, per_channel,
                                                                  monkeypatch):
-    """The controller computes every folded batch norm's bias rounding at once; each
-    equals the batch norm's own bit for bit, the forward uses it, and a forward after
-    anything it reads changed (here the batch norms' weights) computes its own again."""
-    model = blendq.prepare(cnn, blendq.QuantPolicy(w_bits=4, a_bits=8,
+    """The controller's group computes every folded batch norm's bias rounding at once,
+    at the first batch norm's forward after its step; each value equals the batch
+    norm's own bit for bit, also after a write no version counter sees (as DDP's
+    broadcast of the running statistics) between the step and the forward; a second
+    forward in the step (its running statistics updated in place) computes its own."""
+    model = blendq.prepare(cnn, blendq.QuantPolicy(w_bits=4, a_bits=8, quant_every=8,
                                                    per_channel=per_channel))
     controller = blendq.AlphaController(model, blendq.constant(0.7))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     norms = [m for m in model.modules() if isinstance(m, FoldedBatchNorm2d)]
     assert len(norms) == 2 and any(n.producer.bias is not None for n in norms) and \
         any(n.producer.bias is None for n in norms)
-    own = []  # batch norms that computed their own rounding in a forward
-    rounding = FoldedBatchNorm2d.rounding_delta
+    own, grouped = [], []  # batch norms that computed their own; that used the group's
+    alone = FoldedBatchNorm2d.own_rounding_delta
 
     def counted(bn):
-        kept = bn.__dict__.get("_rounding_kept")
-        if kept is None or kept[0] != blendq.layers.BiasRounding.state(bn):
-            own.append(bn)
-        return rounding(bn)
+        own.append(bn)
+        return alone(bn)
 
+    def checked(bn):
+        group = bn.__dict__["_rounding_group"].value(bn)
+        if group is not None:
+            grouped.append(bn)
+            assert torch.equal(group, alone(bn))  # the value, as the batch norm's own
+        return bn.own_rounding_delta() if group is None else group
+
+    monkeypatch.setattr(FoldedBatchNorm2d, "own_rounding_delta", counted)
+    monkeypatch.setattr(FoldedBatchNorm2d, "rounding_delta", checked)
     model.train()
     for step in range(4):
         controller.step(step)
-        if step > 0:
-            for bn in norms:  # the kept value against the batch norm's own
-                kept = bn.__dict__.pop("_rounding_kept")
-                assert kept[0] == blendq.layers.BiasRounding.state(bn)
-                alone = bn.rounding_delta()
-                assert alone is not None and torch.equal(kept[1], alone)
-                bn.__dict__["_rounding_kept"] = kept
-        monkeypatch.setattr(FoldedBatchNorm2d, "rounding_delta", counted)
-        own.clear()
-        if step == 3:  # between the controller's step and the forward
-            with torch.no_grad():
-                for bn in norms:
-                    bn.weight.mul_(1.01)
+        if step == 3:  # written past the version counters, as DDP's broadcast writes
+            for bn in norms:
+                bn.running_var.data.mul_(1.5)
+        quantizers = blendq.transform._act_quantizers(model)
+        for a in quantizers if step == 2 else ():  # activation scales kept as they are
+            a.eval()
+        own.clear(), grouped.clear()
         model(images).sum().backward()
-        monkeypatch.setattr(FoldedBatchNorm2d, "rounding_delta", rounding)
-        # the first step's activation scales start in its forward (and so do the codes)
-        assert own == ([] if step in (1, 2) else norms), step
+        # the first step's activation scales start in its forward, and so do the codes:
+        # those of the first layer before the group computes, the second's after
+        assert (own, grouped) == (norms[1:], norms[:1]) if step == 0 else \
+            (own, grouped) == ([], norms), step
+        if step == 2:  # a second micro-batch in the step: only the running statistics
+            own.clear(), grouped.clear()  # changed (in place) and the batch count
+            model(images).sum().backward()
+            assert (own, grouped) == (norms, []), step
+            for a in quantizers:
+                a.train()
         opt.step()
         opt.zero_grad()

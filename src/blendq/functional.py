@@ -407,7 +407,9 @@ def straight_through_fake_quantize(x: Tensor, scale: Tensor, alpha: Tensor, qmin
     ulp outside: it passes strictly between) owns the gradient, and its output is
     overwritten in place with the quantized value (the node keeps ``x``, not its
     output). Its clamp does not change a code: ``round`` and the clamp to the grid are
-    monotone and the bounds lie beyond the grid's ends."""
+    monotone and the bounds lie beyond the grid's ends. One thing sees the overwrite:
+    selective activation checkpointing with a policy that keeps ``aten.hardtanh``'s
+    output refuses it as a mutation (``CPU_FAST_STE = False`` takes the general path)."""
     s = float(scale)  # the CPU's own memory: no synchronisation
     lo = _host_bound(s, qmin - 0.5, x.dtype, -math.inf)
     hi = _host_bound(s, qmax + 0.5, x.dtype, math.inf)

@@ -419,12 +419,18 @@ class _FoldedBatchNorm:
     def rounding_delta(self) -> Tensor | None:
         """What evaluation adds to the batch norm's output: ``α·(R(t) - t)`` per channel
         (float64), ``t = k·b + t_bn`` the folded bias, ``R`` rounding to whole units of
-        ``|k|·γ_w·γ_a``; ``None`` where no unit applies. A :class:`BiasRounding`'s value
-        where it computed this one's from the state as it is now."""
-        kept = self.__dict__.get("_rounding_kept")  # (eager: a graph has no versions)
-        if kept is not None and not torch.compiler.is_compiling() and \
-                kept[0] == BiasRounding.state(self):
-            return kept[1]
+        ``|k|·γ_w·γ_a``; ``None`` where no unit applies. In training under a controller,
+        its :class:`BiasRounding`'s value where that was computed from the state as it
+        is now."""
+        group = self.__dict__.get("_rounding_group")  # (eager: a graph has no versions)
+        if group is not None and not torch.compiler.is_compiling():
+            delta = group.value(self)
+            if delta is not None:
+                return delta
+        return self.own_rounding_delta()
+
+    def own_rounding_delta(self) -> Tensor | None:
+        """:meth:`rounding_delta` computed for this batch norm alone."""
         layer = self.producer
         if layer is None or self.running_mean is None or not layer.round_bias:
             return None
@@ -444,45 +450,82 @@ class BiasRounding:
     """The training-time bias rounding of many folded batch norms
     (:meth:`_FoldedBatchNorm.rounding_delta`) computed together, in one pass over all
     their channels: about 30 operations a step, where each batch norm costs as many
-    (53 in a ResNet-50). :class:`~blendq.transform.AlphaController` refreshes it at
-    each step, once the weight codes and the activation scales of the step are set.
+    (53 in a ResNet-50). :class:`~blendq.transform.AlphaController` marks it due at
+    each step; it computes at the first member's forward after that, so after anything
+    the step, the optimizer or a distributed wrapper (DDP's broadcast of the running
+    statistics, which writes past version counters) changed before the forward.
 
     The values are those each batch norm computes alone, bit for bit (the same float64
-    operations, elementwise). Each value is kept with the state it was computed from:
-    the identity and version counter of every tensor it reads, the layer's training
-    mode and rounding switch. A forward that finds any of them changed (an activation
-    scale updated in the forward itself, a weight projected there, an optimizer step
-    in between, a module moved) computes its own, as without a group.
+    operations, elementwise). Each serves one forward at most, and only as long as
+    what it was computed from stands: it is kept with the tensors it read and their
+    version counters, the batch count among them (a training forward counts its batch
+    after using the value, so a second forward in the step, whose running statistics
+    the first updated in place, computes its own), with ``eps`` and the layer's
+    training and rounding switches. A forward that finds any of them changed (an
+    activation scale updated in the forward itself, a weight projected there, a second
+    micro-batch) computes its own, as without a group. Writes that no version counter
+    records (through ``.data``) between the first batch norm of a forward and a later
+    one would go unseen; nothing in a forward writes so.
     """
 
     def __init__(self, norms: list[nn.Module]) -> None:
         self.norms = [bn for bn in norms if isinstance(bn, _FoldedBatchNorm)]
         self._on_device = DeviceConstants()
+        self._due = False
+        for bn in self.norms:  # the newest group a batch norm joined is its own
+            bn.__dict__["_rounding_group"] = self
+
+    def due(self) -> None:
+        """Compute anew at the next member's forward (the controller's step)."""
+        self._due = True
+
+    def value(self, bn: _FoldedBatchNorm) -> Tensor | None:
+        """``bn``'s kept rounding where it still stands (computing all first if due),
+        else ``None``."""
+        if self._due:
+            self._due = False
+            self.refresh()
+        kept = bn.__dict__.get("_rounding_kept")
+        return kept[1] if kept is not None and self._stands(kept[0], bn) else None
 
     @staticmethod
-    def state(bn: _FoldedBatchNorm) -> tuple | None:
-        """What ``bn``'s training-time rounding reads, as identities and versions;
-        ``None`` where a group does not compute it (no unit a group computes, or
-        tensors without version counters, as in inference mode)."""
+    def _inputs(bn: _FoldedBatchNorm) -> tuple | None:
+        """What ``bn``'s training-time rounding reads and depends on (tensors, then
+        numbers and switches); ``None`` where a group does not compute it."""
         layer = bn.producer  # (read from the modules' own dicts: twice a step each)
         a = layer._modules.get("a_quant") if layer is not None else None
         norm, affine = bn._buffers, bn._parameters
         if a is None or not layer.training or not layer.round_bias or \
-                norm.get("running_mean") is None or affine.get("weight") is None or \
-                affine.get("bias") is None:
+                norm.get("running_mean") is None or norm.get("num_batches_tracked") is None \
+                or affine.get("weight") is None or affine.get("bias") is None:
             return None
         w = layer._modules["w_quant"]
         if w.spec.group_size is not None or w.method.learns_scale or \
                 a.method.learns_scale or not w._ready or \
                 not rounds_bias(layer._kind, a.spec.bits, a.is_signed):
             return None
-        tensors = (norm["running_var"], norm["running_mean"], affine["weight"],
-                   affine["bias"], layer._parameters.get("bias"), w._buffers["scale"],
-                   a._buffers["scale"], a._buffers["signed"], layer._buffers["alpha"])
+        return ((norm["running_var"], norm["running_mean"], norm["num_batches_tracked"],
+                 affine["weight"], affine["bias"], layer._parameters.get("bias"),
+                 w._buffers["scale"], a._buffers["scale"], a._buffers["signed"],
+                 layer._buffers["alpha"]), (bn.eps, layer.training, layer.round_bias))
+
+    @classmethod
+    def _key(cls, bn: _FoldedBatchNorm) -> tuple | None:
+        inputs = cls._inputs(bn)
+        if inputs is None:
+            return None
+        tensors, rest = inputs
         try:
-            return tuple((id(t), t._version) if t is not None else None for t in tensors)
+            versions = tuple(t._version for t in tensors if t is not None)
         except RuntimeError:  # inference tensors keep no version
             return None
+        return tensors, versions, rest  # the tensors themselves: an id is reused
+
+    @classmethod
+    def _stands(cls, key: tuple, bn: _FoldedBatchNorm) -> bool:
+        now = cls._key(bn)
+        return now is not None and all(a is b for a, b in zip(key[0], now[0], strict=True)) \
+            and key[1:] == now[1:]
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -490,7 +533,7 @@ class BiasRounding:
         parts: dict[torch.device, list] = {}
         for bn in self.norms:
             bn.__dict__.pop("_rounding_kept", None)
-            key = self.state(bn)
+            key = self._key(bn)
             if key is not None:
                 parts.setdefault(bn.running_var.device, []).append((bn, key))
         for device, members in parts.items():

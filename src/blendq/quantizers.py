@@ -360,9 +360,9 @@ class WeightGroup:
         self._bind()
         flat = torch.cat([self._rows(w.detach(), q).reshape(-1).to(self.codes.dtype)
                           for q, w in zip(self.quantizers, self.weights, strict=True)])
-        if self.row > 1:  # a row's sum is NaN or ±inf where a weight is (or, past 1e36
-            x, out = flat.view(-1, self.row), self.codes.view(-1, self.row)  # a weight,
-            finite = torch.isfinite(x.sum(1))  # overflows: a weight gone wrong too)
+        if self.row > 1:  # a row's sum (float64: it cannot overflow) is NaN or ±inf
+            x, out = flat.view(-1, self.row), self.codes.view(-1, self.row)  # where a
+            finite = torch.isfinite(x.sum(1, dtype=torch.float64))  # weight is
         else:
             x, out = flat, self.codes
             finite = torch.isfinite(flat)
@@ -556,10 +556,11 @@ class ActQuantizer(nn.Module):
 
     def _straight_on_cpu(self, x: Tensor) -> bool:
         """Whether a training batch takes :func:`F.straight_through_fake_quantize`: a
-        straight-through method, float32/64 on the CPU, recorded by autograd."""
-        return F.CPU_FAST_STE and self.method.gradient == "ste" and x.device.type == "cpu" \
-            and x.dtype in (torch.float32, torch.float64) and x.requires_grad \
-            and torch.is_grad_enabled()
+        method whose value and gradient are :meth:`Method.mix`'s own (a method that
+        overrides it runs its own), float32/64 on the CPU, recorded by autograd."""
+        return F.CPU_FAST_STE and type(self.method).mix is Method.mix and \
+            x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and \
+            x.requires_grad and torch.is_grad_enabled()
 
     def _defers(self, signed: bool) -> bool:
         """Whether this training batch's statistic waits for :meth:`ActStatistics.settle`:

@@ -349,8 +349,8 @@ class AlphaController:
         for group in self.groups:
             if all(q.stale for q in group.quantizers):
                 group.project()
-        if self.bias_rounding is not None:  # the scales stay as they are through the forward
-            self.bias_rounding.refresh()
+        if self.bias_rounding is not None:  # computed at the forward's first batch norm
+            self.bias_rounding.due()
         return alpha
 
 
