@@ -404,7 +404,7 @@ def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _rows(samples: list[Tensor], zeros: Tensor) -> Tensor:
+def _padded_rows(samples: list[Tensor], zeros: Tensor) -> Tensor:
     """Flat samples one after the other, each zero-padded to whole rows of ``_CHUNK``
     (:func:`~blendq.functional.ppq_segments`; ``zeros``: ``_CHUNK`` of them): one copy
     of them all, in ``zeros``' dtype or wider."""
@@ -466,7 +466,6 @@ class ActQuantizer(nn.Module):
         # set by an ActStatistics: this batch's sample, whose statistic it computes later
         self._stats: ActStatistics | None = None
         self._pending: Tensor | None = None
-        self._pending_size = 0  # its elements before padding
         self._count_pending = False  # the settle counts the sample's inputs at the ends
 
     def extra_repr(self) -> str:
@@ -578,8 +577,7 @@ class ActQuantizer(nn.Module):
         settle instead, a ResNet-50's settles took 40 % longer on the CPU)."""
         sample = F.strided_sample(x.detach(), self.spec.sample).reshape(-1)
         # plain attributes, set past nn.Module.__setattr__'s checks (a few µs each)
-        self.__dict__.update(_pending=sample.clone(), _pending_size=sample.numel(),
-                             _count_pending=count)
+        self.__dict__.update(_pending=sample.clone(), _count_pending=count)
 
     @torch.no_grad()
     def _update_inline(self, x: Tensor, signed: bool) -> None:
@@ -748,12 +746,12 @@ class ActStatistics:
                                []).append(i)
         batch = torch.empty_like(used)
         for (bits, signed, max_iter, dtype), idx in by_grid.items():
-            rows = self._on_device(tuple(-(-len(samples[i]) // _CHUNK) for i in idx),
-                                   used.device)
+            sizes = [len(samples[i]) for i in idx]
+            rows = self._on_device(tuple(-(-n // _CHUNK) for n in sizes), used.device)
             where = None if len(idx) == len(pending) else self._on_device(tuple(idx),
                                                                             used.device)
-            x = _rows([samples[i] for i in idx], self._on_device((0.0,) * _CHUNK,
-                                                                 used.device, dtype))
+            x = _padded_rows([samples[i] for i in idx],
+                             self._on_device((0.0,) * _CHUNK, used.device, dtype))
             start = used if where is None else used[where]
             _, scale = F.ppq_segments(x, rows, bits, start.to(x.dtype), max_iter,
                                       signed=signed, full=True)
@@ -761,7 +759,7 @@ class ActStatistics:
                 batch = scale.to(used.dtype)
             else:
                 batch[where] = scale.to(used.dtype)
-            self._count(pending, idx, x, rows, start, bits, signed)
+            self._count(pending, sizes, idx, x, rows, start, bits, signed)
         # one reduction for all, in the quantizers' order (whatever grids each rank saw)
         batch = _mean_over_ranks(batch)
         momenta = tuple(q.spec.momentum for q in pending)
@@ -770,10 +768,11 @@ class ActStatistics:
         torch._foreach_copy_([q.scale for q in pending],
                              list((m * used + (1 - m) * batch).unbind()))
 
-    def _count(self, pending: list[ActQuantizer], idx: list[int], x: Tensor, rows: Tensor,
-               used: Tensor, bits: int, signed: bool) -> None:
+    def _count(self, pending: list[ActQuantizer], sizes: list[int], idx: list[int], x: Tensor,
+               rows: Tensor, used: Tensor, bits: int, signed: bool) -> None:
         """Telemetry: each sample's inputs at the grid's ends, at the scale it was
-        quantized with (zero padding counts at neither end)."""
+        quantized with (zero padding counts at neither end; ``sizes``: the samples'
+        lengths before it)."""
         counted = [j for j, i in enumerate(idx) if pending[i]._count_pending]
         if not counted:
             return
@@ -786,4 +785,4 @@ class ActStatistics:
         quantizers = [pending[idx[j]] for j in counted]
         torch._foreach_add_([q.clipped for q in quantizers], list(clipped.unbind()))
         torch._foreach_add_([q.seen for q in quantizers],
-                            [float(q._pending_size) for q in quantizers])
+                            [float(sizes[j]) for j in counted])
