@@ -7,6 +7,7 @@ from .schedules import Schedule, constant, cubic, exponential, linear
 from .transform import (
     AlphaController,
     alpha_view,
+    calibrate,
     convert,
     format_summary,
     full_precision,
@@ -26,6 +27,7 @@ __all__ = [
     "alpha_view",
     "binarize",
     "blend",
+    "calibrate",
     "constant",
     "convert",
     "cubic",

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from .functional import SCALES
 from .methods import METHODS
 
 __all__ = ["main"]
@@ -54,6 +55,9 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, metavar="G",
                    help="one weight scale per block of G inputs of each output channel")
     p.add_argument("--method", choices=tuple(METHODS), help="weight method")
+    p.add_argument("--scale", choices=SCALES,
+                   help="scale source: ppq (least squares, default) or minmax "
+                        "(TensorFlow's QAT ranges)")
     p.add_argument("--act-method", choices=tuple(METHODS), help="activation method")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
@@ -152,6 +156,7 @@ def default_out(cfg) -> Path:
         tag = f"w{cfg.w_bits}a{cfg.a_bits or 32}-{cfg.method}" + ("-pc" if cfg.per_channel
                                                                   else "")
         tag += f"-g{cfg.group_size}" if cfg.group_size else ""
+        tag += "-minmax" if cfg.scale == "minmax" else ""
     return Path(f"runs/{cfg.model}-{Path(cfg.data).name}-{tag}")
 
 
@@ -182,6 +187,24 @@ def cmd_train(args) -> int:
     result = train(cfg, out, resume=resume, progress=not getattr(args, "quiet", False))
     last = result.history[-1]
     print(f"run {out}: " + ", ".join(f"{k}={v:.2f}" for k, v in last.items() if "acc" in k))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .engine import calibrate_run
+
+    cfg = _config(args, quantize=True)
+    out = Path(getattr(args, "out", None) or f"{default_out(cfg)}-ptq")
+    existing = [n for n in ("checkpoint.pt", "config.json") if (out / n).exists()]
+    if existing and not getattr(args, "overwrite", False):
+        raise UsageError(f"{out} already holds a run ({', '.join(existing)}): pass "
+                         "--overwrite to replace it, or another --out")
+    result = calibrate_run(cfg, out, batches=getattr(args, "batches", 16),
+                           progress=not getattr(args, "quiet", False))
+    row = result.history[-1]
+    print(f"run {out}: calibrated on {row['calibration_images']} images in "
+          f"{row['calibration_time_s']:.1f}s; " + ", ".join(
+              f"{k}={v:.2f}" for k, v in row.items() if k.endswith("acc")))
     return 0
 
 
@@ -418,6 +441,15 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--overwrite", action="store_true",
                     help="replace the run already in --out")
     tr.set_defaults(func=cmd_train)
+
+    cal = sub.add_parser("calibrate", help="post-training quantization of a float run: "
+                         "scales from a few batches, no training (--init-from FLOAT_RUN)",
+                         argument_default=argparse.SUPPRESS)
+    _add_recipe_flags(cal)
+    cal.add_argument("--batches", type=int, help="calibration batches (default 16)")
+    cal.add_argument("--overwrite", action="store_true",
+                     help="replace the run already in --out")
+    cal.set_defaults(func=cmd_calibrate)
 
     ev = sub.add_parser("eval", help="evaluate a run: blended, fp and quantized views")
     ev.add_argument("run", help="run directory or checkpoint")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["NONE_WORDS", "check_bits", "grid", "is_sign", "integer_input", "lsq", "ppq",
+__all__ = ["NONE_WORDS", "SCALES", "check_bits", "check_scale", "grid", "minmax", "is_sign", "integer_input", "lsq", "ppq",
            "ppq_segments", "segment_index", "segment_sum",
            "search_scale", "binarize", "quantize", "blend", "straight_through", "check_finite",
            "round_bias", "strided_sample", "straight_through_fake_quantize", "pack_codes",
@@ -95,6 +95,31 @@ def _peak_scale(xf: Tensor, dims: tuple[int, ...], signed: bool, qmax: int) -> T
     peak = xf.abs() if signed else xf.clamp(min=0)
     start = (peak.amax(dim=dims, keepdim=True) if dims else peak) / qmax
     return torch.where(start > 0, start, torch.full_like(start, _ZERO_SCALE))
+
+
+SCALES = ("ppq", "minmax")  # where a quantizer's scale comes from (QuantPolicy.scale)
+
+
+def check_scale(name: str, value) -> None:
+    """The one rule for a scale source name."""
+    if value not in SCALES:
+        raise ValueError(f"{name} must be one of {SCALES}, got {value!r}")
+
+
+def minmax(x: Tensor, bits: int, axis: int | None = None, signed: bool = True,
+           full: bool = False) -> tuple[Tensor, Tensor]:
+    """Min/max quantization (Jacob et al. 2018; Krishnamoorthi 2018, TensorFlow's QAT):
+    the scale maps the largest magnitude (the largest value on an unsigned grid) onto the
+    grid's top code, so nothing clips; ``codes = round(x / scale)``. The ranges are
+    symmetric about zero (zero point 0), as blendq's grids are.
+
+    Returns:
+        ``(codes, scale)`` as :func:`ppq` returns them (an all-zero slice: scale 1).
+    """
+    qmin, qmax = grid(bits, signed, full)
+    xf = _as_float(x)
+    scale = _peak_scale(xf, _reduce_dims(xf, axis), signed, qmax)
+    return _codes(xf, scale, qmin, qmax), scale
 
 
 def _codes(x: Tensor, scale: Tensor, qmin: int, qmax: int, out: Tensor | None = None) -> Tensor:

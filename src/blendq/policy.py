@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from . import methods
-from .functional import check_bits, check_group_size
+from .functional import check_bits, check_group_size, check_scale
 from .layers import is_hf_conv1d, layer_kind
 from .quantizers import ActSpec, WeightSpec, check_method
 
@@ -87,6 +87,13 @@ class QuantPolicy:
             Layers at 1 bit (sign) keep their per-channel or per-layer scale. With
             ``a_bits=None`` and ``w_bits <= 4``, Linear and ``Conv1D`` layers export to
             ONNX Runtime's ``MatMulNBits`` (docs/int4.md).
+        scale: where weight and activation scales come from. ``"ppq"`` (default): the
+            least-squares projection (PPQ, the paper's Algorithm 2) of the weights, and an
+            EMA of each batch's PPQ scale for activations. ``"minmax"``: TensorFlow's QAT
+            (Jacob et al. 2018; Krishnamoorthi 2018; the paper's "TF" columns): weights
+            from ``max|w|`` per layer, channel or block, activations from an EMA of each
+            batch's largest magnitude, both onto the grid's top code (nothing clips);
+            with ``method="ste"`` it is the baseline the paper compares with.
         int8_block_inputs: with ``group_size`` and ``a_bits=None``, Linear and ``Conv1D``
             layers round their input as ``MatMulNBits`` does at its fast accuracy level 4
             (int8, one scale ``max|x|/127`` per block of ``group_size`` inputs, computed
@@ -116,9 +123,11 @@ class QuantPolicy:
     site_bits: int = 8
     group_size: int | None = None
     int8_block_inputs: bool = False
+    scale: str = "ppq"
 
     def __post_init__(self) -> None:
         check_bits("w_bits", self.w_bits)
+        check_scale("scale", self.scale)
         check_group_size(self.group_size)
         if self.int8_block_inputs and (self.group_size is None or self.a_bits is not None):
             raise ValueError("int8_block_inputs rounds the float inputs of block-quantized "
@@ -153,7 +162,8 @@ class QuantPolicy:
         ``None`` where there are none (layer placement, or float activations)."""
         if self.placement != "graph" or self.a_bits is None or self.site_bits < 2:
             return None
-        return ActSpec(bits=self.site_bits, signed=self.a_signed, method=self.act_method)
+        return ActSpec(bits=self.site_bits, signed=self.a_signed, method=self.act_method,
+                       scale=self.scale)
 
     def __hash__(self) -> int:
         return hash((self.w_bits, self.a_bits, self.method, tuple(self.overrides.items())))
@@ -204,11 +214,13 @@ class QuantPolicy:
             method=self.method,
             binary_scale=self.binary_scale,
             quant_every=self.quant_every,
+            scale=self.scale,
         )
         a = (
             None
             if a_bits is None
-            else ActSpec(bits=a_bits, signed=self.a_signed, method=self.act_method)
+            else ActSpec(bits=a_bits, signed=self.a_signed, method=self.act_method,
+                         scale=self.scale)
         )
         return LayerPlan(name, w, a)
 

@@ -43,7 +43,11 @@ class WeightSpec:
     (set by the controller); max_iter: PPQ iterations per refresh, started from the
     previous scale (Algorithm 2 takes γ as input; the paper: "3 iterations is
     enough"), with no host synchronisation; init_iter: iterations of the first
-    projection, started from :func:`blendq.functional.search_scale`.
+    projection, started from :func:`blendq.functional.search_scale`;
+    scale: where the scale comes from: ``"ppq"`` (the least-squares projection above)
+    or ``"minmax"`` (``max|w|`` per layer, channel or block onto the grid's top code:
+    TensorFlow's QAT, :func:`blendq.functional.minmax`; the refresh is then
+    per layer, not grouped). 1-bit weights take the sign either way.
     """
 
     bits: int = 8
@@ -55,10 +59,12 @@ class WeightSpec:
     init_iter: int = 10
     group_size: int | None = None
     int8_inputs: bool = False
+    scale: str = "ppq"
 
     def __post_init__(self) -> None:
         F.check_bits("w_bits", self.bits)
         check_method("method", self.method)
+        F.check_scale("scale", self.scale)
         F.check_group_size(self.group_size)
         if self.group_size is not None and self.bits == 1:
             raise ValueError("group_size needs 2..8-bit weights (1-bit weights keep one "
@@ -84,6 +90,10 @@ class ActSpec:
     Measured on a W4A4 network (``benchmarks/act_sample.py``): after 300 steps the EMA
     scales from samples of 262,144, 65,536 and 16,384 elements are within 0.12 % of
     the whole batch's, their quantization error within 0.25 % (docs/performance.md).
+    scale: the batch statistic the EMA follows: ``"ppq"`` (the batch's least-squares
+    scale, on the sample) or ``"minmax"`` (the batch's largest magnitude onto the
+    grid's top code, on the whole batch, computed where the batch is quantized: the
+    EMA of min/max ranges of TensorFlow's QAT, Jacob et al. 2018).
     """
 
     bits: int = 8
@@ -92,10 +102,12 @@ class ActSpec:
     momentum: float = 0.99
     max_iter: int = 3
     sample: int | None = 16384
+    scale: str = "ppq"
 
     def __post_init__(self) -> None:
         F.check_bits("a_bits", self.bits)
         check_method("act_method", self.method)
+        F.check_scale("scale", self.scale)
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.sample is not None and self.sample < 1:
@@ -150,7 +162,7 @@ class WeightQuantizer(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         gran = f"group_size={s.group_size}" if s.group_size else f"per_channel={s.per_channel}"
-        return f"bits={s.bits}, {gran}, method={s.method}"
+        return f"bits={s.bits}, {gran}, method={s.method}, scale={s.scale}"
 
     def per_element(self, scale: Tensor, shape: tuple[int, ...]) -> Tensor:
         """``scale`` broadcastable to a weight of ``shape``: block scales repeated over
@@ -175,6 +187,8 @@ class WeightQuantizer(nn.Module):
                 F.check_finite(w)
             if s.bits == 1:
                 codes, scale = F.binarize(x, axis=axis, scaled=s.binary_scale, fixed=True)
+            elif s.scale == "minmax":
+                codes, scale = F.minmax(x, s.bits, axis=axis)
             elif self._ready:
                 codes, scale = F.ppq(x, s.bits, axis=axis, max_iter=s.max_iter,
                                      scale=warm, fixed=True)
@@ -289,7 +303,7 @@ class WeightGroup:
         (:meth:`row_length`); a GPU's segment reduction is parallel, and a group fewer
         is fewer launches."""
         s = q.spec
-        if s.bits < 2 or not q.method.groups:
+        if s.bits < 2 or not q.method.groups or s.scale != "ppq":
             return None
         rows = WeightGroup.row_length(q) >= 8 if q.scale.device.type == "cpu" else None
         return (s.bits, s.per_channel, s.group_size, s.max_iter, q.scale.dtype,
@@ -469,7 +483,7 @@ class ActQuantizer(nn.Module):
         self._count_pending = False  # the settle counts the sample's inputs at the ends
 
     def extra_repr(self) -> str:
-        return f"bits={self.spec.bits}, method={self.spec.method}"
+        return f"bits={self.spec.bits}, method={self.spec.method}, scale={self.spec.scale}"
 
     @property
     def is_signed(self) -> bool:
@@ -502,6 +516,8 @@ class ActQuantizer(nn.Module):
             self._stats.settle()
 
     def _batch_scale(self, x: Tensor, signed: bool) -> Tensor:
+        if self.spec.scale == "minmax" and not F.is_sign(self.spec.bits, signed):
+            return F.minmax(x, self.spec.bits, signed=signed, full=True)[1].reshape(())
         if self.spec.sample is not None:
             x = F.strided_sample(x, self.spec.sample)
         if F.is_sign(self.spec.bits, signed):
@@ -568,7 +584,8 @@ class ActQuantizer(nn.Module):
         if torch.compiler.is_compiling() or self._stats is None or not self._initialized:
             return False
         self.settle()  # called twice in one forward: the first batch's statistic enters now
-        return self.spec.sample is not None and not F.is_sign(self.spec.bits, signed)
+        return self.spec.sample is not None and self.spec.scale == "ppq" and \
+            not F.is_sign(self.spec.bits, signed)
 
     @torch.no_grad()
     def _keep(self, x: Tensor, count: bool) -> None:

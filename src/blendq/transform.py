@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +29,7 @@ from .schedules import Schedule
 
 __all__ = [
     "prepare",
+    "calibrate",
     "set_alpha",
     "get_alpha",
     "AlphaController",
@@ -352,6 +353,97 @@ class AlphaController:
         if self.bias_rounding is not None:  # computed at the forward's first batch norm
             self.bias_rounding.due()
         return alpha
+
+
+def _call(model: nn.Module, batch):
+    """A batch as the model takes it: a tensor, a dict of keyword inputs, or a tuple or
+    list whose first element is the input (a loader's ``(x, y)``)."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, tuple | list):
+        return model(batch[0])
+    return model(batch)
+
+
+def _shapes(batch) -> str:
+    if isinstance(batch, dict):
+        return "{" + ", ".join(f"{k}: {_shapes(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, tuple | list):
+        return _shapes(batch[0]) if batch else "an empty sequence"
+    return str(tuple(batch.shape)) if isinstance(batch, torch.Tensor) else type(batch).__name__
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable,
+              forward: Callable[[nn.Module, object], object] | None = None) -> int:
+    """Post-training quantization: make a prepared model the quantized model from a few
+    batches of data, with no training step.
+
+    Every α is set to 1; weights are projected as they are (the policy's scale source:
+    PPQ's least-squares scale, or ``max|w|`` with ``scale="minmax"``); each activation
+    scale is computed from the batches: the mean of the batches' PPQ scales, or with
+    ``scale="minmax"`` the largest batch range (what ONNX Runtime's MinMax calibration
+    takes). Batch norms use their running statistics and nothing else changes. The
+    result converts, exports and verifies like a trained model, and a training run may
+    start from it.
+
+    Args:
+        model: a model :func:`prepare` quantized (float weights, e.g. a trained model).
+        batches: an iterable of batches: a tensor (the input), a dict (keyword inputs) or
+            a tuple/list whose first element is the input (as a loader yields ``(x, y)``).
+        forward: ``forward(model, batch)`` for batches of another form.
+
+    Returns:
+        The number of batches used.
+
+    Raises:
+        ValueError: the model was not prepared (nothing to quantize), no batch was
+            given, or a batch does not fit the model (its shapes named).
+    """
+    _require_blend(model)
+    forward = forward or _call
+    quantizers = _act_quantizers(model)
+    settle(model)
+    modes = [(m, m.training) for m in model.modules()]
+    stats: list[list[torch.Tensor]] = [[] for _ in quantizers]
+    count = 0
+    try:
+        model.eval()
+        for q in quantizers:  # only the activation quantizers learn their scale
+            q.train()
+        for count, batch in enumerate(batches, 1):
+            for q in quantizers:  # each batch's own scale (the EMA starts anew)
+                q.initialized.fill_(False)
+                q._initialized = False
+                q.__dict__.pop("_lsq_started", None)
+            set_alpha(model, 1.0)
+            try:
+                forward(model, batch)
+            except (RuntimeError, TypeError, IndexError) as err:
+                raise ValueError(f"calibration batch {count} ({_shapes(batch)}) does not fit "
+                                 f"the model: {type(err).__name__}: {err}") from err
+            for q, seen in zip(quantizers, stats, strict=True):
+                if bool(q.initialized):  # a quantizer this batch did not reach keeps none
+                    seen.append(q.scale.clone())
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if count == 0:
+        raise ValueError("calibrate needs at least one batch of data; got none")
+    for q, seen in zip(quantizers, stats, strict=True):
+        if not seen:
+            raise ValueError(f"activation quantizer {q.name or '<unnamed>'} saw no batch: "
+                             "the calibration batches never reach it")
+        scales = torch.stack(seen)
+        scale = scales.amax(0) if q.spec.scale == "minmax" else scales.mean(0)
+        q.scale.copy_(scale)
+        q.initialized.fill_(True)
+        q._initialized = True
+        if q.method.learns_scale:
+            q.step.copy_(scale)
+            q._lsq_started = True
+    set_alpha(model, 1.0)
+    return count
 
 
 def _straight_through_weights(layers: list[BlendMixin]) -> None:

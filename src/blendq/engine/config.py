@@ -54,6 +54,7 @@ class TrainConfig:
     a_bits: int | None = 8
     per_channel: bool = False
     group_size: int | None = None
+    scale: str = "ppq"
     method: str = "ab"
     act_method: str = "ste"
     binary_scale: bool = True

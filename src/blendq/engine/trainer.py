@@ -33,6 +33,7 @@ from ..transform import (
     AlphaController,
     alpha_view,
     blend_layers,
+    calibrate,
     check_weights,
     convert,
     eval_mode,
@@ -47,8 +48,8 @@ from .checkpoint import load_checkpoint, remove_stale, save_checkpoint
 from .config import TrainConfig
 from .progress import Progress, write_metrics
 
-__all__ = ["train", "evaluate", "evaluate_run", "build", "RunResult", "load_run", "load_run_model",
-           "CHECKPOINT"]
+__all__ = ["train", "calibrate_run", "evaluate", "evaluate_run", "build", "RunResult", "load_run",
+           "load_run_model", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -286,6 +287,65 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
     if run.dist.main and cfg.quantize and get_alpha(run.model) >= 1.0:
         _save_converted(run.model, run.out_dir)
     return RunResult(run.history, run.model, run.out_dir)
+
+
+def calibrate_run(cfg: TrainConfig, out_dir: str | os.PathLike, batches: int = 16,
+                  progress: bool = True) -> RunResult:
+    """Post-training quantization of ``cfg``'s float run (``cfg.init_from``): the model
+    prepared with ``cfg``'s policy and :func:`~blendq.calibrate`\ d on ``batches``
+    training batches (``cfg.batch_size`` images each, drawn with ``cfg.seed``, not
+    augmented), no optimizer step. The run directory it writes (``checkpoint.pt`` with
+    one history row, ``converted.pt``, ``config.json``, ``metrics.jsonl``) is what
+    ``blendq eval``, ``export`` and ``verify`` read, like a trained run's.
+
+    Raises:
+        ValueError: no ``init_from`` (a random model calibrates to nothing useful), a
+            float config, or ``batches`` < 1.
+    """
+    if not cfg.quantize:
+        raise ValueError("calibrate quantizes a model: the config has quantize=false")
+    if not cfg.init_from:
+        raise ValueError("calibrate needs the trained float model to quantize: pass "
+                         "init_from (--init-from RUN)")
+    if batches < 1:
+        raise ValueError(f"batches must be >= 1, got {batches}")
+    out_dir = Path(out_dir)
+    device = _device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.data, cfg.data_root)
+    shape = data_shape(cfg, data)
+    model = _float_model(cfg, shape)
+    _load_float_weights(model, cfg.init_from)
+    model = prepare(model, cfg.policy()).to(device)
+    train_loader, test_loader = make_loaders(cfg, data)
+    if hasattr(train_loader, "augment"):
+        train_loader.augment = False  # calibration sees the images as they are
+    t0 = time.perf_counter()
+    taken = (x.to(device) for x, _ in _first(train_loader, batches))
+    used = calibrate(model, Progress(taken, batches, "calibrate", progress))
+    row = {"epoch": 0, "step": 0, "alpha": 1.0, "calibration_batches": used,
+           "calibration_images": used * cfg.batch_size,
+           "calibration_time_s": round(time.perf_counter() - t0, 3)}
+    t1 = time.perf_counter()
+    row.update(_evaluate_views(model, test_loader, device, cfg, progress))
+    row["eval_time_s"] = round(time.perf_counter() - t1, 3)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    d = _Dist()
+    (out_dir / "env.json").write_text(json.dumps(_environment(cfg, device, d), indent=2))
+    state = {"model": model.state_dict(), "epoch": 0, "step": 0, "history": [row],
+             "config": cfg.to_dict(), "data_shape": shape, "calibrated": used}
+    save_checkpoint(state, out_dir / CHECKPOINT)
+    write_metrics([row], out_dir)
+    _save_converted(model, out_dir)
+    return RunResult([row], model, out_dir)
+
+
+def _first(loader, n: int):
+    for i, batch in enumerate(loader):
+        if i >= n:
+            return
+        yield batch
 
 
 def _setup(cfg: TrainConfig, out_dir: Path, progress: bool) -> _Run:
