@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -79,3 +80,28 @@ def torch_ao_qat(base: nn.Module) -> nn.Module | None:
     except Exception as err:  # noqa: BLE001 - report and go on
         print(f"torch.ao QAT unavailable: {type(err).__name__}: {err}")
         return None
+
+
+def mean_sd(values: list[float]) -> str:
+    """``mean ± sd`` over seeds (``(n=1)`` for a single value, ``–`` for none)."""
+    if len(values) < 2:
+        return f"{values[0]:.2f} (n=1)" if values else "–"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+# two-sided 95 % quantiles of Student's t by degrees of freedom (n - 1 paired seeds)
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
+def paired_difference(by: dict, setting: str, name: str, ref: str) -> str:
+    """``name − ref`` over the seeds both have (``by``: ``{(setting, variant, seed):
+    value}``): mean ± sd, `` *`` when the 95 % t-interval excludes zero."""
+    diffs = [a - by[(s, ref, sd)] for (s, v, sd), a in by.items()
+             if (s, v) == (setting, name) and (s, ref, sd) in by]
+    if name == ref or not diffs:
+        return "–"
+    if len(diffs) == 1:
+        return f"{diffs[0]:+.2f} (n=1)"
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    beyond = abs(mean) > T95.get(len(diffs) - 1, 2.0) * sd / len(diffs) ** 0.5
+    return f"{mean:+.2f} ± {sd:.2f}" + (" *" if beyond else "")

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -152,34 +151,16 @@ def _jobs(args, done: set) -> tuple[list[dict], list[dict]]:
     return floats, runs
 
 
-def _ms(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.2f} (n=1)" if values else "–"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
-# two-sided 95 % quantiles of Student's t by degrees of freedom (n - 1 paired seeds)
-_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
-
-
-def _paired(by: dict, setting: str, name: str, ref: str) -> str:
-    """``name − ref`` over the seeds both have: mean ± sd, * when the 95 % t-interval
-    excludes zero."""
-    diffs = [a - by[(s, ref, sd)] for (s, v, sd), a in by.items()
-             if (s, v) == (setting, name) and (s, ref, sd) in by]
-    if name in (ref, "fp32") or not diffs:
-        return "–"
-    if len(diffs) == 1:
-        return f"{diffs[0]:+.2f} (n=1)"
-    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
-    beyond = abs(mean) > _T95.get(len(diffs) - 1, 2.0) * sd / len(diffs) ** 0.5
-    return f"{mean:+.2f} ± {sd:.2f}" + (" *" if beyond else "")
-
-
 def report(rows: list[dict], settings: list[str]) -> str:
     """Markdown: accuracy mean ± sd per variant and setting with the paired (same seed)
     difference to STE; then each AB variant's paired difference to AB as the library's
     defaults. * marks a difference whose 95 % t-interval excludes zero."""
+    from _harness import mean_sd as _ms
+    from _harness import paired_difference
+
+    def _paired(by, setting, name, ref):
+        return "–" if name == "fp32" else paired_difference(by, setting, name, ref)
+
     by = {(r["setting"], r["variant"], r["seed"]): r["acc"] for r in rows}
     names = list(dict.fromkeys(r["variant"] for r in rows))
     settings = [s for s in settings if any(r["setting"] == s for r in rows)]
