@@ -296,8 +296,11 @@ def main() -> None:
                              "train_subset": args.train_subset, "lr": args.lr,
                              "test_subset": args.test_subset}}
         t0 = time.perf_counter()
+        # net by net, each one's float run first (its columns start from it)
+        batches = [b for net in args.nets for b in ([j for j in floats if j["net"] == net],
+                                                    [j for j in runs if j["net"] == net])]
         with ProcessPoolExecutor(args.jobs) as pool, rows_path.open("a") as sink:
-            for batch in (floats, runs):  # the columns start from the float runs
+            for batch in batches:
                 pending = {pool.submit(run_job, job) for job in batch}
                 while pending:
                     finished, pending = wait(pending, return_when=FIRST_COMPLETED)

@@ -86,3 +86,28 @@ def test_lm_int4_script_trains_and_deploys_in_smoke_mode(tmp_path):
             json.loads((tmp_path / "lm_int4_deploy.json").read_text())["rows"]}
     assert rows["W4 g32 level 0"]["top1_agree_pct"] == 100.0
     assert rows["W4 g32 level 4, int8 in"]["max_output_steps"] < 0.01
+
+
+def test_paper_tables_script_runs_verifies_resumes_and_reports(tmp_path):
+    from fake_datasets import make_cifar10
+
+    data = make_cifar10(tmp_path / "data", per_batch=64)
+    args = ("--smoke", "--out", str(tmp_path / "out"), "--data-root", str(data),
+            "--nets", "MobileNet v1 0.25", "--bits", "4-4", "--seeds", "0", "1",
+            "--columns", "min/max QAT per channel", "AB per channel", "PTQ per channel")
+    out = _run("paper_tables.py", *args)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text()
+            .splitlines()]
+    assert len(rows) == 1 + 2 * 3  # the float model once, three columns for two seeds
+    assert {r["column"] for r in rows} == {"fp32", "min/max QAT per channel",
+                                           "AB per channel", "PTQ per channel"}
+    table = [r for r in rows if r["column"] != "fp32"]
+    assert all(r["verified"] and 0 <= r["acc"] <= 100 for r in table)
+    ab = json.loads((tmp_path / "out" / "mobilenet-v1-0-25" / "4-4" / "ab-per-channel" / "s1"
+                     / "config.json").read_text())
+    assert ab["first_layer"] == ab["depthwise"] == ab["last_layer"] == [8, 8]
+    assert ab["init_from"].endswith("fp32") and ab["seed"] == 1
+    assert "| AB − min/max, per channel |" in out and "7 of 7 runs" not in out
+    assert "6 of 6 runs" in out
+    again = _run("paper_tables.py", *args)  # finished runs are not run again
+    assert "0 float runs, then 0 table runs" in again

@@ -126,3 +126,27 @@ def test_compare_command_table_and_plots(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "STE" in text and "AB" in text
     assert (out / "compare.png").stat().st_size > 0 and (out / "ab_curves.png").exists()
+
+
+def test_calibrate_command_quantizes_a_float_run_that_exports_and_verifies(tmp_path, capsys):
+    fp = tmp_path / "fp"
+    assert main(["train", "--fp32", "--model", "digits_cnn", "--epochs", "2", "--out", str(fp),
+                 "--quiet", "--set", "model_args={\"width\": 8}"]) == 0
+    ptq = tmp_path / "ptq"
+    args = ["calibrate", "--model", "digits_cnn", "--w-bits", "8", "--a-bits", "8",
+            "--per-channel", "--method", "ste", "--scale", "minmax", "--init-from", str(fp),
+            "--batches", "4", "--out", str(ptq), "--quiet",
+            "--set", "model_args={\"width\": 8}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "calibrated on 512 images" in out and "q_test_acc=" in out
+    config = json.loads((ptq / "config.json").read_text())
+    assert config["scale"] == "minmax" and config["init_from"] == str(fp)
+    assert (ptq / "converted.pt").exists()
+    assert main(["verify", str(ptq), "--test-subset", "200"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "top-1 agree" in line]
+    assert rows and all("top-1 agree 100.000%" in line for line in rows)
+    assert main(args) == 2  # a second calibration into the same run directory
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["calibrate", "--model", "digits_cnn", "--out", str(tmp_path / "x")]) == 2
+    assert "needs the trained float model" in capsys.readouterr().err

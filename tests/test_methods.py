@@ -98,3 +98,50 @@ def test_a_method_overriding_mix_runs_its_own_on_the_cpu(monkeypatch):
         grads[name] = x.grad
     assert torch.equal(grads["ste"], torch.ones_like(grads["ste"]))
     assert torch.equal(grads[HalfStraight.name], torch.full_like(grads["ste"], 0.5))
+
+
+@pytest.mark.parametrize("fused", ["auto", False, True])
+def test_every_path_gives_a_method_its_own_value_and_gradient(fused, monkeypatch):
+    """Method × path: the eager path, the CPU's straight-through node and the fused
+    kernel (its math run eagerly, forced on the CPU) give each method the value and the
+    gradient of its own ``mix``; the kernel is never taken for a method that defines its
+    own ``mix`` (asked for, it is refused with the reason)."""
+    from blendq import functional as F
+    from blendq import methods
+    from blendq.quantizers import ActQuantizer, ActSpec, ActStatistics
+
+    class HalfStraight(methods.StraightThrough):
+        name = "half_ste_paths"
+
+        def mix(self, x, xq, alpha, lo=None, hi=None):
+            value = super().mix(x, xq, alpha, lo, hi)
+            return value.detach() + 0.5 * (value - value.detach())
+
+    monkeypatch.setitem(methods.METHODS, HalfStraight.name, HalfStraight())
+    monkeypatch.setattr(F, "FUSED_FAKE_QUANT", fused)
+    monkeypatch.setattr(F, "_fused_math", lambda: F._fake_quant_math)
+    assert methods.get("ste").kernel == "ste" and methods.get("ab").kernel == "ab"
+    assert HalfStraight().kernel is None and methods.get("lsq").kernel == "ste"
+    expected = {"ste": 1.0, "ab": 0.75, HalfStraight.name: 0.5}  # at α = 0.25 for AB
+    for name, slope in expected.items():
+        alpha = torch.tensor(0.25 if name == "ab" else 1.0)
+        for deferred in (False, True):
+            a = ActQuantizer(ActSpec(bits=8, method=name, sample=None if not deferred
+                                     else 16384), name="act").train()
+            if deferred:
+                ActStatistics([a])
+            x = torch.rand(4, 8, 6, 6) * 2
+            if fused is True and name == HalfStraight.name:
+                with pytest.raises(ValueError, match="defines its own mix"):
+                    a(x, alpha)
+                continue
+            a(x, alpha)  # the first batch starts the EMA
+            x = x.clone().requires_grad_()
+            value = a(x, alpha)
+            value.sum().backward()
+            scale = a.scale if not deferred else value.new_tensor(float(a.scale))
+            assert torch.equal(x.grad, torch.full_like(x, slope)), (name, deferred)
+            codes = torch.clamp(torch.round(x.detach() / value.new_tensor(float(scale))),
+                                0, 255)
+            expect = torch.lerp(x.detach(), codes * float(scale), alpha)
+            assert torch.allclose(value, expect, atol=1e-6), (name, deferred)

@@ -59,6 +59,20 @@ class Method:
         """The method once α reaches 1 (``after``: ``"freeze"`` or ``"ste"``)."""
         return self
 
+    @property
+    def kernel(self) -> str | None:
+        """The gradient rule under which the fused activation kernel
+        (:func:`blendq.functional.fake_quantize`) computes exactly this method's value
+        and gradient, or ``None``: the kernel implements :meth:`Method.mix` (``"ste"``)
+        and :meth:`AlphaBlend.mix` (``"ab"``) only, so a method that defines its own
+        ``mix`` runs the eager path on every device, never the kernel's gradient."""
+        own = type(self).mix
+        if own is Method.mix and self.gradient == "ste":
+            return "ste"
+        if own is AlphaBlend.mix and self.gradient == "ab":
+            return "ab"
+        return None
+
     def __repr__(self) -> str:
         return self.name
 

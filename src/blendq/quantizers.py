@@ -538,7 +538,7 @@ class ActQuantizer(nn.Module):
         if self.method.learns_scale and not F.is_sign(self.spec.bits, signed) and \
                 (self.training or self._lsq_ready):  # untrained eval: the batch scale below
             return torch.lerp(x, self._lsq(x, signed), alpha.to(x.dtype))
-        fused = F.fuses(x) and not F.is_sign(self.spec.bits, signed)  # one pass each way
+        fused = self._fuses(x, signed)  # one pass each way
         deferred = False
         if self.training:
             deferred = self._defers(signed)
@@ -557,7 +557,7 @@ class ActQuantizer(nn.Module):
             return F.straight_through_fake_quantize(x, scale, alpha.to(x.dtype), qmin, qmax)
         if fused:
             value, clipped = F.fake_quantize(x, scale, alpha, self.spec.bits, signed,
-                                             self.method.gradient, fused=True)
+                                             self.method.kernel, fused=True)
             if self.training:
                 self.clipped += clipped
                 self.seen += x.numel()
@@ -568,6 +568,27 @@ class ActQuantizer(nn.Module):
         xq = codes.mul_(scale)
         lo, hi = self._ste_range(scale, signed)
         return self.method.mix(x, xq, alpha, lo, hi)
+
+    def _fuses(self, x: Tensor, signed: bool) -> bool:
+        """Whether this batch takes the fused kernel: where :func:`F.fuses` says it runs,
+        for a grid of two levels or more and a method whose value and gradient the kernel
+        computes (:attr:`Method.kernel`); a method with its own ``mix`` runs it eagerly.
+
+        Raises:
+            ValueError: ``FUSED_FAKE_QUANT`` is ``True`` (the kernel asked for) and this
+                quantizer's method defines a ``mix`` the kernel cannot run.
+        """
+        if not F.fuses(x) or F.is_sign(self.spec.bits, signed):
+            return False
+        if self.method.kernel is None:
+            if F.FUSED_FAKE_QUANT is True:
+                raise ValueError(
+                    f"FUSED_FAKE_QUANT=True asks for the fused activation kernel, but "
+                    f"{self.name or 'an activation quantizer'}'s method "
+                    f"{self.method.name!r} defines its own mix, whose gradient the kernel "
+                    "cannot compute; set blendq.functional.FUSED_FAKE_QUANT = 'auto'")
+            return False
+        return True
 
     def _straight_on_cpu(self, x: Tensor) -> bool:
         """Whether a training batch takes :func:`F.straight_through_fake_quantize`: a

@@ -405,6 +405,9 @@ def calibrate(model: nn.Module, batches: Iterable,
     quantizers = _act_quantizers(model)
     settle(model)
     modes = [(m, m.training) for m in model.modules()]
+    holders = _alpha_holders(model)
+    before = ([m.alpha.clone() for m in holders],  # put back if a batch fails
+              [(q.scale.clone(), q.initialized.clone(), q.signed.clone()) for q in quantizers])
     stats: list[list[torch.Tensor]] = [[] for _ in quantizers]
     count = 0
     try:
@@ -420,8 +423,14 @@ def calibrate(model: nn.Module, batches: Iterable,
             try:
                 forward(model, batch)
             except (RuntimeError, TypeError, IndexError) as err:
+                for m, alpha in zip(holders, before[0], strict=True):
+                    m.alpha.copy_(alpha)
+                for q, (scale, ready, signed) in zip(quantizers, before[1], strict=True):
+                    q.load_state_dict({**q.state_dict(), "scale": scale, "initialized": ready,
+                                       "signed": signed}, strict=False)
                 raise ValueError(f"calibration batch {count} ({_shapes(batch)}) does not fit "
-                                 f"the model: {type(err).__name__}: {err}") from err
+                                 f"the model: {type(err).__name__}: {err}; the model is as "
+                                 "it was") from err
             for q, seen in zip(quantizers, stats, strict=True):
                 if bool(q.initialized):  # a quantizer this batch did not reach keeps none
                     seen.append(q.scale.clone())

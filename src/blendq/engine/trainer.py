@@ -292,7 +292,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
 def calibrate_run(cfg: TrainConfig, out_dir: str | os.PathLike, batches: int = 16,
                   progress: bool = True) -> RunResult:
     """Post-training quantization of ``cfg``'s float run (``cfg.init_from``): the model
-    prepared with ``cfg``'s policy and :func:`~blendq.calibrate`\ d on ``batches``
+    prepared with ``cfg``'s policy and calibrated (:func:`~blendq.calibrate`) on ``batches``
     training batches (``cfg.batch_size`` images each, drawn with ``cfg.seed``, not
     augmented), no optimizer step. The run directory it writes (``checkpoint.pt`` with
     one history row, ``converted.pt``, ``config.json``, ``metrics.jsonl``) is what
