@@ -216,3 +216,59 @@ def test_missing_onnx_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_onnx)
     with pytest.raises(ExportError, match=r"pip install 'blendq\[export\]'"):
         to_onnx(None, torch.zeros(1))
+
+
+def test_a_full_disk_is_named_and_the_previous_checkpoint_stays_intact(tmp_path, monkeypatch):
+    import shutil
+
+    import torch as _torch
+
+    from blendq.engine import checkpoint as ck
+
+    path = tmp_path / "checkpoint.pt"
+    ck.save_checkpoint({"epoch": 1, "w": _torch.ones(3)}, path)
+    real_save = _torch.save
+
+    def full_disk(obj, f):  # what torch.save's writer raises when the disk fills up
+        f.write(b"PK\x03\x04 partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                           "14144 vs 14040")
+
+    monkeypatch.setattr(ck.torch, "save", full_disk)
+    with pytest.raises(ck.CheckpointError) as info:
+        ck.save_checkpoint({"epoch": 2}, path)
+    message = str(info.value)
+    assert "disk holding it is full" in message and str(path) in message
+    assert "previous checkpoint" in message and "is intact" in message
+    assert ck.load_checkpoint(path)["epoch"] == 1  # and it is
+    assert not list(tmp_path.glob(".checkpoint.pt.*.tmp"))  # no partial file left
+
+    def no_space(obj, f):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck.torch, "save", no_space)
+    with pytest.raises(ck.CheckpointError, match="no earlier checkpoint exists"):
+        ck.save_checkpoint({"epoch": 1}, tmp_path / "new.pt")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 10**9))
+
+    def other(obj, f):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(ck.torch, "save", other)
+    with pytest.raises(ck.CheckpointError, match="RuntimeError: something else") as info:
+        ck.save_checkpoint({"epoch": 2}, path)
+    assert "disk holding it is full" not in str(info.value)
+    monkeypatch.setattr(ck.torch, "save", real_save)
+
+
+def test_a_damaged_onnx_file_is_named(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from blendq.export import onnx_session
+    from blendq.export.capture import ExportError
+
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"\x08\x07\x12\xff\xff\xff not a model")
+    with pytest.raises(ExportError, match=r"model\.onnx is not a readable ONNX model"):
+        onnx_session(bad)
+    with pytest.raises(ExportError, match="does not exist"):
+        onnx_session(tmp_path / "missing.onnx")

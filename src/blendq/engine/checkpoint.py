@@ -8,8 +8,10 @@ leaves the previous good checkpoint in place. Loaded with
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,18 +30,47 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     """Atomically write ``state`` (tensors, numbers, strings, lists, dicts) to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _write_error(path, err) from err
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, **state}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # a full disk: torch.save's writer says
+        Path(tmp).unlink(missing_ok=True)   # "unexpected pos", an OSError says ENOSPC
+        raise _write_error(path, err) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
     return path
+
+
+_FULL = 1 << 20  # a disk with less free space than this (bytes) counts as full
+
+
+def _write_error(path: Path, err: Exception) -> CheckpointError:
+    """What a failed save tells: a full disk said in words, which file, and whether the
+    previous checkpoint at ``path`` is intact (the write goes to a temporary file, so it
+    is whenever there was one)."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+        "unexpected pos" in str(err) or (free is not None and free < _FULL)
+    kept = (f"the previous checkpoint {path} is intact" if path.exists()
+            else f"no earlier checkpoint exists at {path}")
+    if full:
+        return CheckpointError(
+            f"cannot save checkpoint {path}: the disk holding it is full"
+            + ("" if free is None else f" ({free:,} bytes free)")
+            + f"; {kept}. Free some space and resume")
+    return CheckpointError(f"cannot save checkpoint {path}: {type(err).__name__}: {err}; {kept}")
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -600,7 +600,13 @@ def onnx_session(path: str | os.PathLike, optimize: bool = True,
     memory first (:func:`int8_weights`), so ORT's int8 kernels run."""
     ort = _require("onnxruntime")
     onnx = _require("onnx")
-    model = onnx.load(str(path))
+    if not Path(path).is_file():
+        raise ExportError(f"ONNX file {path} does not exist")
+    try:
+        model = onnx.load(str(path))
+    except Exception as err:  # protobuf's DecodeError names no file
+        raise ExportError(f"{path} is not a readable ONNX model (damaged or truncated?): "
+                          f"{type(err).__name__}: {err}") from err
     source = str(path)
     if int8_weights(model):
         source = model.SerializeToString()
