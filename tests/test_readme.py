@@ -29,3 +29,16 @@ def test_readme_bring_your_own_loop_snippets_run(tmp_path, monkeypatch):
         namespace: dict = {}
         exec(compile(block, "README.md", "exec"), namespace)
         assert namespace["int_model"] is not None
+
+
+def test_readme_post_training_snippet_runs():
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split("**Post-training quantization, and the paper's baseline.**", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    import torch
+
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(namespace["int_model"](x), namespace["ptq"](x))
