@@ -39,6 +39,10 @@ class TrainConfig:
     quantize at once from ``T0`` (α jumps to 1 there); ``quantize=False`` trains fp32.
     ``ab_after``: what AB's weights do once α = 1: ``"freeze"`` (the paper; their
     gradient ``1 - α`` is zero) or ``"ste"`` (go on training them straight-through).
+    ``distill``: the weight of a distillation loss from the float model (``init_from``,
+    frozen, eval mode, on the same batch; :mod:`blendq.distill`) mixed with the labels'
+    cross-entropy as ``(1 - distill)·CE + distill·KD`` at ``distill_temperature``;
+    ``None``: labels only.
     ``bn_freeze``: from this point of a quantized run (a fraction of the total steps when
     <= 1, else a step) batch norms use and keep their running statistics, so the last
     part of training computes what the integer model computes; ``None``: never.
@@ -72,6 +76,8 @@ class TrainConfig:
     embedding: int | None = None
     clip_latent: bool = False
     bn_freeze: float | None = 0.9
+    distill: float | None = None
+    distill_temperature: float = 2.0
     epochs: int = 10
     batch_size: int = 128
     optimizer: str = "adam"
@@ -134,6 +140,19 @@ class TrainConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise ValueError(f"{name} must be a positive integer or none, got {value!r}")
+        object.__setattr__(self, "distill", _none(self.distill))
+        if self.distill is not None:
+            if isinstance(self.distill, bool) or not isinstance(self.distill, int | float) \
+                    or not 0 <= self.distill <= 1:
+                raise ValueError(f"distill must be a weight in [0, 1] or none, got "
+                                 f"{self.distill!r}")
+            if not self.init_from:
+                raise ValueError("distill learns from the float model: it needs init_from "
+                                 "(--init-from FLOAT_RUN), the teacher")
+        if not (isinstance(self.distill_temperature, int | float)
+                and self.distill_temperature > 0):
+            raise ValueError(f"distill_temperature must be > 0, got "
+                             f"{self.distill_temperature!r}")
         if self.quantize:
             self.policy()  # validates bits, methods, rules
 

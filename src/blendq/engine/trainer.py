@@ -28,6 +28,7 @@ from torch import nn
 
 from .. import __version__
 from ..data import DataSpec, TensorLoader, load_dataset
+from ..distill import Teacher, distillation_loss
 from ..models import build_model
 from ..transform import (
     AlphaController,
@@ -248,6 +249,7 @@ class _Run:
     train_loader: object
     test_loader: object
     controller: AlphaController | None
+    teacher: Teacher | None
     freeze_at: int | None
     channels_last: bool
     progress: bool
@@ -360,6 +362,7 @@ def _setup(cfg: TrainConfig, out_dir: Path, progress: bool) -> _Run:
     model = _float_model(cfg, shape)
     if cfg.init_from:
         _load_float_weights(model, cfg.init_from)
+    teacher = Teacher(model, copy=True).to(device) if cfg.distill is not None else None
     if cfg.quantize:
         model = prepare(model, cfg.policy())
     model = model.to(device)
@@ -378,8 +381,8 @@ def _setup(cfg: TrainConfig, out_dir: Path, progress: bool) -> _Run:
     controller = (AlphaController(model, cfg.alpha(total), after=cfg.ab_after)
                   if cfg.quantize else None)
     return _Run(cfg, out_dir, device, d, model, net, compiled, _optimizer(cfg, model),
-                train_loader, test_loader, controller, cfg.freeze_step(total), channels_last,
-                progress, shape)
+                train_loader, test_loader, controller, teacher, cfg.freeze_step(total),
+                channels_last, progress, shape)
 
 
 def _resume(run: _Run) -> None:
@@ -437,7 +440,11 @@ def _train_epoch(run: _Run, epoch: int, max_steps: int | None) -> dict | None:
                                               run.steps_per_epoch)
         step_fn = run.compiled if run.step > 0 or not cfg.quantize else run.net
         with _autocast(cfg, run.device):
-            loss = nn.functional.cross_entropy(step_fn(x), y)
+            logits = step_fn(x)
+            loss = nn.functional.cross_entropy(logits, y)
+            if run.teacher is not None:  # the float model's logits on the same batch
+                loss = distillation_loss(loss, logits, run.teacher(x), cfg.distill,
+                                         cfg.distill_temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,6 +1,8 @@
 """Callbacks that quantize in the training loops users already have.
 
 - :class:`HuggingFaceCallback`: a ``transformers.TrainerCallback`` (extra ``hf``);
+- :class:`DistillationTrainer`: a ``transformers.Trainer`` whose loss also learns from
+  the float model (:mod:`blendq.distill`);
 - :class:`LightningCallback`: a ``lightning.Callback`` (extra ``lightning``);
 - :class:`AlphaWindow`: what both do, for a plain loop or another trainer.
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from .window import AlphaWindow
 
-__all__ = ["AlphaWindow", "HuggingFaceCallback", "LightningCallback"]
+__all__ = ["AlphaWindow", "DistillationTrainer", "HuggingFaceCallback", "LightningCallback"]
 
 
 def __getattr__(name: str):
@@ -25,6 +27,10 @@ def __getattr__(name: str):
         from .huggingface import HuggingFaceCallback
 
         return HuggingFaceCallback
+    if name == "DistillationTrainer":
+        from .huggingface import DistillationTrainer
+
+        return DistillationTrainer
     if name == "LightningCallback":
         from .lightning import LightningCallback
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 try:
-    from transformers import TrainerCallback
+    from transformers import Trainer, TrainerCallback
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("blendq.integrations.HuggingFaceCallback needs transformers: pip "
                       "install 'blendq[hf]'") from err
 
+from ..distill import Teacher, distillation_loss, kd_loss, logits_of
 from .window import AlphaWindow
 
-__all__ = ["HuggingFaceCallback"]
+__all__ = ["HuggingFaceCallback", "DistillationTrainer"]
 
 
 class HuggingFaceCallback(TrainerCallback):
@@ -57,3 +58,45 @@ class HuggingFaceCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, **kwargs):
         self._telemetry(state)
+
+
+class DistillationTrainer(Trainer):
+    """``transformers.Trainer`` whose loss learns from a float teacher as well:
+    ``(1 - distill_weight) · task loss + distill_weight · kd_loss`` (:mod:`blendq.distill`;
+    the task loss is the model's own, from ``labels``; without labels, the distillation
+    loss alone). The teacher sees the student's batch (``labels`` left out), frozen and
+    in eval mode, on the student's device.
+
+        teacher = blendq.distill.Teacher(model, copy=True)      # before prepare
+        model = blendq.prepare(model, policy)
+        trainer = DistillationTrainer(model=model, args=args, train_dataset=data,
+                                      teacher=teacher, callbacks=[HuggingFaceCallback()])
+
+    Raises:
+        ValueError: at the first step, a teacher whose logits' shape differs from the
+            student's (both named).
+    """
+
+    def __init__(self, *args, teacher: Teacher, distill_weight: float = 0.5,
+                 temperature: float = 2.0, **kwargs) -> None:
+        if not isinstance(teacher, Teacher):
+            teacher = Teacher(teacher)
+        if not 0.0 <= distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight}")
+        super().__init__(*args, **kwargs)
+        self.teacher, self.distill_weight, self.temperature = teacher, distill_weight, \
+            temperature
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        student = logits_of(outputs)
+        self.teacher.to(student.device)
+        teacher = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"})
+        task = outputs.get("loss") if isinstance(outputs, dict) else \
+            getattr(outputs, "loss", None)
+        if task is None:
+            loss = kd_loss(student, teacher, self.temperature)
+        else:
+            loss = distillation_loss(task, student, teacher, self.distill_weight,
+                                     self.temperature)
+        return (loss, outputs) if return_outputs else loss
