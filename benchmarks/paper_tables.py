@@ -323,7 +323,8 @@ def main() -> None:
           f"{', '.join(commits)}; seeds {sorted({r['seed'] for r in rows})}; "
           f"mean ± sd over seeds; * = the paired difference's 95 % t-interval excludes 0")
     if rows:
-        print(f"median verify time {statistics.median(r.get('verify_seconds', 0) for r in rows):.0f} s")
+        verify = statistics.median(r.get("verify_seconds", 0) for r in rows)
+        print(f"median verify time {verify:.0f} s")
 
 
 if __name__ == "__main__":

@@ -149,4 +149,6 @@ def test_lightning_module_distills_with_the_callback(tmp_path):
     assert blendq.transform.get_alpha(module.net) == 1.0
     after = module.teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the teacher never moved
-    assert not module.teacher.training
+    module.teacher.model.train()  # as a trainer restoring modes by attribute does
+    module.teacher(torch.randn(2, 3, 8, 8))
+    assert not module.teacher.model.training  # it answers in eval mode all the same

@@ -111,6 +111,8 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, *args, **kwargs) -> Tensor:
+        if self.model.training:  # a trainer that restores modes by attribute set it
+            self.model.eval()
         return logits_of(self.model(*args, **kwargs))
 
 

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["NONE_WORDS", "SCALES", "check_bits", "check_scale", "grid", "minmax", "is_sign", "integer_input", "lsq", "ppq",
+__all__ = ["NONE_WORDS", "SCALES", "check_bits", "check_scale", "grid", "minmax", "is_sign",
+           "integer_input", "lsq", "ppq",
            "ppq_segments", "segment_index", "segment_sum",
            "search_scale", "binarize", "quantize", "blend", "straight_through", "check_finite",
            "round_bias", "strided_sample", "straight_through_fake_quantize", "pack_codes",
