@@ -85,6 +85,11 @@ def _hf(name: str) -> tuple[nn.Module, str]:
         cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
                             pad_token_id=0, **small)
         return Logits(tf.GPT2ForSequenceClassification(cfg), "input_ids"), "tokens"
+    if name == "llama":  # RMSNorm, rotary positions, SwiGLU, grouped-query attention
+        cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=64, pad_token_id=0, **small)
+        return Logits(tf.LlamaForSequenceClassification(cfg), "input_ids"), "tokens"
     raise KeyError(name)
 
 
@@ -98,7 +103,8 @@ def _timm(name: str) -> tuple[nn.Module, str]:
 # the int8 kernels counted in the graph ONNX Runtime runs (besides its float convolutions)
 INT8_KERNELS = ("QLinearConv", "QLinearAdd", "QLinearConcat", "QLinearGlobalAveragePool",
                 "QGemm", "MatMulInteger", "QLinearMatMul", "ConvInteger")
-HF = ["resnet", "mobilenet_v2", "efficientnet", "convnext", "regnet", "vit", "bert", "gpt2"]
+HF = ["resnet", "mobilenet_v2", "efficientnet", "convnext", "regnet", "vit", "bert", "gpt2",
+      "llama"]
 TIMM = ["resnet18", "mobilenetv3_small_100", "efficientnet_b0", "densenet121", "regnetx_002",
         "convnext_atto", "deit_tiny_patch16_224"]
 

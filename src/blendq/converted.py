@@ -80,7 +80,7 @@ class QuantMixin:
         for name in ("w_quant", "a_quant"):
             new._modules.pop(name, None)
         new.training = False
-        codes, scale = layer.w_quant.eval_projection(layer.float_weight)
+        codes, scale = layer.w_quant.eval_projection(layer.latent_weight())
         bias = layer._parameters.get("bias")
         if "bias" in layer._parameters:  # set directly: ``bias`` is already a property
             new._parameters["bias"] = None if bias is None else \

@@ -30,7 +30,7 @@ __all__ = ["link_holds", "linked_producer", "bias_unit",
            "BlendLinear", "BlendConv1d", "BlendConv2d", "BlendConv3d", "BlendMixin",
            "blend_class", "layer_kind", "LayerKind", "rebuild", "is_hf_conv1d",
            "FoldedBatchNorm1d", "FoldedBatchNorm2d", "FOLDED_BN_MAP", "bn_affine", "BlendSite",
-           "BiasRounding"]
+           "BiasRounding", "is_lora", "lora_part", "LoraDelta", "merged_lora_class"]
 
 _MODULE_STATE = {"_parameters", "_buffers", "_modules", "training"}
 
@@ -155,8 +155,28 @@ class BlendMixin:
         """The full-precision (latent) weight Parameter."""
         return self._parameters[self._kind.weight]
 
+    def latent_weight(self) -> Tensor:
+        """The weight the quantizer projects: the float weight, plus the LoRA adapters'
+        delta ``s·B·A`` where the layer is the base of a LoRA wrapper (``weight_delta``,
+        set by ``prepare``), so what is quantized is the merged weight a deployment
+        computes with. Outside a recorded training step the merged tensor is kept while
+        the weight and adapters are unchanged (their version counters), so evaluation's
+        projection cache sees one tensor."""
+        w, delta = self.float_weight, self.__dict__.get("weight_delta")
+        if delta is None:
+            return w
+        if self.training and torch.is_grad_enabled():
+            return w + delta().to(w.dtype)
+        key = (w.data_ptr(), w._version, *delta.versions())
+        kept = self.__dict__.get("_merged")
+        if kept is None or kept[0] != key:
+            with torch.no_grad():
+                kept = (key, w + delta().to(w.dtype))
+            self.__dict__["_merged"] = kept
+        return kept[1]
+
     def blended_weight(self) -> Tensor:
-        return self.w_quant(self.float_weight, self.alpha)
+        return self.w_quant(self.latent_weight(), self.alpha)
 
     def blended_input(self, x: Tensor) -> Tensor:
         if self.a_quant is None:
@@ -190,7 +210,7 @@ class BlendMixin:
         else:
             if not bool(a.initialized):
                 return None
-            w_scale = self.w_quant.eval_projection(self.float_weight)[1]
+            w_scale = self.w_quant.eval_projection(self.latent_weight())[1]
         return bias_unit(self._kind, a.spec.bits, a.is_signed, w_scale, a.current_scale())
 
     def layer_bias(self) -> Tensor | None:
@@ -614,3 +634,76 @@ class BlendSite(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={float(self.alpha):.4g}"
+
+
+# ---------------------------------------------------------------------------
+# LoRA: the adapters trained through the merged weight
+
+
+_LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+               "lora_magnitude_vector", "lora_dropout")
+
+
+def is_lora(module: nn.Module) -> bool:
+    """A LoRA wrapper in peft's form (``LoraLayer``): a ``base_layer`` and adapters
+    ``lora_A``/``lora_B`` whose ``get_delta_weight(name)`` is ``s·B·A`` in the base
+    weight's layout."""
+    return isinstance(getattr(module, "base_layer", None), nn.Module) and \
+        isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and \
+        callable(getattr(module, "get_delta_weight", None))
+
+
+def lora_part(name: str, wrappers: list[str]) -> bool:
+    """Whether module ``name`` is an adapter's own (``lora_A``, ``lora_B``, ...) inside
+    one of the LoRA ``wrappers``: trained, never quantized as a layer of its own."""
+    return any(name.startswith(f"{w}." if w else "") and
+               name[len(w) + bool(w):].split(".", 1)[0] in _LORA_PARTS for w in wrappers)
+
+
+class LoraDelta:
+    """``Σ s·B·A`` over a LoRA wrapper's active adapters (with gradients to A and B),
+    what its base layer's quantizer adds to the frozen weight; ``versions()`` changes
+    whenever an adapter's Parameters change."""
+
+    def __init__(self, wrapper: nn.Module) -> None:
+        self.wrapper = wrapper
+
+    def adapters(self) -> list[str]:
+        w = self.wrapper
+        if getattr(w, "disable_adapters", False) or getattr(w, "merged", False):
+            return []
+        return [a for a in w.active_adapters if a in w.lora_A]
+
+    def __call__(self) -> Tensor:
+        w = self.wrapper
+        deltas = [w.get_delta_weight(a) for a in self.adapters()]
+        if not deltas:
+            return torch.zeros((), device=w.lora_A[next(iter(w.lora_A))].weight.device)
+        return deltas[0] if len(deltas) == 1 else torch.stack(deltas).sum(0)
+
+    def versions(self) -> tuple:
+        w = self.wrapper
+        names = self.adapters()
+        return (tuple(names), *(p._version for a in names
+                                for p in (w.lora_A[a].weight, w.lora_B[a].weight)),
+                *(float(w.scaling[a]) for a in names))
+
+
+_LORA_CLASSES: dict[type, type] = {}
+
+
+def _merged_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+    """The wrapper's forward once its adapters live in the base layer's merged weight:
+    the base layer alone (the adapters' branch is inside its weight)."""
+    for key in ("adapter_names",):
+        kwargs.pop(key, None)
+    return self.base_layer(x, *args, **kwargs)
+
+
+def merged_lora_class(cls: type) -> type:
+    """``cls`` (a peft LoRA wrapper class) whose forward is its base layer's: the
+    adapters reach the output through the base layer's merged, quantized weight."""
+    if cls not in _LORA_CLASSES:
+        _LORA_CLASSES[cls] = type(f"Merged{cls.__name__}", (cls,),
+                                  {"forward": _merged_forward, "_blendq_merged": True})
+    return _LORA_CLASSES[cls]

@@ -109,6 +109,8 @@ def _place_within(module: nn.Module, prefix: str, spec: ActSpec, skipped: list[s
     if not isinstance(module, nn.Sequential) and \
             type(module).forward.__module__.startswith("torch."):
         return count  # a torch module (container, attention): nothing of its own to see
+    if getattr(module, "_blendq_merged", False):
+        return count  # a LoRA wrapper whose forward is its base layer's
     if isinstance(module, nn.Sequential):  # its elements keep their indices: sites go in front
         pools = [m for i, m in enumerate(module) if i > 0 and isinstance(m, _POOL_MODULES)]
         seen.update(id(m) for m in pools)

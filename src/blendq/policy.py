@@ -14,7 +14,7 @@ from torch import nn
 
 from . import methods
 from .functional import check_bits, check_group_size, check_scale
-from .layers import is_hf_conv1d, layer_kind
+from .layers import is_hf_conv1d, is_lora, layer_kind, lora_part
 from .quantizers import ActSpec, WeightSpec, check_method
 
 __all__ = ["QuantPolicy", "LayerPlan", "quantizable", "PLACEMENTS"]
@@ -239,8 +239,12 @@ class QuantPolicy:
 
 
 def quantizable(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every layer blendq can quantize, in registration order."""
-    return [(n, m) for n, m in model.named_modules() if not isinstance(layer_kind(m), str)]
+    """``(name, module)`` of every layer blendq can quantize, in registration order. A
+    LoRA wrapper's adapters (``lora_A``, ``lora_B``) are not layers of their own: they
+    are trained through their base layer's merged weight, which is quantized once."""
+    wrappers = [n for n, m in model.named_modules() if is_lora(m)]
+    return [(n, m) for n, m in model.named_modules() if not isinstance(layer_kind(m), str)
+            and not (wrappers and lora_part(n, wrappers))]
 
 
 def _input_inside_parent(model: nn.Module, name: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -17,9 +18,13 @@ from .layers import (
     BiasRounding,
     BlendMixin,
     BlendSite,
+    LoraDelta,
     blend_class,
+    is_lora,
     layer_kind,
     linked_producer,
+    lora_part,
+    merged_lora_class,
     rebuild,
 )
 from .placement import place_sites, sites
@@ -30,6 +35,7 @@ from .schedules import Schedule
 __all__ = [
     "prepare",
     "calibrate",
+    "merge_lora",
     "set_alpha",
     "get_alpha",
     "AlphaController",
@@ -83,6 +89,7 @@ def prepare(model: nn.Module, policy: QuantPolicy) -> nn.Module:
             module, plan.w_spec, plan.a_spec, name=plan.name or type(module).__name__
         )
         model = _replace(model, plan.name, blended)
+    _merge_adapters(model)
     site_spec = policy.site_spec()
     if site_spec is not None:
         place_sites(model, site_spec)
@@ -91,6 +98,67 @@ def prepare(model: nn.Module, policy: QuantPolicy) -> nn.Module:
         for holder in _alpha_holders(model):
             holder.alpha.fill_(1.0)
     return model
+
+
+def lora_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, wrapper)`` of every LoRA wrapper (peft's ``LoraLayer``) in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if is_lora(m)]
+
+
+def _merge_adapters(model: nn.Module) -> None:
+    """Each LoRA wrapper whose base layer is quantized: the base layer's quantizer acts on
+    the merged weight ``W + s·B·A`` (``LoraDelta``), and the wrapper's forward becomes its
+    base layer's, so what trains is one quantized weight per adapted layer: what
+    ``merge_and_unload`` and ``convert`` deploy.
+
+    Raises:
+        ValueError: an adapter variant (DoRA's magnitude vector and the like) whose
+            output is not ``x·(W + s·B·A)``.
+    """
+    dropped = []
+    for name, wrapper in lora_wrappers(model):
+        base = wrapper.base_layer
+        if not isinstance(base, BlendMixin):
+            continue  # a float base layer: the adapters stay as peft runs them
+        variants = [a for a in getattr(wrapper, "lora_variant", {}) or {}]
+        if variants or getattr(wrapper, "use_dora", {}) and any(wrapper.use_dora.values()):
+            raise ValueError(f"{name}: LoRA variant adapters ({', '.join(variants) or 'DoRA'}) "
+                             "do not compute x·(W + s·B·A), the merged weight blendq "
+                             "quantizes; use plain LoRA adapters on quantized layers")
+        if any(getattr(d, "p", 0) > 0 for d in getattr(wrapper, "lora_dropout", {}).values()):
+            dropped.append(name)
+        base.__dict__["weight_delta"] = LoraDelta(wrapper)
+        wrapper.__class__ = merged_lora_class(type(wrapper))
+    if dropped:
+        warnings.warn(f"blendq: lora_dropout is not applied on {', '.join(dropped[:4])}"
+                      f"{', ...' if len(dropped) > 4 else ''}: the adapters train through "
+                      "the merged weight W + s·B·A, where no dropout on their input can "
+                      "act", stacklevel=3)
+
+
+def _unwrap_adapters(model: nn.Module) -> nn.Module:
+    """Every merged LoRA wrapper replaced by its base layer (which holds the merged
+    weight); returns the (possibly new) root."""
+    for name, wrapper in reversed(lora_wrappers(model)):
+        if getattr(wrapper, "_blendq_merged", False):
+            model = _replace(model, name, wrapper.base_layer)
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every quantized layer's LoRA adapters into its weight (``W ← W + s·B·A``) and
+    replace each wrapper by its base layer, in place: the model computes what it computed
+    (the quantizer saw the merged weight all along), with one weight per layer, as peft's
+    ``merge_and_unload`` leaves a float model. Returns the model (a new object only when
+    the model itself was a wrapper)."""
+    for _, wrapper in lora_wrappers(model):
+        if getattr(wrapper, "_blendq_merged", False):
+            base = wrapper.base_layer
+            delta = base.__dict__.pop("weight_delta")
+            base.float_weight.add_(delta().to(base.float_weight.dtype))
+            base.__dict__.pop("_merged", None)
+    return _unwrap_adapters(model)
 
 
 class _LinkTracer(torch.fx.Tracer):
@@ -469,7 +537,7 @@ def _weight_groups(layers: list[BlendMixin]) -> list[WeightGroup]:
     by_key: dict[tuple, list[BlendMixin]] = {}
     for layer in layers:
         key = WeightGroup.key(layer.w_quant)
-        if key is not None:
+        if key is not None and "weight_delta" not in layer.__dict__:  # LoRA: merged per step
             by_key.setdefault(key, []).append(layer)
     return [WeightGroup([m.w_quant for m in ms], [m.float_weight for m in ms])
             for ms in by_key.values() if len(ms) > 1]
@@ -578,6 +646,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
         model = _replace(model, name, quant_class(layer).from_blend(layer))
     for name, site in sites(model):
         model = _replace(model, name, QuantSite.from_blend(site))
+    model = _unwrap_adapters(model)  # the adapters are inside the converted weights
     link_batch_norms(model)
     return model.eval()
 
@@ -622,14 +691,26 @@ def summary(model: nn.Module) -> list[LayerRow]:
     """One row per module that holds parameters of its own: quantized (blended or
     converted), float by policy, or float because blendq does not quantize it (why)."""
     rows = []
+    wrappers = [n for n, _ in lora_wrappers(model)]
+    merged = {f"{n}.base_layer" for n, m in lora_wrappers(model)
+              if getattr(m, "_blendq_merged", False)}
     for name, m in model.named_modules():
         own = list(m.parameters(recurse=False))
         if isinstance(m, BlendMixin):
             w, a = m.w_quant.spec, m.a_quant
             gran = _granularity(w.per_channel, w.group_size, m.w_quant.scale)
             method = w.method + ("" if a is None else f"/{a.spec.method}")
+            fate = "quantized: the merged weight W + s·B·A (LoRA)" if name in merged \
+                else "quantized"
             rows.append(LayerRow(name, type(m).__name__, w.bits, a and a.spec.bits, gran,
-                                 method, float(m.alpha), sum(p.numel() for p in own)))
+                                 method, float(m.alpha), sum(p.numel() for p in own), fate))
+        elif own and wrappers and lora_part(name, wrappers):
+            owner = next(w for w in wrappers if lora_part(name, [w]))
+            fate = ("float: LoRA adapter, trained through the quantized merged weight"
+                    if f"{owner}.base_layer" in merged else
+                    "float: LoRA adapter of a layer the policy leaves float")
+            rows.append(LayerRow(name, type(m).__name__, None, None, "-", "float", None,
+                                 sum(p.numel() for p in own), fate))
         elif isinstance(m, QuantMixin):
             gran = _granularity(m.per_channel, m.group_size, m.weight_scale)
             params = m.weight_codes.numel() + sum(p.numel() for p in own)
