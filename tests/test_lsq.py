@@ -93,3 +93,18 @@ def test_lsq_convert_right_after_an_optimizer_step():
         ref = alpha_one(x)
     with torch.no_grad():
         assert torch.equal(blendq.convert(model)(x), ref)
+
+
+def test_an_activation_step_saved_as_a_scalar_loads():
+    """The activation step holds one element (FSDP2 shards no 0-d Parameter); checkpoints
+    written when it was a scalar still load."""
+    from blendq.quantizers import ActQuantizer, ActSpec
+
+    q = ActQuantizer(ActSpec(bits=4, method="lsq")).train()
+    q(torch.rand(4, 8), torch.tensor(1.0))
+    state = q.state_dict()
+    assert state["step"].shape == (1,)
+    old = {**state, "step": state["step"].reshape(())}
+    fresh = ActQuantizer(ActSpec(bits=4, method="lsq"))
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.step, state["step"]) and fresh.current_scale().dim() == 0

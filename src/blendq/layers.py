@@ -24,7 +24,14 @@ from torch import Tensor, nn
 
 from . import functional as F
 from . import methods
-from .quantizers import ActQuantizer, ActSpec, DeviceConstants, WeightQuantizer, WeightSpec
+from .quantizers import (
+    ActQuantizer,
+    ActSpec,
+    DeviceConstants,
+    WeightQuantizer,
+    WeightSpec,
+    _is_dtensor,
+)
 
 __all__ = ["link_holds", "linked_producer", "bias_unit",
            "BlendLinear", "BlendConv1d", "BlendConv2d", "BlendConv3d", "BlendMixin",
@@ -278,10 +285,13 @@ def _param_property(name: str, getter_name: str) -> property:
     ``__init__`` sees a missing attribute, so it registers the Parameter as usual)."""
 
     def get(self):
+        params = self.__dict__["_parameters"]
         if not self.__dict__.get("_blendq_ready"):
-            if name in self.__dict__["_parameters"]:
-                return self.__dict__["_parameters"][name]
+            if name in params:
+                return params[name]
             raise AttributeError(name)
+        if _is_dtensor(params.get(name)):  # sharded by FSDP2 outside a forward: the
+            return params[name]             # Parameter itself (its forward gathers it)
         return getattr(self, getter_name)()
 
     return property(get)

@@ -13,6 +13,7 @@ steps.)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -290,8 +291,12 @@ class WeightGroup:
     binds anew on its next refresh. Quantizers project alone until all have their first
     projection (which searches the scale)."""
 
-    def __init__(self, quantizers: list[WeightQuantizer], weights: list[Tensor]) -> None:
-        self.quantizers, self.weights = quantizers, weights
+    def __init__(self, quantizers: list[WeightQuantizer],
+                 weights: list[Tensor] | Callable[[], list[Tensor]]) -> None:
+        self.quantizers = quantizers
+        # the members' weights, read anew at each refresh where given as a function (a
+        # wrapper such as FSDP2 replaces a layer's Parameter object)
+        self._weights = weights if callable(weights) else (lambda: weights)
         self.spec = quantizers[0].spec
         self._bound: list | None = None
 
@@ -336,14 +341,14 @@ class WeightGroup:
         return torch.full((q.scale.numel(),), w.numel() // q.scale.numel(), dtype=torch.long)
 
     def _bind(self) -> None:
-        qs = self.quantizers
+        qs, weights = self.quantizers, self.weights
         if self._bound == [(q.codes.data_ptr(), q.scale.data_ptr()) for q in qs]:
             return
         flat_codes = torch.cat([self._rows(q.codes.detach(), q).reshape(-1) for q in qs])
         flat_scale = torch.cat([q.scale.detach().reshape(-1) for q in qs])
         flags = torch.cat([q.nonfinite.reshape(1) for q in qs])
         c = s = 0
-        for i, (q, w) in enumerate(zip(qs, self.weights, strict=True)):
+        for i, (q, w) in enumerate(zip(qs, weights, strict=True)):
             n, k = w.numel(), q.scale.numel()
             view = flat_codes[c:c + n].view(self._rows(q.codes, q).shape)
             moved = q.spec.per_channel or q.spec.group_size is not None
@@ -354,26 +359,35 @@ class WeightGroup:
         self.codes, self.scale, self.flags = flat_codes, flat_scale, flags
         device = flat_codes.device
         self.lengths = torch.cat([self._segments(q, w) for q, w in zip(
-            qs, self.weights, strict=True)]).to(device)
+            qs, weights, strict=True)]).to(device)
         # sums run on rows of R weights (each scale's run whole rows), row sums first: a
         # CPU's segment_reduce is a serial loop, several times slower per element
         r = min(self.row_length(q) for q in qs)
         self.row = r if r >= 8 else 1
         self.lengths = self.lengths // self.row
-        self.layer_lengths = torch.tensor([w.numel() // self.row for w in self.weights],
+        self.layer_lengths = torch.tensor([w.numel() // self.row for w in weights],
                                           device=device)
         self.index = F.segment_index(self.lengths)  # each row's scale, once a binding
         self._bound = [(q.codes.data_ptr(), q.scale.data_ptr()) for q in qs]
 
+    @property
+    def weights(self) -> list[Tensor]:
+        return self._weights()
+
     @torch.no_grad()
     def project(self) -> bool:
         """Refresh every member's training codes and scale at once; ``False`` (nothing
-        done) until every member had its first projection."""
+        done) until every member had its first projection, or while a member's weight is
+        sharded (a DTensor: FSDP2), which each layer then projects at its forward, on the
+        weight FSDP2 gathers for it."""
         if not all(q._ready and q.training for q in self.quantizers):
             return False
+        if any(_is_dtensor(w) for w in self.weights):
+            return False
+        weights = self.weights
         self._bind()
         flat = torch.cat([self._rows(w.detach(), q).reshape(-1).to(self.codes.dtype)
-                          for q, w in zip(self.quantizers, self.weights, strict=True)])
+                          for q, w in zip(self.quantizers, weights, strict=True)])
         if self.row > 1:  # a row's sum (float64: it cannot overflow) is NaN or ±inf
             x, out = flat.view(-1, self.row), self.codes.view(-1, self.row)  # where a
             finite = torch.isfinite(x.sum(1, dtype=torch.float64))  # weight is
@@ -391,6 +405,17 @@ class WeightGroup:
         for q in self.quantizers:
             q.grouped, q.stale = True, False
         return True
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    """A sharded tensor (``torch.distributed.tensor.DTensor``, FSDP2's parameters)."""
+    return type(t).__name__ == "DTensor" or isinstance(t, _DTENSOR)
+
+
+try:
+    from torch.distributed.tensor import DTensor as _DTENSOR
+except ImportError:  # a build without distributed
+    _DTENSOR = ()
 
 
 class _SignStraight(torch.autograd.Function):
@@ -472,7 +497,8 @@ class ActQuantizer(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         if self.method.learns_scale:  # the learned scale (``scale``: where it started)
-            self.step = nn.Parameter(torch.ones(()))
+            # one element, not a scalar: FSDP2 shards no 0-d Parameter
+            self.step = nn.Parameter(torch.ones(1))
         # telemetry: training inputs at the grid's ends, and all seen (device-side counts)
         self.register_buffer("clipped", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("seen", torch.zeros((), dtype=torch.float64), persistent=False)
@@ -489,8 +515,11 @@ class ActQuantizer(nn.Module):
     def is_signed(self) -> bool:
         return self._signed != 0
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        step = state_dict.get(f"{prefix}step")
+        if step is not None and step.dim() == 0:  # saved before the step had one element
+            state_dict[f"{prefix}step"] = step.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._signed = int(self.signed)
         self._initialized = bool(self.initialized)
         self._pending = None  # the loaded state replaces what this run had not settled
@@ -646,12 +675,12 @@ class ActQuantizer(nn.Module):
         if self.training and not self._lsq_ready:
             with torch.no_grad():
                 scale = _mean_over_ranks(self._batch_scale(x.detach(), signed))
-                self.step.copy_(scale)
+                self.step.copy_(scale.reshape(1))
                 self.scale.copy_(scale)  # kept as the start; |step| is the scale from here
                 self.initialized.fill_(True)
                 self._initialized = True
             self._lsq_started = True
-        step = self.step.abs().clamp_min(torch.finfo(x.dtype).tiny)
+        step = self.step.abs().clamp_min(torch.finfo(x.dtype).tiny).reshape(())
         qmax = F.grid(self.spec.bits, signed, full=True)[1]
         per_sample = x[0].numel() if x.dim() > 1 else x.numel()
         value = F.lsq(x, step.to(x.dtype), self.spec.bits, signed,
@@ -666,7 +695,8 @@ class ActQuantizer(nn.Module):
         """The scale evaluation quantizes with now: ``|step|`` for LSQ (which the ``scale``
         buffer keeps the PPQ scale it started from), else the EMA ``scale``."""
         if self.method.learns_scale and not F.is_sign(self.spec.bits, self.is_signed):
-            return self.step.detach().abs().clamp_min(torch.finfo(self.step.dtype).tiny)
+            return self.step.detach().abs().clamp_min(
+                torch.finfo(self.step.dtype).tiny).reshape(())
         return self.scale
 
     @property

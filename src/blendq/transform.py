@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -517,7 +518,7 @@ def calibrate(model: nn.Module, batches: Iterable,
         q.initialized.fill_(True)
         q._initialized = True
         if q.method.learns_scale:
-            q.step.copy_(scale)
+            q.step.copy_(scale.reshape(q.step.shape))
             q._lsq_started = True
     set_alpha(model, 1.0)
     return count
@@ -539,8 +540,13 @@ def _weight_groups(layers: list[BlendMixin]) -> list[WeightGroup]:
         key = WeightGroup.key(layer.w_quant)
         if key is not None and "weight_delta" not in layer.__dict__:  # LoRA: merged per step
             by_key.setdefault(key, []).append(layer)
-    return [WeightGroup([m.w_quant for m in ms], [m.float_weight for m in ms])
+    return [WeightGroup([m.w_quant for m in ms], functools.partial(_float_weights, ms))
             for ms in by_key.values() if len(ms) > 1]
+
+
+def _float_weights(layers: list[BlendMixin]) -> list[torch.Tensor]:
+    """The layers' weight Parameters as they are now (FSDP2 replaces them when it shards)."""
+    return [m.float_weight for m in layers]
 
 
 @contextlib.contextmanager
