@@ -1,4 +1,5 @@
-"""4-bit block-quantized weights on a small GPT-2: perplexity, file size, ONNX Runtime speed.
+"""4-bit block-quantized weights on a small GPT-2 or Llama: perplexity against
+post-training quantization, file size, ONNX Runtime speed.
 
     python benchmarks/lm_int4.py train --device cuda --out runs/lm-int4   # the table
     python benchmarks/lm_int4.py deploy --out runs/lm-int4                 # CPU: ORT
@@ -8,17 +9,26 @@ Data: the Python standard library's own source files (``*.py`` under this interp
 ``sysconfig`` stdlib path, site-packages left out) as bytes, split by file into train
 and validation (a file is validation when ``crc32(relative path) % 10 == 0``): real
 text every machine has and nobody here wrote. Model: Hugging Face ``GPT2LMHeadModel``
-from a config (byte vocabulary, 4 layers, width 256, 4 heads, context 128, no dropout).
+from a config (byte vocabulary, 4 layers, width 256, 4 heads, context 128, no dropout), or
+with ``--arch llama`` a ``LlamaForCausalLM`` of the same width and depth (RMSNorm, rotary
+positions, SwiGLU MLP of 8/3 the width, grouped-query attention with half the heads'
+keys and values).
 
 ``train``: the float model first (AdamW, cosine schedule), then, from it, weight-only
-quantization-aware training of every block (``a_bits=None``; the tied embedding /
-``lm_head`` and the layer norms stay float) at W4 group 32, W4 group 128, W4
-per-channel and W3 group 32, each with AB, STE and LSQ and seeds 0-2: same data order
-per seed, steps, optimizer and schedule for every method; AB's α rises linearly over
-the whole run (``AlphaWindow(0, 1)`` semantics), STE and LSQ quantize from the first
-step. Validation perplexity of the α = 1 model (what ``convert`` stores) on fixed
-windows. Jobs run in ``--workers`` processes. Rows go to ``OUT/lm_int4.json``; the
-float weights and the converted W4 g32 AB seed-0 model to ``OUT``.
+quantization of every block (``a_bits=None``; the tied embedding / ``lm_head`` and the
+norms stay float) at each ``--settings`` (W4 group 32, W4 group 128, W4 per-channel,
+W3 group 32, W2 group 32), each by every ``--variants``: PTQ (``blendq.calibrate``, no
+training: the baseline), AB, STE and LSQ with and without distillation from the float
+model (``+ KD``: ``(1 - 0.5)·CE + 0.5·KD`` at temperature 2, :mod:`blendq.distill`), and
+LoRA-QAT (peft LoRA, rank 16, on every block's matmuls, the base frozen, STE on the
+merged weight ``W + s·B·A``, adapters at 5× the learning rate), seeds 0-2: same data
+order per seed, steps, optimizer and schedule for every trained variant; AB's α rises
+linearly over the whole run (``AlphaWindow(0, 1)`` semantics), STE and LSQ quantize
+from the first step. Validation perplexity of the α = 1 model (what ``convert``
+stores) on fixed windows, and the share of PTQ's loss each recovers,
+``(PTQ − QAT) / (PTQ − float)``, paired by seed. Jobs run in ``--workers`` processes.
+Rows go to ``OUT/lm_int4.json``; the float weights and the converted W4 g32 AB seed-0
+model to ``OUT``.
 
 ``deploy`` (CPU): the fp32 ONNX file (``torch.onnx.export``) and the W4 g32 file
 (``blendq.export.export_onnx``: ``MatMulNBits``) at accuracy level 0 (as trained) and 4
@@ -52,8 +62,18 @@ from torch import nn
 
 CONTEXT = 128
 SETTINGS = {  # name -> (w_bits, group_size or None for per-channel)
-    "W4 g32": (4, 32), "W4 g128": (4, 128), "W4 per-channel": (4, None), "W3 g32": (3, 32)}
+    "W4 g32": (4, 32), "W4 g128": (4, 128), "W4 per-channel": (4, None), "W3 g32": (3, 32),
+    "W2 g32": (2, 32)}
 METHODS = ("ab", "ste", "lsq")
+VARIANTS = {  # name -> (method, distillation, LoRA); method "ptq": calibrate only
+    "PTQ": ("ptq", False, False), "AB": ("ab", False, False), "STE": ("ste", False, False),
+    "LSQ": ("lsq", False, False), "AB + KD": ("ab", True, False),
+    "STE + KD": ("ste", True, False), "LSQ + KD": ("lsq", True, False),
+    "LoRA-QAT (STE)": ("ste", False, True)}
+LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
+                "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                          "down_proj"]}
+KD_WEIGHT, KD_TEMPERATURE, LORA_LR = 0.5, 2.0, 5.0
 
 
 def corpus(limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -95,6 +115,24 @@ def gpt2(width: int, layers: int) -> Logits:
     return Logits(GPT2LMHeadModel(config))
 
 
+def llama(width: int, layers: int) -> Logits:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    heads = max(2, width // 64)
+    config = LlamaConfig(vocab_size=256, hidden_size=width, intermediate_size=8 * width // 3,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=max(1, heads // 2),
+                         max_position_embeddings=CONTEXT, tie_word_embeddings=True,
+                         bos_token_id=0, eos_token_id=0)
+    return Logits(LlamaForCausalLM(config))
+
+
+def build(arch: str, width: int, layers: int) -> Logits:
+    return llama(width, layers) if arch == "llama" else gpt2(width, layers)
+
+
 def batches(data: torch.Tensor, batch: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     while True:
@@ -120,8 +158,11 @@ def perplexity(model: nn.Module, val: torch.Tensor, windows: int, device: str) -
 
 
 def train(model: nn.Module, data: torch.Tensor, steps: int, lr: float, batch: int, seed: int,
-          device: str, controller=None) -> None:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+          device: str, controller=None, teacher=None) -> None:
+    from blendq.distill import distillation_loss
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
     model.train()
@@ -129,7 +170,15 @@ def train(model: nn.Module, data: torch.Tensor, steps: int, lr: float, batch: in
     for step in range(steps):
         if controller is not None:
             controller.step(step)
-        loss = loss_of(model, next(stream).to(device))
+        chunk = next(stream).to(device)
+        if teacher is None:
+            loss = loss_of(model, chunk)
+        else:  # the float model's logits on the same batch
+            logits = model(chunk[:, :-1])
+            task = nn.functional.cross_entropy(logits.reshape(-1, 256).float(),
+                                               chunk[:, 1:].reshape(-1))
+            loss = distillation_loss(task, logits, teacher(chunk[:, :-1]), KD_WEIGHT,
+                                     KD_TEMPERATURE)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -141,26 +190,48 @@ def policy(setting: str, method: str):
 
     bits, group = SETTINGS[setting]
     return blendq.QuantPolicy(w_bits=bits, a_bits=None, per_channel=group is None,
-                              group_size=group, method=method, skip=("m.lm_head",))
+                              group_size=group, method=method, skip=("*lm_head",))
 
 
 def qat_job(job: dict) -> dict:
     """One quantization-aware run from the float weights (runs in a worker process)."""
+    import warnings
+
     import blendq
+    from blendq.distill import Teacher
 
     torch.set_num_threads(job["threads"])
     torch.manual_seed(job["seed"])
     train_data, val, _ = corpus(job["limit"])
-    model = gpt2(job["width"], job["layers"])
+    model = build(job["arch"], job["width"], job["layers"])
     model.load_state_dict(torch.load(job["float"], map_location="cpu"))
-    model = blendq.prepare(model.to(job["device"]), policy(job["setting"], job["method"]))
+    model = model.to(job["device"])
+    method, distill, lora = VARIANTS[job["variant"]]
+    teacher = Teacher(model, copy=True) if distill else None
+    lr = job["lr"]
+    if lora:  # peft LoRA on every block's matmuls: only the adapters train
+        import peft
+
+        model.m = peft.get_peft_model(model.m, peft.LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS[job["arch"]],
+            fan_in_fan_out=job["arch"] == "gpt2"))
+        lr *= LORA_LR
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Hugging Face forwards torch.fx cannot capture
+        model = blendq.prepare(model, policy(job["setting"],
+                                             "ste" if method == "ptq" else method))
     controller = None
     if blendq.transform.get_alpha(model) < 1:  # AB: α from 0 to 1 over the run
         controller = blendq.AlphaController(model, blendq.linear(0, job["steps"] - 1))
     t0 = time.perf_counter()
-    train(model, train_data, job["steps"], job["lr"], job["batch"], job["seed"] + 1,
-          job["device"], controller)
-    row = {k: job[k] for k in ("setting", "method", "seed", "steps")}
+    if method == "ptq":  # the baseline: the float weights projected, no training
+        stream = batches(train_data, job["batch"], job["seed"] + 1)
+        blendq.calibrate(model, [next(stream)[:, :-1].to(job["device"]) for _ in range(4)])
+    else:
+        train(model, train_data, job["steps"], lr, job["batch"], job["seed"] + 1,
+              job["device"], controller, teacher)
+    row = {k: job[k] for k in ("setting", "variant", "seed", "steps")}
+    row["method"] = method
     row["alpha_end"] = blendq.transform.get_alpha(model)
     row["val_ppl"] = perplexity(model, val, job["windows"], job["device"])
     row["train_s"] = time.perf_counter() - t0
@@ -176,7 +247,7 @@ def cmd_train(args) -> None:
     torch.manual_seed(0)
     train_data, val, info = corpus(args.limit)
     print(f"corpus: {info}", flush=True)
-    model = gpt2(args.width, args.layers).to(args.device)
+    model = build(args.arch, args.width, args.layers).to(args.device)
     t0 = time.perf_counter()
     train(model, train_data, args.float_steps, args.lr, args.batch, 0, args.device)
     float_ppl = perplexity(model, val, args.windows, args.device)
@@ -184,13 +255,13 @@ def cmd_train(args) -> None:
     torch.save(model.cpu().state_dict(), float_path)
     print(f"float: val perplexity {float_ppl:.3f} ({time.perf_counter() - t0:.0f} s)",
           flush=True)
-    jobs = [dict(setting=s, method=m, seed=seed, steps=args.qat_steps, lr=args.qat_lr,
+    jobs = [dict(setting=s, variant=v, seed=seed, steps=args.qat_steps, lr=args.qat_lr,
                  batch=args.batch, width=args.width, layers=args.layers, limit=args.limit,
                  windows=args.windows, device=args.device, float=str(float_path),
-                 threads=args.threads,
-                 save=str(out / "gpt2_w4g32_ab_s0.pt") if (s, m, seed) == ("W4 g32", "ab", 0)
-                 else None)
-            for seed in args.seeds for s in args.settings for m in METHODS]
+                 threads=args.threads, arch=args.arch,
+                 save=str(out / "gpt2_w4g32_ab_s0.pt")
+                 if (s, v, seed, args.arch) == ("W4 g32", "AB", 0, "gpt2") else None)
+            for seed in args.seeds for s in args.settings for v in args.variants]
     rows = []
     ctx = torch.multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
@@ -204,17 +275,36 @@ def cmd_train(args) -> None:
     table(result)
 
 
+def recovery(result: dict, row: dict) -> float | None:
+    """The share of PTQ's perplexity loss a run recovers, ``(PTQ − QAT) / (PTQ − float)``,
+    against PTQ of the same setting and seed (``None``: no PTQ row, or PTQ lost nothing)."""
+    ptq = [r["val_ppl"] for r in result["rows"] if r["variant"] == "PTQ"
+           and (r["setting"], r["seed"]) == (row["setting"], row["seed"])]
+    if not ptq or ptq[0] - result["float_val_ppl"] <= 0:
+        return None
+    return 100.0 * (ptq[0] - row["val_ppl"]) / (ptq[0] - result["float_val_ppl"])
+
+
 def table(result: dict) -> None:
-    print(f"\nvalidation perplexity, mean ± sd over seeds (float: {result['float_val_ppl']:.3f})")
-    print(f"{'setting':16s} " + " ".join(f"{m.upper():>16s}" for m in METHODS))
+    def ms(values, digits):
+        if not values:
+            return "-"
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+    print(f"\nvalidation perplexity and recovery of PTQ's loss, mean ± sd over seeds "
+          f"(float: {result['float_val_ppl']:.4f})")
+    print(f"{'setting':16s} {'variant':16s} {'perplexity':>18s} {'recovery %':>16s}")
     for setting in SETTINGS:
-        cells = []
-        for m in METHODS:
-            v = [r["val_ppl"] for r in result["rows"]
-                 if r["setting"] == setting and r["method"] == m]
-            sd = statistics.stdev(v) if len(v) > 1 else 0.0
-            cells.append(f"{statistics.mean(v):9.3f} ± {sd:5.3f}" if v else f"{'-':>16s}")
-        print(f"{setting:16s} " + " ".join(cells))
+        for variant in VARIANTS:
+            rows = [r for r in result["rows"]
+                    if (r["setting"], r.get("variant", r["method"].upper())) ==
+                    (setting, variant)]
+            if not rows:
+                continue
+            rec = [v for v in (recovery(result, r) for r in rows) if v is not None]
+            print(f"{setting:16s} {variant:16s} {ms([r['val_ppl'] for r in rows], 4):>18s} "
+                  f"{(ms(rec, 1) if variant != 'PTQ' else ''):>16s}")
 
 
 def _device_name(device: str) -> str:
@@ -254,7 +344,7 @@ def cmd_deploy(args) -> None:
 
     out = Path(args.out)
     _, val, info = corpus(args.limit)
-    base = gpt2(args.width, args.layers).eval()
+    base = build(args.arch, args.width, args.layers).eval()
     base.load_state_dict(torch.load(out / "gpt2_float.pt", map_location="cpu"))
     trained = out / "gpt2_w4g32_ab_s0.pt"
     models = {}  # label -> (converted model, accuracy level)
@@ -336,6 +426,8 @@ def main() -> None:
     p.add_argument("command", choices=("train", "deploy"))
     p.add_argument("--out", default="runs/lm-int4")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -346,7 +438,8 @@ def main() -> None:
     p.add_argument("--qat-steps", type=int, default=400)
     p.add_argument("--windows", type=int, default=512, help="validation windows")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--settings", nargs="+", default=["W4 g32", "W3 g32"],
+                   choices=list(SETTINGS))
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--limit", type=int, default=None, help="train bytes used (val: a tenth)")
@@ -359,6 +452,8 @@ def main() -> None:
                                windows=8, seeds=[0], settings=["W4 g32"], limit=200_000,
                                repeats=1, inner=1, agree_windows=2).items():
             setattr(args, key, value)
+        if args.variants == list(VARIANTS):  # the smoke run: one of each kind
+            args.variants = ["PTQ", "AB", "STE + KD", "LoRA-QAT (STE)"]
     cmd_train(args) if args.command == "train" else cmd_deploy(args)
 
 

@@ -78,9 +78,10 @@ def test_lm_int4_script_trains_and_deploys_in_smoke_mode(tmp_path):
     pytest.importorskip("onnxruntime")
     out = _run("lm_int4.py", "train", "--smoke", "--device", "cpu", "--out", str(tmp_path))
     result = json.loads((tmp_path / "lm_int4.json").read_text())
-    assert {r["method"] for r in result["rows"]} == {"ab", "ste", "lsq"}
+    assert [r["variant"] for r in result["rows"]] == ["PTQ", "AB", "STE + KD",
+                                                      "LoRA-QAT (STE)"]
     assert all(r["alpha_end"] == 1.0 and r["val_ppl"] > 1 for r in result["rows"])
-    assert "validation perplexity" in out
+    assert "validation perplexity" in out and "recovery %" in out
     _run("lm_int4.py", "deploy", "--smoke", "--out", str(tmp_path))
     rows = {r["file"]: r for r in
             json.loads((tmp_path / "lm_int4_deploy.json").read_text())["rows"]}
@@ -111,3 +112,13 @@ def test_paper_tables_script_runs_verifies_resumes_and_reports(tmp_path):
     assert "6 of 6 runs" in out
     again = _run("paper_tables.py", *args)  # finished runs are not run again
     assert "0 float runs, then 0 table runs" in again
+
+
+def test_lm_int4_script_trains_a_llama_in_smoke_mode(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    _run("lm_int4.py", "train", "--smoke", "--arch", "llama", "--device", "cpu", "--variants",
+         "PTQ", "LSQ + KD", "LoRA-QAT (STE)", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "lm_int4.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["PTQ", "LSQ + KD", "LoRA-QAT (STE)"]
+    assert all(r["alpha_end"] == 1.0 and r["val_ppl"] > 1 for r in rows)
