@@ -363,3 +363,41 @@ def test_fused_path_trains_a_model_as_the_eager_path_does(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(grads0, grads1, strict=True))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
                for a, b in zip(counts0, counts1, strict=True))
+
+
+@pytest.mark.parametrize("method", ["ab", "ste"])
+def test_compiled_training_step_does_not_recompile_over_an_alpha_ramp_and_refreshes(method):
+    """The compiled training step (forward and backward) over α rising every step and
+    weight refreshes every ``quant_every`` steps: after warm-up (the first, eager, batch
+    decides the activation grids; then one graph per refresh state) no recompile and no
+    graph break, which is what CUDA graphs (``mode="reduce-overhead"``) need. Checked
+    with dynamo's own counters and ``error_on_recompile`` (backend ``aot_eager``: the
+    guards are dynamo's, whatever the backend)."""
+    import torch._dynamo
+    from conftest import small_cnn
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = blendq.prepare(small_cnn(), blendq.QuantPolicy(
+        w_bits=4, a_bits=8, per_channel=True, method=method, quant_every=3))
+    steps = 12
+    controller = blendq.AlphaController(model, blendq.cubic(0, steps - 1))
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    alphas, graphs = [], None
+    for step in range(steps):
+        alphas.append(controller.step(step))
+        if step == 6:  # warmed up: every refresh state seen twice; from here none compiles
+            graphs = counters["stats"]["unique_graphs"]
+        with torch._dynamo.config.patch(error_on_recompile=step >= 6):
+            loss = torch.nn.functional.cross_entropy((model if step == 0 else compiled)(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled after warm-up
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    if method == "ab":
+        assert alphas[1] < alphas[5] < alphas[-1] == 1.0  # α rose through the compiled steps
