@@ -72,6 +72,16 @@ def test_ab_after_ste_changes_the_method_mode_not_the_spec():
     assert blendq.summary(model)[0].method.startswith("ab")
 
 
+class _HalfStraight(methods.StraightThrough):
+    """A registered method with its own mix: half the straight-through gradient."""
+
+    name = "half_ste_test"
+
+    def mix(self, x, xq, alpha, lo=None, hi=None):
+        value = super().mix(x, xq, alpha, lo, hi)
+        return value.detach() + 0.5 * (value - value.detach())
+
+
 def test_a_method_overriding_mix_runs_its_own_on_the_cpu(monkeypatch):
     """The CPU's straight-through fast path stands in only for Method.mix itself: a
     registered method with its own mix (here half the straight-through gradient) gets
@@ -79,13 +89,7 @@ def test_a_method_overriding_mix_runs_its_own_on_the_cpu(monkeypatch):
     from blendq import methods
     from blendq.quantizers import ActQuantizer, ActSpec, ActStatistics
 
-    class HalfStraight(methods.StraightThrough):
-        name = "half_ste_test"
-
-        def mix(self, x, xq, alpha, lo=None, hi=None):
-            value = super().mix(x, xq, alpha, lo, hi)
-            return value.detach() + 0.5 * (value - value.detach())
-
+    HalfStraight = _HalfStraight
     monkeypatch.setitem(methods.METHODS, HalfStraight.name, HalfStraight())
     grads = {}
     for name in ("ste", HalfStraight.name):
@@ -110,13 +114,7 @@ def test_every_path_gives_a_method_its_own_value_and_gradient(fused, monkeypatch
     from blendq import methods
     from blendq.quantizers import ActQuantizer, ActSpec, ActStatistics
 
-    class HalfStraight(methods.StraightThrough):
-        name = "half_ste_paths"
-
-        def mix(self, x, xq, alpha, lo=None, hi=None):
-            value = super().mix(x, xq, alpha, lo, hi)
-            return value.detach() + 0.5 * (value - value.detach())
-
+    HalfStraight = _HalfStraight
     monkeypatch.setitem(methods.METHODS, HalfStraight.name, HalfStraight())
     monkeypatch.setattr(F, "FUSED_FAKE_QUANT", fused)
     monkeypatch.setattr(F, "_fused_math", lambda: F._fake_quant_math)
