@@ -94,12 +94,12 @@ def test_paper_tables_script_runs_verifies_resumes_and_reports(tmp_path):
 
     data = make_cifar10(tmp_path / "data", per_batch=64)
     args = ("--smoke", "--out", str(tmp_path / "out"), "--data-root", str(data),
-            "--nets", "MobileNet v1 0.25", "--bits", "4-4", "--seeds", "0", "1",
+            "--nets", "MobileNet v1 0.25", "--bits", "4-4", "--seeds", "1",
             "--columns", "min/max QAT per channel", "AB per channel", "PTQ per channel")
     out = _run("paper_tables.py", *args)
     rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text()
             .splitlines()]
-    assert len(rows) == 1 + 2 * 3  # the float model once, three columns for two seeds
+    assert len(rows) == 1 + 3  # the float model once, then three columns
     assert {r["column"] for r in rows} == {"fp32", "min/max QAT per channel",
                                            "AB per channel", "PTQ per channel"}
     table = [r for r in rows if r["column"] != "fp32"]
@@ -108,8 +108,10 @@ def test_paper_tables_script_runs_verifies_resumes_and_reports(tmp_path):
                      / "config.json").read_text())
     assert ab["first_layer"] == ab["depthwise"] == ab["last_layer"] == [8, 8]
     assert ab["init_from"].endswith("fp32") and ab["seed"] == 1
-    assert "| AB − min/max, per channel |" in out and "7 of 7 runs" not in out
-    assert "6 of 6 runs" in out
+    minmax = json.loads((tmp_path / "out" / "mobilenet-v1-0-25" / "4-4" /
+                         "min-max-qat-per-channel" / "s1" / "config.json").read_text())
+    assert minmax["scale"] == "minmax" and minmax["method"] == "ste"
+    assert "| AB − min/max, per channel |" in out and "3 of 3 runs" in out
     again = _run("paper_tables.py", *args)  # finished runs are not run again
     assert "0 float runs, then 0 table runs" in again
 
