@@ -152,3 +152,51 @@ def test_lightning_module_distills_with_the_callback(tmp_path):
     module.teacher.model.train()  # as a trainer restoring modes by attribute does
     module.teacher(torch.randn(2, 3, 8, 8))
     assert not module.teacher.model.training  # it answers in eval mode all the same
+
+
+def test_distillation_trainer_scales_like_the_trainer_under_gradient_accumulation(tmp_path):
+    """With weight 0 the DistillationTrainer is the plain Trainer: under gradient
+    accumulation the same parameters after the same steps (its loss is divided by the
+    accumulation steps, not left as if the model had normalised it)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from blendq.integrations import DistillationTrainer
+
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2,
+                                  n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
+                                  attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": i, "labels": i} for i in ids]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), gradient_accumulation_steps=2, max_steps=2,
+        per_device_train_batch_size=2, learning_rate=0.1, optim="sgd", report_to=[],
+        use_cpu=True, seed=0, data_seed=0, save_strategy="no", disable_tqdm=True,
+        lr_scheduler_type="constant", max_grad_norm=0.0)  # no clipping: scale shows
+    plain = transformers.Trainer(model=copy.deepcopy(model), args=args, train_dataset=data)
+    plain.train()
+    distil = DistillationTrainer(model=copy.deepcopy(model), args=args, train_dataset=data,
+                                 teacher=Teacher(model, copy=True), distill_weight=0.0)
+    distil.train()
+    a, b = dict(plain.model.named_parameters()), dict(distil.model.named_parameters())
+    moved = [n for n in a if not torch.equal(a[n], dict(model.named_parameters())[n])]
+    assert moved
+    assert all(torch.allclose(a[n], b[n], rtol=1e-4, atol=1e-6) for n in a)
+    # the distillation term alone: two micro-batches of 2 step as one batch of 4
+    student = copy.deepcopy(model)
+    with torch.no_grad():
+        student.lm_head.weight.mul_(0.5)  # not the teacher: a distillation loss to learn
+    runs = []
+    for accumulate, batch in ((2, 2), (1, 4)):
+        trainer = DistillationTrainer(
+            model=copy.deepcopy(student), train_dataset=data, distill_weight=1.0,
+            teacher=Teacher(model, copy=True),
+            args=transformers.TrainingArguments(**{
+                **args.to_dict(), "gradient_accumulation_steps": accumulate,
+                "per_device_train_batch_size": batch, "output_dir": str(tmp_path)}))
+        trainer.train()
+        runs.append(dict(trainer.model.named_parameters()))
+    assert all(torch.allclose(runs[0][n], runs[1][n], rtol=1e-4, atol=1e-6) for n in a)
+    assert not torch.equal(runs[0]["transformer.h.0.mlp.c_fc.weight"],
+                           student.transformer.h[0].mlp.c_fc.weight)

@@ -382,3 +382,29 @@ def test_weight_only_matmuls_are_written_at_the_level_the_file_means(bits, per_c
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0])
     agreement = compare_logits("ort", expected, got, output_step(expected))
     assert agreement.strict_top1 == 100.0 and agreement.max_steps <= 0.01
+
+
+def test_evaluation_reprojects_a_weight_refilled_in_place_after_training():
+    """A wrapper may refill a weight's storage without bumping its version (FSDP2 gathers
+    shards into the same buffer): evaluation after a training step projects anew."""
+    import torch
+
+    from blendq.quantizers import WeightQuantizer, WeightSpec
+
+    w = torch.randn(8, 16)
+    q = WeightQuantizer(WeightSpec(bits=4, per_channel=True, quant_every=4), w)
+    q.train()
+    q.quantized(w)  # a training step that projects (codes kept for quant_every steps)
+    q.eval()
+    first = q.quantized(w).clone()
+    q.train()
+    q._trained += 1  # a controller's step ...
+    q.quantized(w)  # ... whose training forward reuses its codes: the scale stays
+    version = w._version
+    with torch.no_grad():
+        w.mul_(3.0)  # the refill ...
+    torch._C._autograd._unsafe_set_version_counter((w,), (version,))  # ... without a bump
+    q.eval()
+    codes, scale = q.project(w)  # the projection of the weight as it is now
+    again = q.quantized(w)
+    assert torch.equal(again, scale * codes) and not torch.allclose(again, first)

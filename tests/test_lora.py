@@ -119,3 +119,46 @@ def test_dropout_is_named_dora_refused_and_adapters_on_float_layers_stay_peft_s(
     ids = torch.randint(0, 64, (2, 8))
     with torch.no_grad():
         model(input_ids=ids)  # peft's own forward on the float layers
+
+
+def test_peft_merge_pickle_telemetry_and_evaluation_see_the_trained_adapters(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = blendq.prepare(_lora(_llama()), blendq.QuantPolicy(
+            w_bits=4, a_bits=None, group_size=32, method="ste"))
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    model.train()
+    _train(model, steps=2)
+    model.eval()
+    with torch.no_grad():  # evaluation after training sees the adapters as trained now
+        trained = model(input_ids=ids).logits
+    assert not torch.equal(trained, before)
+    # telemetry projects what is deployed: the merged weight
+    row, codes = blendq.transform.telemetry(model)
+    layer = next(m for m in model.modules() if "weight_delta" in m.__dict__)
+    name = next(n for n, m in model.named_modules() if m is layer)
+    merged_codes, _ = layer.w_quant.eval_projection(layer.latent_weight())
+    assert torch.equal(codes[name], merged_codes.to(codes[name].dtype))
+    # gradients reach the adapters in eval mode too (no cached merged tensor there)
+    model(input_ids=ids).logits.sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+    model.zero_grad()
+    # pickled whole, and peft's own merge_and_unload deploys what was trained
+    torch.save(model, tmp_path / "whole.pt")
+    again = torch.load(tmp_path / "whole.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, trained)
+        unloaded = copy.deepcopy(model).merge_and_unload()
+        assert torch.equal(unloaded(input_ids=ids).logits, trained)
+
+
+def test_lora_on_a_quantized_embedding_is_refused():
+    cfg = peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"])
+    model = peft.get_peft_model(_llama(), cfg)
+    with pytest.raises(ValueError, match="embedding table"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        blendq.prepare(model, blendq.QuantPolicy(w_bits=4, a_bits=None, group_size=32,
+                                                 embedding=8))

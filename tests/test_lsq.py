@@ -108,3 +108,27 @@ def test_an_activation_step_saved_as_a_scalar_loads():
     fresh = ActQuantizer(ActSpec(bits=4, method="lsq"))
     fresh.load_state_dict(old)
     assert torch.equal(fresh.step, state["step"]) and fresh.current_scale().dim() == 0
+
+
+def test_a_run_saved_with_scalar_activation_steps_resumes(tmp_path):
+    """An engine checkpoint from before the activation step held one element (model and
+    optimizer state 0-d) resumes and trains on."""
+    from blendq.engine import TrainConfig, load_checkpoint, save_checkpoint, train
+
+    cfg = TrainConfig(model="digits_cnn", model_args={"width": 8}, data="digits", epochs=2,
+                      batch_size=256, w_bits=4, a_bits=4, method="lsq", act_method="lsq",
+                      eval_views=False)
+    out = tmp_path / "run"
+    train(cfg, out, progress=False, max_steps=6)  # epoch 1 (6 steps) saved
+    path = out / "checkpoint.pt"
+    state = load_checkpoint(path)
+    steps = [k for k in state["model"] if k.endswith("a_quant.step")]
+    assert steps
+    state["model"] = {k: v.reshape(()) if k in steps else v for k, v in state["model"].items()}
+    for s in state["optimizer"]["state"].values():
+        for key, value in list(s.items()):
+            if key != "step" and torch.is_tensor(value) and value.shape == (1,):
+                s[key] = value.reshape(())
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, path)
+    result = train(cfg, out, resume=True, progress=False)
+    assert len(result.history) == 2 and result.history[-1]["epoch"] == 2

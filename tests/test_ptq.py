@@ -101,8 +101,10 @@ def test_activation_scales_are_the_batches_mean_ppq_or_largest_range():
     assert scales["minmax"] > scales["ppq"]  # PPQ clips the tails min/max keeps
 
 
-def test_calibrate_refuses_what_it_cannot_calibrate():
-    model = blendq.prepare(_trained_float().train(), blendq.QuantPolicy(w_bits=4, a_bits=8))
+@pytest.mark.parametrize("method", ["ab", "lsq"])
+def test_calibrate_refuses_what_it_cannot_calibrate(method):
+    model = blendq.prepare(_trained_float().train(), blendq.QuantPolicy(
+        w_bits=4, a_bits=8, method=method, act_method="lsq" if method == "lsq" else "ste"))
     with pytest.raises(ValueError, match="at least one batch"):
         blendq.calibrate(model, [])
     model(torch.randn(2, 3, 8, 8))  # training state a failed calibration must keep
@@ -112,8 +114,8 @@ def test_calibrate_refuses_what_it_cannot_calibrate():
         blendq.calibrate(model, [good, bad])
     assert model.training  # modes, α and scales put back after a failed calibration
     after = model.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in state.items() if "a_quant" in k or
-               k.endswith("alpha"))
+    assert after.keys() == state.keys()
+    assert all(torch.equal(after[k], v) for k, v in state.items())  # LSQ's steps too
     with pytest.raises(ValueError, match="call blendq.prepare"):
         blendq.calibrate(small_cnn(), [torch.randn(2, 3, 8, 8)])
     # keyword batches and a custom forward

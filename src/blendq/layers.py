@@ -172,9 +172,12 @@ class BlendMixin:
         w, delta = self.float_weight, self.__dict__.get("weight_delta")
         if delta is None:
             return w
-        if self.training and torch.is_grad_enabled():
+        if torch.compiler.is_compiling():  # a traced graph computes it every time
             return w + delta().to(w.dtype)
         key = (w.data_ptr(), w._version, *delta.versions())
+        self.w_quant.source_key = key  # the eval projection's cache knows what it read
+        if torch.is_grad_enabled():  # A and B get their gradients through it
+            return w + delta().to(w.dtype)
         kept = self.__dict__.get("_merged")
         if kept is None or kept[0] != key:
             with torch.no_grad():
@@ -688,7 +691,7 @@ class LoraDelta:
         w = self.wrapper
         deltas = [w.get_delta_weight(a) for a in self.adapters()]
         if not deltas:
-            return torch.zeros((), device=w.lora_A[next(iter(w.lora_A))].weight.device)
+            return torch.zeros((), device=w.base_layer.float_weight.device)
         return deltas[0] if len(deltas) == 1 else torch.stack(deltas).sum(0)
 
     def versions(self) -> tuple:
@@ -700,6 +703,45 @@ class LoraDelta:
 
 
 _LORA_CLASSES: dict[type, type] = {}
+
+
+@torch.no_grad()
+def _merged_merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+    """peft's ``merge`` on a layer whose quantizer sees the merged weight: the adapters'
+    delta folded into the base layer's Parameter (peft's own writes into ``weight``,
+    which here is the blended weight, and would be lost)."""
+    base = self.base_layer
+    delta = base.__dict__.pop("weight_delta", None)
+    if delta is None:
+        return
+    names = delta.adapters()
+    base.float_weight.add_(delta().to(base.float_weight.dtype))
+    base.__dict__.pop("_merged", None)
+    base.w_quant.source_key = ()
+    self.__dict__["_blendq_delta"] = delta
+    self.merged_adapters.extend(n for n in names if n not in self.merged_adapters)
+
+
+@torch.no_grad()
+def _merged_unmerge(self) -> None:
+    """peft's ``unmerge``: the delta taken out of the Parameter again, the adapters back
+    in the quantizer's merged weight."""
+    delta = self.__dict__.pop("_blendq_delta", None)
+    if delta is None:
+        return
+    self.merged_adapters.clear()
+    base = self.base_layer
+    base.float_weight.sub_(delta().to(base.float_weight.dtype))
+    base.__dict__["weight_delta"] = delta
+
+
+def _reduce_merged(self, protocol):
+    """Pickle a merged wrapper by its peft class (the generated one is not importable)."""
+    return (_make_merged, (type(self).__mro__[1],), self.__dict__)
+
+
+def _make_merged(cls: type) -> nn.Module:
+    return object.__new__(merged_lora_class(cls))
 
 
 def _merged_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -715,5 +757,7 @@ def merged_lora_class(cls: type) -> type:
     adapters reach the output through the base layer's merged, quantized weight."""
     if cls not in _LORA_CLASSES:
         _LORA_CLASSES[cls] = type(f"Merged{cls.__name__}", (cls,),
-                                  {"forward": _merged_forward, "_blendq_merged": True})
+                                  {"forward": _merged_forward, "merge": _merged_merge,
+                                   "unmerge": _merged_unmerge, "__reduce_ex__": _reduce_merged,
+                                   "__module__": __name__, "_blendq_merged": True})
     return _LORA_CLASSES[cls]

@@ -137,6 +137,13 @@ class WeightQuantizer(nn.Module):
         self.stale = True  # training cache out of date (a Python flag: no sync in forward)
         self.grouped = False  # a WeightGroup projected this step's codes already
         self._eval: tuple | None = None  # (weight key, codes, scale) for eval mode
+        # training steps so far (counted by the controller's step, outside the forward that
+        # torch.compile traces): part of the eval key, since a wrapper may refill a weight
+        # in place without a version bump (FSDP2 gathers into the same storage)
+        self._trained = 0
+        # what else the projected weight depends on (a LoRA layer's adapters), set by the
+        # layer before each call: part of the eval key
+        self.source_key: tuple = ()
         # Fixed-shape buffers updated in place, so DDP and optimizers see stable tensors.
         scale_shape = [1] * weight.dim()
         if spec.group_size is not None:  # (output channels, blocks)
@@ -218,7 +225,8 @@ class WeightQuantizer(nn.Module):
                 self._ready = True
                 self.stale = False
             return self.per_element(self.scale, tuple(w.shape)) * self.codes
-        key = (w.data_ptr(), w._version, w.dtype, self.scale._version)
+        key = (w.data_ptr(), w._version, w.dtype, self.scale._version, self._trained,
+               self.source_key)
         if self._eval is None or self._eval[0] != key:
             self._eval = (key, *self.project(w))
         _, codes, scale = self._eval

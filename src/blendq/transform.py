@@ -30,7 +30,7 @@ from .layers import (
 )
 from .placement import place_sites, sites
 from .policy import QuantPolicy
-from .quantizers import ActStatistics, WeightGroup
+from .quantizers import ActQuantizer, ActStatistics, WeightGroup, WeightQuantizer
 from .schedules import Schedule
 
 __all__ = [
@@ -126,6 +126,10 @@ def _merge_adapters(model: nn.Module) -> None:
             raise ValueError(f"{name}: LoRA variant adapters ({', '.join(variants) or 'DoRA'}) "
                              "do not compute x·(W + s·B·A), the merged weight blendq "
                              "quantizes; use plain LoRA adapters on quantized layers")
+        if len(getattr(wrapper, "lora_embedding_A", {}) or {}):
+            raise ValueError(f"{name}: LoRA adapters on an embedding table are not "
+                             "supported on a quantized table yet; keep the table float "
+                             "(QuantPolicy(embedding=None)) or skip it")
         if any(getattr(d, "p", 0) > 0 for d in getattr(wrapper, "lora_dropout", {}).values()):
             dropped.append(name)
         base.__dict__["weight_delta"] = LoraDelta(wrapper)
@@ -291,8 +295,8 @@ def telemetry(model: nn.Module, previous: dict[str, torch.Tensor] | None = None
     dist2 = norm2 = changed = total = clipped = seen = 0.0
     codes_now = {}
     for name, m in blend_layers(model):
-        w = m.float_weight.detach()
-        codes, scale = m.w_quant.eval_projection(m.float_weight)
+        w = m.latent_weight().detach()  # with LoRA adapters: the merged weight
+        codes, scale = m.w_quant.eval_projection(w)
         scale = m.w_quant.per_element(scale, tuple(w.shape))
         dist2 += float((w - scale * codes).double().square().sum())
         norm2 += float(w.double().square().sum())
@@ -414,8 +418,10 @@ class AlphaController:
             if alpha >= 1.0 and self.after == "ste":
                 _straight_through_weights(self.layers)
         for layer in self.layers:
-            if step % layer.w_quant.spec.quant_every == 0:
-                layer.w_quant.stale = True
+            q = layer.w_quant
+            q.__dict__["_trained"] = q._trained + 1  # evaluation's cache key (a new step)
+            if step % q.spec.quant_every == 0:
+                q.stale = True
         for group in self.groups:
             if all(q.stale for q in group.quantizers):
                 group.project()
@@ -475,8 +481,10 @@ def calibrate(model: nn.Module, batches: Iterable,
     settle(model)
     modes = [(m, m.training) for m in model.modules()]
     holders = _alpha_holders(model)
-    before = ([m.alpha.clone() for m in holders],  # put back if a batch fails
-              [(q.scale.clone(), q.initialized.clone(), q.signed.clone()) for q in quantizers])
+    # put back if a batch fails: α, and every quantizer's state (scales, LSQ steps, ...)
+    owners = [m for m in model.modules() if isinstance(m, WeightQuantizer | ActQuantizer)]
+    before = ([m.alpha.clone() for m in holders],
+              [copy.deepcopy(q.state_dict(keep_vars=False)) for q in owners])
     stats: list[list[torch.Tensor]] = [[] for _ in quantizers]
     count = 0
     try:
@@ -494,9 +502,8 @@ def calibrate(model: nn.Module, batches: Iterable,
             except (RuntimeError, TypeError, IndexError) as err:
                 for m, alpha in zip(holders, before[0], strict=True):
                     m.alpha.copy_(alpha)
-                for q, (scale, ready, signed) in zip(quantizers, before[1], strict=True):
-                    q.load_state_dict({**q.state_dict(), "scale": scale, "initialized": ready,
-                                       "signed": signed}, strict=False)
+                for q, state in zip(owners, before[1], strict=True):
+                    q.load_state_dict(state, strict=False)
                 raise ValueError(f"calibration batch {count} ({_shapes(batch)}) does not fit "
                                  f"the model: {type(err).__name__}: {err}; the model is as "
                                  "it was") from err

@@ -398,12 +398,25 @@ def _resume(run: _Run) -> None:
     state = load_checkpoint(ckpt_path, map_location="cpu")
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
+    _match_optimizer_state(run.optimizer)
     _restore_rng(state)
     run.history, run.start_epoch = list(state["history"]), int(state["epoch"])
     run.step = run.start_epoch * run.steps_per_epoch
     run.codes = state.get("codes")
     if run.dist.main:
         write_metrics(run.history, run.out_dir)  # consistent with the checkpoint
+
+
+def _match_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Per-parameter optimizer state saved with another shape of the same size (an LSQ
+    activation step was a scalar before it held one element) reshaped to its parameter's
+    shape, so a run saved then resumes."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and key != "step" and \
+                        value.shape != p.shape and value.numel() == p.numel():
+                    optimizer.state[p][key] = value.reshape(p.shape)
 
 
 def _write_run_files(run: _Run) -> None:

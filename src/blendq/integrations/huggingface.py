@@ -8,7 +8,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("blendq.integrations.HuggingFaceCallback needs transformers: pip "
                       "install 'blendq[hf]'") from err
 
-from ..distill import Teacher, distillation_loss, kd_loss, logits_of
+from ..distill import Teacher, kd_loss, logits_of
 from .window import AlphaWindow
 
 __all__ = ["HuggingFaceCallback", "DistillationTrainer"]
@@ -88,15 +88,21 @@ class DistillationTrainer(Trainer):
             temperature
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
+        # as the Trainer's own: where the model normalises its loss over the accumulated
+        # batch (num_items_in_batch), the Trainer does not divide by the accumulation
+        # steps, so the distillation term (a mean over this micro-batch) is divided here
+        scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        kwargs = {"num_items_in_batch": num_items_in_batch} if scaled else {}
+        outputs = model(**inputs, **kwargs)
         student = logits_of(outputs)
         self.teacher.to(student.device)
         teacher = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"})
         task = outputs.get("loss") if isinstance(outputs, dict) else \
             getattr(outputs, "loss", None)
-        if task is None:
-            loss = kd_loss(student, teacher, self.temperature)
-        else:
-            loss = distillation_loss(task, student, teacher, self.distill_weight,
-                                     self.temperature)
+        kd = kd_loss(student, teacher, self.temperature)
+        if scaled:
+            kd = kd / getattr(self, "current_gradient_accumulation_steps",
+                              self.args.gradient_accumulation_steps)
+        w = self.distill_weight
+        loss = kd if task is None else (1.0 - w) * task + w * kd
         return (loss, outputs) if return_outputs else loss
