@@ -173,14 +173,16 @@ def run_job(job: dict) -> dict:
     cfg = TrainConfig.from_dict(job["config"])
     out = Path(job["dir"])
     t0 = time.perf_counter()
+    history, reused = None, False
     if job["column"] == "PTQ per channel":
         calibrate_run(cfg, out, batches=job["calibration_batches"], progress=False)
-        history = None
     else:
         history = finished_history(cfg, out)
-        if history is None:
+        reused = history is not None
+        if not reused:
             history = train(cfg, out, progress=False).history
-    seconds = time.perf_counter() - t0
+    seconds = sum(r["epoch_time_s"] + r.get("eval_time_s", 0) for r in history) if reused \
+        else time.perf_counter() - t0  # a reused run: the time it took when it ran
     row = {k: job[k] for k in ("net", "bits", "column", "seed")}
     row.update(seconds=round(seconds, 1), dir=str(out))
     if job["column"] == "fp32":
