@@ -225,8 +225,9 @@ class WeightQuantizer(nn.Module):
                 self._ready = True
                 self.stale = False
             return self.per_element(self.scale, tuple(w.shape)) * self.codes
-        key = (w.data_ptr(), w._version, w.dtype, self.scale._version, self._trained,
-               self.source_key)
+        d = self.__dict__  # (attributes a model pickled by an older version lacks)
+        key = (w.data_ptr(), w._version, w.dtype, self.scale._version, d.get("_trained", 0),
+               d.get("source_key", ()))
         if self._eval is None or self._eval[0] != key:
             self._eval = (key, *self.project(w))
         _, codes, scale = self._eval

@@ -419,7 +419,7 @@ class AlphaController:
                 _straight_through_weights(self.layers)
         for layer in self.layers:
             q = layer.w_quant
-            q.__dict__["_trained"] = q._trained + 1  # evaluation's cache key (a new step)
+            q.__dict__["_trained"] = q.__dict__.get("_trained", 0) + 1  # eval's cache key
             if step % q.spec.quant_every == 0:
                 q.stale = True
         for group in self.groups:
