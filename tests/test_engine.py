@@ -45,7 +45,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_old_one_survives(tmp_path, monk
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="OSError: disk full; the previous checkpoint"):
         save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1  # the previous good checkpoint
