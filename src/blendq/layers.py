@@ -172,11 +172,11 @@ class BlendMixin:
         w, delta = self.float_weight, self.__dict__.get("weight_delta")
         if delta is None:
             return w
-        if torch.compiler.is_compiling():  # a traced graph computes it every time
-            return w + delta().to(w.dtype)
+        if torch.compiler.is_compiling() or self.training and torch.is_grad_enabled():
+            return w + delta().to(w.dtype)  # a training step: A and B get gradients
         key = (w.data_ptr(), w._version, *delta.versions())
         self.w_quant.source_key = key  # the eval projection's cache knows what it read
-        if torch.is_grad_enabled():  # A and B get their gradients through it
+        if torch.is_grad_enabled():  # evaluation with gradients to A and B
             return w + delta().to(w.dtype)
         kept = self.__dict__.get("_merged")
         if kept is None or kept[0] != key:
@@ -747,8 +747,7 @@ def _make_merged(cls: type) -> nn.Module:
 def _merged_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     """The wrapper's forward once its adapters live in the base layer's merged weight:
     the base layer alone (the adapters' branch is inside its weight)."""
-    for key in ("adapter_names",):
-        kwargs.pop(key, None)
+    kwargs.pop("adapter_names", None)
     return self.base_layer(x, *args, **kwargs)
 
 

@@ -159,10 +159,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     the model itself was a wrapper)."""
     for _, wrapper in lora_wrappers(model):
         if getattr(wrapper, "_blendq_merged", False):
-            base = wrapper.base_layer
-            delta = base.__dict__.pop("weight_delta")
-            base.float_weight.add_(delta().to(base.float_weight.dtype))
-            base.__dict__.pop("_merged", None)
+            wrapper.merge()  # the delta into the base layer's Parameter (layers._merged_merge)
     return _unwrap_adapters(model)
 
 
@@ -479,7 +476,6 @@ def calibrate(model: nn.Module, batches: Iterable,
     forward = forward or _call
     quantizers = _act_quantizers(model)
     settle(model)
-    modes = [(m, m.training) for m in model.modules()]
     holders = _alpha_holders(model)
     # put back if a batch fails: α, and every quantizer's state (scales, LSQ steps, ...)
     owners = [m for m in model.modules() if isinstance(m, WeightQuantizer | ActQuantizer)]
@@ -487,16 +483,15 @@ def calibrate(model: nn.Module, batches: Iterable,
               [copy.deepcopy(q.state_dict(keep_vars=False)) for q in owners])
     stats: list[list[torch.Tensor]] = [[] for _ in quantizers]
     count = 0
-    try:
-        model.eval()
+    with eval_mode(model):  # modes put back after, whatever happens
         for q in quantizers:  # only the activation quantizers learn their scale
             q.train()
+        set_alpha(model, 1.0)
         for count, batch in enumerate(batches, 1):
             for q in quantizers:  # each batch's own scale (the EMA starts anew)
                 q.initialized.fill_(False)
                 q._initialized = False
                 q.__dict__.pop("_lsq_started", None)
-            set_alpha(model, 1.0)
             try:
                 forward(model, batch)
             except (RuntimeError, TypeError, IndexError) as err:
@@ -510,9 +505,6 @@ def calibrate(model: nn.Module, batches: Iterable,
             for q, seen in zip(quantizers, stats, strict=True):
                 if bool(q.initialized):  # a quantizer this batch did not reach keeps none
                     seen.append(q.scale.clone())
-    finally:
-        for m, mode in modes:
-            m.training = mode
     if count == 0:
         raise ValueError("calibrate needs at least one batch of data; got none")
     for q, seen in zip(quantizers, stats, strict=True):
@@ -527,7 +519,6 @@ def calibrate(model: nn.Module, batches: Iterable,
         if q.method.learns_scale:
             q.step.copy_(scale.reshape(q.step.shape))
             q._lsq_started = True
-    set_alpha(model, 1.0)
     return count
 
 
