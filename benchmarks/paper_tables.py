@@ -216,7 +216,8 @@ def plan(args, done: set) -> tuple[list[dict], list[dict]]:
         fp = {**FLOAT, **base, "epochs": args.float_epochs, **args.float_protocol}
         if (net, "fp32", "fp32", 0) not in done:
             floats.append({**common, "net": net, "bits": "fp32", "column": "fp32", "seed": 0,
-                           "config": fp, "dir": str(fp_dir)})
+                           "config": fp, "dir": str(fp_dir),
+                           "threads": args.threads * args.jobs})  # it runs alone
         elif not (fp_dir / "checkpoint.pt").exists():  # its rows started from that model
             sys.exit(f"{out / 'rows.jsonl'} holds runs of {net} fine-tuned from the float "
                      f"model in {fp_dir}, which is not there: copy it back (a committed table "

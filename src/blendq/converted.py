@@ -24,6 +24,8 @@ from .layers import (
     BlendSite,
     LayerKind,
     bias_unit,
+    integer_core,
+    integer_core_applies,
     rebuild,
     rounded_bias,
     shared_input,
@@ -166,6 +168,12 @@ class QuantMixin:
 
     def forward(self, input: Tensor, *args, **kwargs):
         x = self.quantized_input(input)
+        if not (args or kwargs) and self.deploy is None and \
+                integer_core_applies(self, x, self.a_bits, self.a_signed, self.group_size):
+            # on the integer codes, as the α = 1 blended layer evaluates (bit for bit)
+            return integer_core(self, x, self.act_scale, self.weight_codes,
+                                self.weight_scale, F.grid(self.a_bits, self.a_signed, True),
+                                lambda: super(QuantMixin, self).forward(x))
         return super().forward(x, *shared_input(self, input, x, args, kwargs), **kwargs)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -37,7 +37,7 @@ __all__ = ["link_holds", "linked_producer", "bias_unit",
            "BlendLinear", "BlendConv1d", "BlendConv2d", "BlendConv3d", "BlendMixin",
            "blend_class", "layer_kind", "LayerKind", "rebuild", "is_hf_conv1d",
            "FoldedBatchNorm1d", "FoldedBatchNorm2d", "FOLDED_BN_MAP", "bn_affine", "BlendSite",
-           "BiasRounding", "is_lora", "lora_part", "LoraDelta", "merged_lora_class"]
+           "BiasRounding", "integer_core", "integer_core_applies", "is_lora", "lora_part", "LoraDelta", "merged_lora_class"]
 
 _MODULE_STATE = {"_parameters", "_buffers", "_modules", "training"}
 
@@ -201,7 +201,26 @@ class BlendMixin:
 
     def forward(self, input: Tensor, *args, **kwargs):
         x = self.blended_input(input)
+        if not (args or kwargs):
+            exact = self.integer_forward(x)
+            if exact is not None:
+                return exact
         return super().forward(x, *shared_input(self, input, x, args, kwargs), **kwargs)
+
+    def integer_forward(self, x: Tensor) -> Tensor | None:
+        """In evaluation at α = 1, the layer on the integer codes as an int8 runtime
+        computes it (:func:`integer_core`); ``None`` where that does not apply (training,
+        α < 1, or what :func:`integer_core` leaves out)."""
+        a = self.a_quant
+        if self.training or a is None or not a._initialized or \
+                not integer_core_applies(self, x, a.spec.bits, a.is_signed,
+                                         self.w_quant.spec.group_size) or \
+                not bool(self.alpha == 1):
+            return None
+        codes, w_scale = self.w_quant.eval_projection(self.latent_weight())
+        return integer_core(self, x, a.current_scale(), codes, w_scale,
+                            F.grid(a.spec.bits, a.is_signed, full=True),
+                            lambda: super(BlendMixin, self).forward(x))
 
     def accumulator_unit(self) -> Tensor | None:
         """``γ_w·γ_a`` per output channel (float64) where the layer adds its bias to an
@@ -233,6 +252,72 @@ class BlendMixin:
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", alpha={float(self.alpha):.4g}"
+
+
+# ---------------------------------------------------------------------------
+# The α = 1 layer on integer codes
+
+
+def integer_core_applies(layer: nn.Module, x: Tensor, a_bits: int | None,
+                         a_signed: bool | None, group_size: int | None) -> bool:
+    """Whether :func:`integer_core` computes ``layer`` on ``x``: a float32/64 input on
+    an integer grid, one weight scale per output channel or layer (no blocks), the
+    plain matmul or (not transposed) convolution, outside a graph torch.compile traces
+    (which computes the float way)."""
+    return layer._kind.integer_bias and not issubclass(layer._kind.base, _CONV_T) and \
+        group_size is None and F.integer_input(a_bits, a_signed) and \
+        x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+
+
+def integer_core(layer: nn.Module, x: Tensor, x_scale: Tensor, codes: Tensor,
+                 w_scale: Tensor, grid: tuple[int, int], float_forward) -> Tensor:
+    """``layer`` on its quantized input ``x`` as an int8 runtime computes it:
+    ``(γ_w·γ_a)·(q_w ⋆ q_a) + b`` with the integer accumulation exact (float32 holds
+    every integer sum below 2^24, float64 below 2^53; float64 is taken where the codes
+    could reach past 2^24), then one rescale per output channel and the bias (``layer``'s
+    ``bias``: whole accumulator units), in ``x``'s dtype.
+
+    Why: float32 sums of the dequantized products ``(γ_a·q_a)(γ_w·q_w)`` are off by
+    ~1e-7 of their terms, and an activation on a coarse grid that lands that close to a
+    rounding midpoint rounds the other way than in the runtime; at 4 bits one such code
+    moves the next layer's inputs by a sizeable fraction of a step, and over a deep
+    network the differences grow (docs/results.md, "Deployed = trained").
+
+    With gradients recorded, the value is this one and the gradient that of the float
+    computation (``float_forward()``, run only then)."""
+    x_scale = x_scale.to(x.dtype)
+    dtype = x.dtype if _largest_accumulator(layer, codes, max(map(abs, grid))) < 2 ** 24 \
+        else torch.float64
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        x_codes = torch.round(x.detach() / x_scale).to(dtype)
+        if issubclass(layer._kind.base, nn.Linear):
+            acc, channel = nn.functional.linear(x_codes, codes.to(dtype)), -1
+        else:
+            acc, channel = layer._kind.base._conv_forward(layer, x_codes, codes.to(dtype),
+                                                          None), 1
+        view = [1] * acc.dim()
+        view[channel] = -1
+        out = acc.to(x.dtype) * (x_scale * w_scale.to(x.dtype).reshape(view))
+        bias = layer.bias
+        if bias is not None:
+            out += bias.detach().to(x.dtype).reshape(view)
+    if torch.is_grad_enabled():
+        float_out = float_forward()  # the gradient's path
+        if float_out.requires_grad:
+            return F.straight_through(float_out, out)
+    return out
+
+
+def _largest_accumulator(layer: nn.Module, codes: Tensor, largest_input: int) -> float:
+    """A bound on ``|q_w ⋆ q_a|``: the largest input code times the largest sum of
+    ``|q_w|`` over an output's weights (kept while the codes stay the same tensor)."""
+    kept = layer.__dict__.get("_accumulator_bound")
+    if kept is None or kept[0] is not codes or kept[1] != codes._version:
+        rows = codes.detach().movedim(layer._kind.axis, 0)
+        rows = rows.reshape(rows.shape[0], -1)
+        kept = (codes, codes._version, float(rows.double().abs().sum(1).max()))
+        layer.__dict__["_accumulator_bound"] = kept
+    return kept[2] * largest_input
 
 
 def rounds_bias(kind: LayerKind, a_bits: int | None, a_signed: bool | None) -> bool:
