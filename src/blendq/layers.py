@@ -37,7 +37,8 @@ __all__ = ["link_holds", "linked_producer", "bias_unit",
            "BlendLinear", "BlendConv1d", "BlendConv2d", "BlendConv3d", "BlendMixin",
            "blend_class", "layer_kind", "LayerKind", "rebuild", "is_hf_conv1d",
            "FoldedBatchNorm1d", "FoldedBatchNorm2d", "FOLDED_BN_MAP", "bn_affine", "BlendSite",
-           "BiasRounding", "integer_core", "integer_core_applies", "is_lora", "lora_part", "LoraDelta", "merged_lora_class"]
+           "BiasRounding", "integer_core", "integer_core_applies", "is_lora", "lora_part",
+           "LoraDelta", "merged_lora_class"]
 
 _MODULE_STATE = {"_parameters", "_buffers", "_modules", "training"}
 
