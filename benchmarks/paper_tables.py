@@ -134,7 +134,7 @@ def _verify(run_dir: Path, test_subset: int | None) -> dict:
     example = torch.zeros(2, shape["in_channels"], shape["image_size"], shape["image_size"])
     program = capture(convert(model), example)
     refs, outs, labels = [], [], []
-    with tempfile.TemporaryDirectory() as tmp, quantized(model) as alpha_one:
+    with tempfile.TemporaryDirectory() as tmp, quantized(model) as alpha_one, torch.no_grad():
         import onnx
 
         path = Path(tmp) / "model.onnx"
