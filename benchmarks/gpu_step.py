@@ -306,7 +306,7 @@ def main() -> None:
         args.compile = device.type == "cuda" and not args.smoke
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {name}, torch {torch.__version__}, blendq {blendq.__version__}, "
-          f"fused activation quantization {blendq.functional.FUSED_FAKE_QUANT}")
+          f"execution policy {blendq.functional.execution()}")
     torch.manual_seed(0)
     t_start = time.perf_counter()
 

@@ -47,7 +47,7 @@ def test_training_steps_do_not_synchronise(method, bits, monkeypatch):
     # a GPU takes the device path, so that is the one checked. 1 bit: a BinaryNet-style
     # W1A1 network, whose sign ranges are host numbers (made into tensors on the GPU,
     # they synchronised 16 times a step on an H200)
-    monkeypatch.setattr(blendq.functional, "CPU_FAST_STE", False)
+    monkeypatch.setattr(blendq.functional, "_EXECUTION", blendq.Execution(cpu_native=False))
     torch.manual_seed(0)
     if bits == 1:
         model = blendq.prepare(build_model("binarynet", image_size=32, width=0.125),
@@ -209,7 +209,7 @@ def test_activation_statistics_op_count_does_not_grow_with_depth(cpu_path, monke
     """A training forward keeps one sample copy per activation quantizer (on the CPU's
     straight-through path as on the device path); the settle as the forward returns
     takes all of them in a fixed number of operations."""
-    monkeypatch.setattr(blendq.functional, "CPU_FAST_STE", cpu_path)
+    monkeypatch.setattr(blendq.functional, "_EXECUTION", blendq.Execution(cpu_native=cpu_path))
     forward, settle = {}, {}
     for depth in (10, 40):
         model, controller = _deep_mlp(depth, per_channel=True)
@@ -340,7 +340,7 @@ def test_fused_path_trains_a_model_as_the_eager_path_does(monkeypatch):
     # the layer-level switch: the same model and batch, eager path against the fused
     # function (its math run eagerly here: the kernel itself is compared above)
     def step(fused):
-        monkeypatch.setattr(blendq.functional, "FUSED_FAKE_QUANT", fused)
+        monkeypatch.setattr(blendq.functional, "_EXECUTION", blendq.Execution(fused=fused))
         monkeypatch.setattr(blendq.functional, "_fused_math",
                             lambda: blendq.functional._fake_quant_math)
         torch.manual_seed(0)

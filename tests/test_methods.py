@@ -5,6 +5,7 @@ export; a method is one object, chosen once by name."""
 import pytest
 import torch
 from conftest import converted_and_exported, small_cnn
+from torch import nn
 
 import blendq
 from blendq import methods
@@ -116,7 +117,7 @@ def test_every_path_gives_a_method_its_own_value_and_gradient(fused, monkeypatch
 
     HalfStraight = _HalfStraight
     monkeypatch.setitem(methods.METHODS, HalfStraight.name, HalfStraight())
-    monkeypatch.setattr(F, "FUSED_FAKE_QUANT", fused)
+    monkeypatch.setattr(F, "_EXECUTION", F.Execution(fused=fused))
     monkeypatch.setattr(F, "_fused_math", lambda: F._fake_quant_math)
     assert methods.get("ste").kernel == "ste" and methods.get("ab").kernel == "ab"
     assert HalfStraight().kernel is None and methods.get("lsq").kernel == "ste"
@@ -143,3 +144,40 @@ def test_every_path_gives_a_method_its_own_value_and_gradient(fused, monkeypatch
                                 0, 255)
             expect = torch.lerp(x.detach(), codes * float(scale), alpha)
             assert torch.allclose(value, expect, atol=1e-6), (name, deferred)
+
+
+def test_the_execution_policy_chooses_each_quantizers_path_in_one_place():
+    """One policy object (no module switches): set for a block, put back after, bad
+    values refused; the summary says which path each activation quantizer takes."""
+    import blendq
+    from blendq import functional as F
+    from blendq.quantizers import ActQuantizer, ActSpec
+
+    with pytest.raises(ValueError, match="fused must be 'auto', True or False"):
+        blendq.Execution(fused="always")
+    with pytest.raises(ValueError, match="cpu_native must be True or False"):
+        blendq.Execution(cpu_native=1)
+    ste, lsq = ActQuantizer(ActSpec(bits=4, method="ste")), ActQuantizer(ActSpec(method="lsq"))
+    sign = ActQuantizer(ActSpec(bits=1, signed=True))
+    assert F.execution() == blendq.Execution()
+    assert ste.path("cpu") == "cpu-native" and ste.path("cuda") == "fused"
+    assert ste.path("cpu", deferred=False) == "eager" and ste.path("cpu", torch.half) == "eager"
+    assert lsq.path("cuda") == "lsq" and sign.path("cuda") == "sign"
+    with blendq.execution_policy(fused=True, cpu_native=False) as policy:
+        assert policy == F.execution() == blendq.Execution(fused=True, cpu_native=False)
+        assert ste.path("cpu") == "fused"
+        with blendq.execution_policy(fused=False):
+            assert ste.path("cuda") == "eager" and F.execution().cpu_native is False
+    assert F.execution() == blendq.Execution()
+    previous = blendq.set_execution(cpu_native=False)
+    try:
+        assert ste.path("cpu") == "eager"
+    finally:
+        blendq.set_execution(previous)
+    model = blendq.prepare(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)),
+                           blendq.QuantPolicy(w_bits=4, a_bits=8, act_method="ste"))
+    rows = {r.name: r for r in blendq.summary(model)}
+    assert rows["0"].path == rows["2"].path == "cpu-native"
+    assert "act path" in blendq.format_summary(model).splitlines()[0]
+    with blendq.execution_policy(cpu_native=False):
+        assert {r.path for r in blendq.summary(model) if r.name in ("0", "2")} == {"eager"}

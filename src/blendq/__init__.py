@@ -1,7 +1,7 @@
 """blendq: low-precision training with alpha-blending (Liu & Mattina, IJCAI 2019)."""
 
 from .export import export_onnx
-from .functional import binarize, blend, ppq
+from .functional import Execution, binarize, blend, execution_policy, ppq, set_execution
 from .policy import QuantPolicy
 from .schedules import Schedule, constant, cubic, exponential, linear
 from .transform import (
@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlphaController",
+    "Execution",
     "QuantPolicy",
     "Schedule",
     "alpha_view",
@@ -32,6 +33,7 @@ __all__ = [
     "constant",
     "convert",
     "cubic",
+    "execution_policy",
     "exponential",
     "export_onnx",
     "format_summary",
@@ -42,6 +44,7 @@ __all__ = [
     "prepare",
     "quantized",
     "set_alpha",
+    "set_execution",
     "size_bytes",
     "summary",
 ]

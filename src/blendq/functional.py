@@ -9,9 +9,12 @@ float, per tensor or per slice along one axis.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -22,7 +25,8 @@ __all__ = ["NONE_WORDS", "SCALES", "check_bits", "check_scale", "grid", "minmax"
            "ppq_segments", "segment_index", "segment_sum",
            "search_scale", "binarize", "quantize", "blend", "straight_through", "check_finite",
            "round_bias", "strided_sample", "straight_through_fake_quantize", "pack_codes",
-           "unpack_codes", "fake_quantize"]
+           "unpack_codes", "fake_quantize", "Execution", "execution", "set_execution",
+           "execution_policy"]
 
 _ZERO_SCALE = 1.0  # scale given to an all-zero tensor or slice: any positive value is exact
 
@@ -362,7 +366,62 @@ def blend(w: Tensor, wq: Tensor, alpha: Tensor | float) -> Tensor:
     return torch.lerp(w, wq.detach().to(w.dtype), alpha.to(w.dtype))
 
 
-CPU_FAST_STE = True  # False: the CPU takes the device path (as tests of GPU behaviour do)
+@dataclass(frozen=True)
+class Execution:
+    """How quantizers compute: the one switchboard of their execution paths (the path
+    each activation quantizer takes is chosen in one place,
+    :meth:`blendq.quantizers.ActQuantizer.path`, from this policy, its method and the
+    tensor). Set for the process with :func:`set_execution`, or for a block with
+    :func:`execution_policy`.
+
+    fused: the fused activation kernel (:func:`fake_quantize`: one pass each way, one
+    compiled kernel on CUDA): ``"auto"`` on CUDA outside a graph torch.compile traces
+    (which fuses by itself); ``True`` on every device (the CPU runs the kernel's math
+    compiled), refused with the reason for a method whose value or gradient the kernel
+    does not compute; ``False`` never.
+    cpu_native: on the CPU, a float32/64 batch of a method with the base
+    :meth:`blendq.methods.Method.mix` trains through one native autograd node
+    (:func:`straight_through_fake_quantize`; the bounds and α read on the host, free
+    there). ``False``: the CPU takes the device path operation for operation, as
+    the tests of GPU behaviour run it.
+    """
+
+    fused: bool | str = "auto"
+    cpu_native: bool = True
+
+    def __post_init__(self) -> None:
+        if self.fused not in ("auto", True, False):
+            raise ValueError(f"fused must be 'auto', True or False, got {self.fused!r}")
+        if not isinstance(self.cpu_native, bool):
+            raise ValueError(f"cpu_native must be True or False, got {self.cpu_native!r}")
+
+
+_EXECUTION = Execution()
+
+
+def execution() -> Execution:
+    """The execution policy in force (:class:`Execution`)."""
+    return _EXECUTION
+
+
+def set_execution(policy: Execution | None = None, **changes) -> Execution:
+    """Put ``policy`` (or the one in force with ``changes``, e.g. ``fused=True``) in
+    force for the process; returns the one it replaces."""
+    global _EXECUTION
+    previous = _EXECUTION
+    _EXECUTION = replace(policy or previous, **changes)
+    return previous
+
+
+@contextlib.contextmanager
+def execution_policy(**changes) -> Iterator[Execution]:
+    """The execution policy with ``changes`` (:class:`Execution`'s fields) inside the
+    block; the one before after it."""
+    previous = set_execution(**changes)
+    try:
+        yield _EXECUTION
+    finally:
+        set_execution(previous)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -379,7 +438,7 @@ class _StraightThrough(torch.autograd.Function):
                 hi: Tensor | float | None) -> Tensor:
         ctx.bounds = None
         # host bounds: free on the CPU, a sync on a GPU and a graph break when compiling
-        if lo is not None and CPU_FAST_STE and x.device.type == "cpu" and x.dtype in (
+        if lo is not None and _EXECUTION.cpu_native and x.device.type == "cpu" and x.dtype in (
                 torch.float32, torch.float64) and not torch.compiler.is_compiling():
             lo, hi = (torch.as_tensor(b, dtype=x.dtype) for b in (lo, hi))
             ctx.bounds = (float(torch.nextafter(lo, lo.new_tensor(-float("inf")))),
@@ -435,7 +494,8 @@ def straight_through_fake_quantize(x: Tensor, scale: Tensor, alpha: Tensor, qmin
     output). Its clamp does not change a code: ``round`` and the clamp to the grid are
     monotone and the bounds lie beyond the grid's ends. One thing sees the overwrite:
     selective activation checkpointing with a policy that keeps ``aten.hardtanh``'s
-    output refuses it as a mutation (``CPU_FAST_STE = False`` takes the general path)."""
+    output refuses it as a mutation (``execution_policy(cpu_native=False)`` takes the
+    general path)."""
     s = float(scale)  # the CPU's own memory: no synchronisation
     lo = _host_bound(s, qmin - 0.5, x.dtype, -math.inf)
     hi = _host_bound(s, qmax + 0.5, x.dtype, math.inf)
@@ -448,7 +508,6 @@ def straight_through_fake_quantize(x: Tensor, scale: Tensor, alpha: Tensor, qmin
     return value
 
 
-FUSED_FAKE_QUANT = "auto"  # "auto": fused on CUDA outside a compiled graph; True / False
 
 
 def _fake_quant_math(x: Tensor, scale: Tensor, alpha: Tensor, qmin: int, qmax: int,
@@ -467,11 +526,13 @@ def _fake_quant_math(x: Tensor, scale: Tensor, alpha: Tensor, qmin: int, qmax: i
 
 
 def fuses(x: Tensor) -> bool:
-    """Whether :func:`fake_quantize` runs its compiled kernel for ``x`` (see
-    ``FUSED_FAKE_QUANT``): inside a graph torch.compile traces, the graph fuses it."""
+    """Whether :func:`fake_quantize` runs its compiled kernel for ``x`` (the execution
+    policy's ``fused``, :class:`Execution`): inside a graph torch.compile traces, the
+    graph fuses it."""
     if torch.compiler.is_compiling() or not isinstance(x, Tensor):  # traced: not a tensor
         return False
-    return x.is_cuda if FUSED_FAKE_QUANT == "auto" else bool(FUSED_FAKE_QUANT)
+    fused = _EXECUTION.fused
+    return x.is_cuda if fused == "auto" else fused
 
 
 @functools.cache

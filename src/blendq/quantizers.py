@@ -576,10 +576,13 @@ class ActQuantizer(nn.Module):
         if self.method.learns_scale and not F.is_sign(self.spec.bits, signed) and \
                 (self.training or self._lsq_ready):  # untrained eval: the batch scale below
             return torch.lerp(x, self._lsq(x, signed), alpha.to(x.dtype))
-        fused = self._fuses(x, signed)  # one pass each way
         deferred = False
         if self.training:
             deferred = self._defers(signed)
+        path = self.path(x.device, x.dtype, signed, deferred,
+                         x.requires_grad and torch.is_grad_enabled())
+        fused = path == "fused"  # one pass each way
+        if self.training:
             if deferred:  # quantized with the EMA as it stands; the statistic comes later
                 self._keep(x, count=not fused)
             else:
@@ -590,7 +593,7 @@ class ActQuantizer(nn.Module):
         else:
             scale = self._batch_scale(x.detach(), signed)
         scale = scale.to(x.dtype)
-        if deferred and self._straight_on_cpu(x):
+        if path == "cpu-native":
             qmin, qmax = F.grid(self.spec.bits, signed, full=True)
             return F.straight_through_fake_quantize(x, scale, alpha.to(x.dtype), qmin, qmax)
         if fused:
@@ -607,34 +610,53 @@ class ActQuantizer(nn.Module):
         lo, hi = self._ste_range(scale, signed)
         return self.method.mix(x, xq, alpha, lo, hi)
 
-    def _fuses(self, x: Tensor, signed: bool) -> bool:
-        """Whether this batch takes the fused kernel: where :func:`F.fuses` says it runs,
-        for a grid of two levels or more and a method whose value and gradient the kernel
-        computes (:attr:`Method.kernel`); a method with its own ``mix`` runs it eagerly.
+    def path(self, device: torch.device | str, dtype: torch.dtype = torch.float32,
+             signed: bool | None = None, deferred: bool = True, recorded: bool = True) -> str:
+        """The path a batch on ``device`` takes through this quantizer, decided here alone
+        from the execution policy (:class:`blendq.functional.Execution`), the method and
+        the batch (``deferred``: its statistic waits for the settle; ``recorded``: autograd
+        records it):
+
+        - ``"lsq"``: a learned step, LSQ's own value and gradient (once trained or
+          training; an untrained one evaluates with the batch scale, eagerly);
+        - ``"sign"``: a sign grid, eagerly (hardtanh-shaped gradient);
+        - ``"fused"``: the fused kernel (:func:`blendq.functional.fake_quantize`), where
+          the policy puts it and the kernel computes the method's value and gradient
+          (:attr:`blendq.methods.Method.kernel`); a method with a ``mix`` of its own runs
+          eagerly, never the kernel's gradient;
+        - ``"cpu-native"``: one native autograd node
+          (:func:`blendq.functional.straight_through_fake_quantize`) for a method with the
+          base :meth:`~blendq.methods.Method.mix`, on a float32/64 CPU batch that autograd
+          records, whose statistic is deferred (the node counts no clips), where the
+          policy's ``cpu_native`` allows it;
+        - ``"eager"``: :func:`blendq.functional.quantize`, then the method's ``mix``.
 
         Raises:
-            ValueError: ``FUSED_FAKE_QUANT`` is ``True`` (the kernel asked for) and this
-                quantizer's method defines a ``mix`` the kernel cannot run.
+            ValueError: the policy asks for the fused kernel everywhere (``fused=True``)
+                and this quantizer's method defines a ``mix`` the kernel does not compute.
         """
-        if not F.fuses(x) or F.is_sign(self.spec.bits, signed):
-            return False
-        if self.method.kernel is None:
-            if F.FUSED_FAKE_QUANT is True:
+        device = torch.device(device)
+        signed = self.is_signed if signed is None else signed
+        if F.is_sign(self.spec.bits, signed):
+            return "sign"
+        if self.method.learns_scale:
+            return "lsq"
+        policy = F.execution()
+        if not torch.compiler.is_compiling() and (
+                device.type == "cuda" if policy.fused == "auto" else policy.fused):
+            if self.method.kernel is not None:
+                return "fused"
+            if policy.fused is True:
                 raise ValueError(
-                    f"FUSED_FAKE_QUANT=True asks for the fused activation kernel, but "
-                    f"{self.name or 'an activation quantizer'}'s method "
+                    f"the execution policy asks for the fused activation kernel "
+                    f"(fused=True), but {self.name or 'an activation quantizer'}'s method "
                     f"{self.method.name!r} defines its own mix, whose gradient the kernel "
-                    "cannot compute; set blendq.functional.FUSED_FAKE_QUANT = 'auto'")
-            return False
-        return True
-
-    def _straight_on_cpu(self, x: Tensor) -> bool:
-        """Whether a training batch takes :func:`F.straight_through_fake_quantize`: a
-        method whose value and gradient are :meth:`Method.mix`'s own (a method that
-        overrides it runs its own), float32/64 on the CPU, recorded by autograd."""
-        return F.CPU_FAST_STE and type(self.method).mix is Method.mix and \
-            x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and \
-            x.requires_grad and torch.is_grad_enabled()
+                    "cannot compute; use blendq.execution_policy(fused='auto')")
+        if deferred and recorded and policy.cpu_native and \
+                type(self.method).mix is Method.mix and device.type == "cpu" and \
+                dtype in (torch.float32, torch.float64):
+            return "cpu-native"
+        return "eager"
 
     def _defers(self, signed: bool) -> bool:
         """Whether this training batch's statistic waits for :meth:`ActStatistics.settle`:

@@ -666,6 +666,9 @@ class LayerRow:
     alpha: float | None
     params: int
     fate: str = "quantized"  # "quantized", "float (policy)" or "float: <why>"
+    # the training path of the input's activation quantizer on the layer's device
+    # (ActQuantizer.path: "fused", "cpu-native", "eager", "lsq", "sign"); "" where none
+    path: str = ""
 
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -707,7 +710,8 @@ def summary(model: nn.Module) -> list[LayerRow]:
             fate = "quantized: the merged weight W + s·B·A (LoRA)" if name in merged \
                 else "quantized"
             rows.append(LayerRow(name, type(m).__name__, w.bits, a and a.spec.bits, gran,
-                                 method, float(m.alpha), sum(p.numel() for p in own), fate))
+                                 method, float(m.alpha), sum(p.numel() for p in own), fate,
+                                 _act_path(a, m.float_weight)))
         elif own and wrappers and lora_part(name, wrappers):
             owner = next(w for w in wrappers if lora_part(name, [w]))
             fate = ("float: LoRA adapter, trained through the quantized merged weight"
@@ -726,7 +730,9 @@ def summary(model: nn.Module) -> list[LayerRow]:
             method = m.a_quant.spec.method if isinstance(m, BlendSite) else "int"
             rows.append(LayerRow(name, type(m).__name__, None, bits, "tensor", method,
                                  float(getattr(m, "alpha", 1.0)), 0,
-                                 "quantized (activation site)"))
+                                 "quantized (activation site)",
+                                 _act_path(getattr(m, "a_quant", None), m.alpha)
+                                 if isinstance(m, BlendSite) else ""))
         elif own:
             rows.append(LayerRow(name, type(m).__name__, None, None, "-", "float", None,
                                  sum(p.numel() for p in own), _float_fate(m)))
@@ -757,9 +763,21 @@ def size_bytes(model: nn.Module) -> int:
     return total
 
 
+def _act_path(quantizer, on: torch.Tensor) -> str:
+    """The training path of ``quantizer`` for a float32 batch on ``on``'s device
+    (``""``: no activation quantizer; ``"?"``: the execution policy refuses it)."""
+    if quantizer is None:
+        return ""
+    try:
+        return quantizer.path(on.device, torch.float32)
+    except ValueError:
+        return "? (refused: see ActQuantizer.path)"
+
+
 def format_summary(model: nn.Module) -> str:
     """:func:`summary` as a fixed-width text table."""
-    head = ("layer", "type", "w_bits", "a_bits", "scale", "method", "alpha", "params", "fate")
+    head = ("layer", "type", "w_bits", "a_bits", "scale", "method", "act path", "alpha",
+            "params", "fate")
     body = [
         (
             r.name or "<root>",
@@ -768,6 +786,7 @@ def format_summary(model: nn.Module) -> str:
             _s(r.a_bits, "fp32"),
             r.granularity,
             r.method,
+            r.path or "-",
             _s(r.alpha and round(r.alpha, 4), "-"),
             f"{r.params:,}",
             r.fate,
