@@ -287,6 +287,61 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _reverify_job(job: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    t0 = time.perf_counter()
+    found = _verify(Path(job["dir"]), job["test_subset"])
+    return {**found, "verify_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def reverify(args, rows: list[dict], out: Path) -> None:
+    """Verify the selected finished runs again with this checkout; each result is one
+    line of ``reverified.jsonl`` (appended as it comes, never rewriting ``rows.jsonl``,
+    which a running table appends to). :func:`load_rows` puts the latest over its run's
+    row: the agreement fields and ``verify_commit``; the accuracy stays the trained
+    run's (ORT's either way: the exported graph is the same)."""
+    from _harness import commit
+
+    chosen = [r for r in rows if r.get("verified") is not None and
+              r["net"] in args.nets and r["bits"] in args.bits and
+              r["column"] in args.columns and r["seed"] in args.seeds]
+    print(f"verifying {len(chosen)} runs again, {args.jobs} at a time", flush=True)
+    here = commit()
+    with ProcessPoolExecutor(args.jobs) as pool, (out / "reverified.jsonl").open("a") as sink:
+        futures = {pool.submit(_reverify_job, {"dir": r["dir"], "threads": args.threads,
+                                               "test_subset": args.test_subset}): r
+                   for r in chosen}
+        for future in futures:
+            r = futures[future]
+            found = {k: r[k] for k in ("net", "bits", "column", "seed")}
+            found.update(future.result(), verify_commit=here)
+            sink.write(json.dumps(found) + "\n")
+            sink.flush()
+            print(f"{r['net']} {r['bits']} {r['column']:24s} seed {r['seed']}: "
+                  f"{found['within_step']:.2f} % within one step, top-1 "
+                  f"{found['top1_agree']:.2f} %, engine {found['engine_within_step']:.1f} %",
+                  flush=True)
+
+
+def load_rows(out: Path) -> list[dict]:
+    """The rows of ``out/rows.jsonl``, each with its latest reverification
+    (``reverified.jsonl``) over its agreement fields."""
+    def lines(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
+            if path.exists() else []
+
+    latest = {(r["net"], r["bits"], r["column"], r["seed"]): r
+              for r in lines(out / "reverified.jsonl")}
+    rows = lines(out / "rows.jsonl")
+    for r in rows:
+        again = latest.get((r["net"], r["bits"], r["column"], r["seed"]))
+        if again is not None:
+            r.update({k: v for k, v in again.items() if k != "acc"})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/paper-tables")
@@ -309,6 +364,10 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true",
                    help="a tiny protocol that checks the script, not the method")
     p.add_argument("--report", action="store_true", help="print the tables of rows.jsonl")
+    p.add_argument("--reverify", action="store_true",
+                   help="verify the finished runs of --nets/--bits/--columns/--seeds again "
+                        "with this checkout (deployment agreement; the accuracy is ORT's "
+                        "either way) and rewrite their rows")
     args = p.parse_args()
     args.float_protocol, args.qat_protocol = {}, {}
     if args.smoke:
@@ -320,9 +379,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.jsonl"
-    rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()] \
-        if rows_path.exists() else []
-    if not args.report:
+    rows = load_rows(out)
+    if args.reverify:
+        reverify(args, rows, out)
+    elif not args.report:
         args.data_root = cifar_root(args.data_root.resolve())
         done = {(r["net"], r["bits"], r["column"], r["seed"]) for r in rows}
         floats, runs = plan(args, done)
@@ -362,6 +422,10 @@ def main() -> None:
     print(f"{len(rows)} runs ({seconds / 3600:.2f} h of run time); commit(s) "
           f"{', '.join(commits)}; seeds {sorted({r['seed'] for r in rows})}; "
           f"mean ± sd over seeds; * = the paired difference's 95 % t-interval excludes 0")
+    again = sorted({r["verify_commit"] for r in rows if "verify_commit" in r})
+    if again:
+        print(f"deployment agreement of {sum('verify_commit' in r for r in rows)} runs "
+              f"verified again at commit(s) {', '.join(again)} (--reverify)")
     if rows:
         verify = statistics.median(r.get("verify_seconds", 0) for r in rows)
         print(f"median verify time {verify:.0f} s")
