@@ -367,7 +367,7 @@ def main() -> None:
     p.add_argument("--reverify", action="store_true",
                    help="verify the finished runs of --nets/--bits/--columns/--seeds again "
                         "with this checkout (deployment agreement; the accuracy is ORT's "
-                        "either way) and rewrite their rows")
+                        "either way), appended to reverified.jsonl")
     args = p.parse_args()
     args.float_protocol, args.qat_protocol = {}, {}
     if args.smoke:
@@ -382,6 +382,7 @@ def main() -> None:
     rows = load_rows(out)
     if args.reverify:
         reverify(args, rows, out)
+        rows = load_rows(out)
     elif not args.report:
         args.data_root = cifar_root(args.data_root.resolve())
         done = {(r["net"], r["bits"], r["column"], r["seed"]) for r in rows}

@@ -55,18 +55,76 @@ def test_a_wide_layer_is_computed_on_its_codes():
     assert float_error > 3 * (exact.double() - ref).abs().mean()
 
 
-def test_sums_past_float32_integers_are_computed_in_float64():
+def test_sums_past_float32_integers_are_exact():
     torch.manual_seed(0)
-    x = torch.rand(3, 4096) * 10  # 8-bit unsigned inputs (up to 255) times 8-bit weights
-    model = _calibrated(nn.Sequential(nn.Linear(4096, 8)), x,
-                        blendq.QuantPolicy(w_bits=8, a_bits=8, first_layer=8))
+    x = torch.rand(3, 8192) * 10  # 8-bit unsigned inputs (up to 255) times 8-bit weights
+    model = nn.Sequential(nn.Linear(8192, 8))
+    with torch.no_grad():
+        model[0].weight.uniform_(0.5, 1.0)  # all positive: the sums grow past 2^24
+    model = _calibrated(model, x, blendq.QuantPolicy(w_bits=8, a_bits=8, first_layer=8))
     layer = model[0]
     with torch.no_grad():
         out = model(x)
         xq = layer.blended_input(x)
-        codes = layer.w_quant.eval_projection(layer.weight.detach())[0]
-    assert float(codes.abs().sum(1).max()) * 255 >= 2 ** 24  # past float32's integers
-    torch.testing.assert_close(out.double(), _reference(layer, xq), rtol=2 ** -21, atol=0)
+        codes, w_scale = layer.w_quant.eval_projection(layer.latent_weight())
+        sx = layer.a_quant.current_scale()
+        x_codes = torch.round(xq / sx)
+    exact = nn.functional.linear(x_codes.double(), codes.double())  # integers below 2^53
+    assert float(exact.max()) > 2 ** 24
+    assert not torch.equal(nn.functional.linear(x_codes, codes).double(), exact)  # float32
+    expected = exact.float() * (sx * w_scale.reshape(1, -1)) + layer.bias.detach()
+    assert torch.equal(out, expected)
+
+
+def test_unbatched_inputs_and_other_convolutions():
+    torch.manual_seed(0)
+    for conv, shape in ((nn.Conv1d(8, 6, 3, padding=1, dilation=1), (5, 8, 12)),
+                        (nn.Conv2d(8, 6, 3, padding="same", dilation=2, groups=2), (5, 8, 9, 9)),
+                        (nn.Conv3d(4, 6, 3, stride=2), (5, 4, 7, 7, 7))):
+        x = torch.rand(*shape)
+        model = _calibrated(nn.Sequential(conv), x,
+                            blendq.QuantPolicy(w_bits=4, a_bits=8, per_channel=True))
+        layer = model[0]
+        with torch.no_grad():
+            batched = model(x)
+            assert layer.integer_forward(layer.blended_input(x)) is not None
+            torch.testing.assert_close(batched.double(), _conv_reference(layer, x),
+                                       rtol=2 ** -20, atol=1e-6)
+            assert torch.equal(model(x[1]), batched[1])  # (C, ...) without the batch
+
+
+def _conv_reference(layer, x: torch.Tensor) -> torch.Tensor:
+    xq = layer.blended_input(x)
+    codes, w_scale = layer.w_quant.eval_projection(layer.latent_weight())
+    sx = layer.a_quant.current_scale().double()
+    acc = type(layer)._kind.base._conv_forward(layer, torch.round(xq.double() / sx),
+                                               codes.double(), None)
+    view = (1, -1) + (1,) * (acc.dim() - 2)
+    return acc * (sx * w_scale.double().reshape(view)) + layer.bias.double().reshape(view)
+
+
+class _StandardisedConv(nn.Conv2d):
+    """A convolution that standardises its weight in ``_conv_forward``."""
+
+    def _conv_forward(self, input, weight, bias):
+        weight = (weight - weight.mean((1, 2, 3), keepdim=True)) / (
+            weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        return super()._conv_forward(input, weight, bias)
+
+
+def test_a_weight_transformed_in_conv_forward_and_autocast_keep_the_float_computation():
+    torch.manual_seed(0)
+    x = torch.rand(2, 4, 8, 8)
+    model = _calibrated(nn.Sequential(_StandardisedConv(4, 8, 3)), x,
+                        blendq.QuantPolicy(w_bits=4, a_bits=8))
+    layer = model[0]
+    with torch.no_grad():
+        assert layer.integer_forward(layer.blended_input(x)) is None
+        assert torch.equal(model(x), _StandardisedConv.forward(layer, layer.blended_input(x)))
+    model = _calibrated(nn.Sequential(nn.Conv2d(4, 8, 3)), x,
+                        blendq.QuantPolicy(w_bits=4, a_bits=8))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x).dtype == torch.bfloat16  # autocast's computation, as in training
 
 
 def test_training_and_alpha_below_one_keep_the_float_computation():

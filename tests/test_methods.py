@@ -157,6 +157,8 @@ def test_the_execution_policy_chooses_each_quantizers_path_in_one_place():
         blendq.Execution(fused="always")
     with pytest.raises(ValueError, match="cpu_native must be True or False"):
         blendq.Execution(cpu_native=1)
+    with pytest.raises(ValueError, match="fused must be 'auto', True or False"):
+        blendq.Execution(fused=1)
     ste, lsq = ActQuantizer(ActSpec(bits=4, method="ste")), ActQuantizer(ActSpec(method="lsq"))
     sign = ActQuantizer(ActSpec(bits=1, signed=True))
     assert F.execution() == blendq.Execution()
@@ -177,7 +179,10 @@ def test_the_execution_policy_chooses_each_quantizers_path_in_one_place():
     model = blendq.prepare(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)),
                            blendq.QuantPolicy(w_bits=4, a_bits=8, act_method="ste"))
     rows = {r.name: r for r in blendq.summary(model)}
-    assert rows["0"].path == rows["2"].path == "cpu-native"
+    assert rows["0"].path == rows["2"].path == "eager"  # statistics where quantized
     assert "act path" in blendq.format_summary(model).splitlines()[0]
+    blendq.AlphaController(model, blendq.constant(1.0))  # statistics deferred to a settle
+    rows = {r.name: r for r in blendq.summary(model)}
+    assert rows["0"].path == rows["2"].path == "cpu-native"
     with blendq.execution_policy(cpu_native=False):
         assert {r.path for r in blendq.summary(model) if r.name in ("0", "2")} == {"eager"}

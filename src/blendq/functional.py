@@ -390,7 +390,7 @@ class Execution:
     cpu_native: bool = True
 
     def __post_init__(self) -> None:
-        if self.fused not in ("auto", True, False):
+        if not (self.fused == "auto" or type(self.fused) is bool):
             raise ValueError(f"fused must be 'auto', True or False, got {self.fused!r}")
         if not isinstance(self.cpu_native, bool):
             raise ValueError(f"cpu_native must be True or False, got {self.cpu_native!r}")

@@ -19,6 +19,8 @@ still updates them.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
@@ -262,21 +264,36 @@ class BlendMixin:
 def integer_core_applies(layer: nn.Module, x: Tensor, a_bits: int | None,
                          a_signed: bool | None, group_size: int | None) -> bool:
     """Whether :func:`integer_core` computes ``layer`` on ``x``: a float32/64 input on
-    an integer grid, one weight scale per output channel or layer (no blocks), the
-    plain matmul or (not transposed) convolution, outside a graph torch.compile traces
-    (which computes the float way)."""
-    return layer._kind.integer_bias and not issubclass(layer._kind.base, _CONV_T) and \
-        group_size is None and F.integer_input(a_bits, a_signed) and \
-        x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+    an integer grid, outside autocast and a graph torch.compile traces (both compute
+    the float way), on a device with float64 (not MPS); one weight scale per output
+    channel or layer (no blocks); the plain matmul, or a (not transposed) convolution
+    whose ``_conv_forward`` is torch's own (a subclass that transforms the weight there,
+    e.g. standardises it, keeps its float computation)."""
+    base = layer._kind.base
+    if not layer._kind.integer_bias or issubclass(base, _CONV_T) or group_size is not None \
+            or not F.integer_input(a_bits, a_signed) or \
+            x.dtype not in (torch.float32, torch.float64) or x.device.type == "mps" or \
+            torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+        return False
+    if issubclass(base, nn.Linear):
+        return True
+    torch_conv = next(c for c in _CONV if issubclass(base, c))
+    return base._conv_forward is torch_conv._conv_forward
+
+
+# float32 sums below this are exact however the CPU's convolution orders or transforms
+# them (a Winograd transform's rounding stays far below half a unit); above it, and on
+# CUDA (TF32, Winograd/FFT algorithms), the sums run in float64
+_FLOAT32_EXACT = 2 ** 22
 
 
 def integer_core(layer: nn.Module, x: Tensor, x_scale: Tensor, codes: Tensor,
                  w_scale: Tensor, grid: tuple[int, int], float_forward) -> Tensor:
     """``layer`` on its quantized input ``x`` as an int8 runtime computes it:
-    ``(γ_w·γ_a)·(q_w ⋆ q_a) + b`` with the integer accumulation exact (float32 holds
-    every integer sum below 2^24, float64 below 2^53; float64 is taken where the codes
-    could reach past 2^24), then one rescale per output channel and the bias (``layer``'s
-    ``bias``: whole accumulator units), in ``x``'s dtype.
+    ``(γ_w·γ_a)·(q_w ⋆ q_a) + b`` with the integer accumulator exact (computed in float32
+    where it is bounded below 2^22 on a CPU, else in float64, and rounded to the integer
+    it is), then one rescale per output channel and the bias (``layer``'s ``bias``: whole
+    accumulator units), in ``x``'s dtype.
 
     Why: float32 sums of the dequantized products ``(γ_a·q_a)(γ_w·q_w)`` are off by
     ~1e-7 of their terms, and an activation on a coarse grid that lands that close to a
@@ -287,15 +304,16 @@ def integer_core(layer: nn.Module, x: Tensor, x_scale: Tensor, codes: Tensor,
     With gradients recorded, the value is this one and the gradient that of the float
     computation (``float_forward()``, run only then)."""
     x_scale = x_scale.to(x.dtype)
-    dtype = x.dtype if _largest_accumulator(layer, codes, max(map(abs, grid))) < 2 ** 24 \
-        else torch.float64
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+    small = _largest_accumulator(layer, codes, max(map(abs, grid))) < _FLOAT32_EXACT
+    dtype = x.dtype if small and x.device.type == "cpu" else torch.float64
+    with torch.no_grad():
         x_codes = torch.round(x.detach() / x_scale).to(dtype)
         if issubclass(layer._kind.base, nn.Linear):
             acc, channel = nn.functional.linear(x_codes, codes.to(dtype)), -1
         else:
-            acc, channel = layer._kind.base._conv_forward(layer, x_codes, codes.to(dtype),
-                                                          None), 1
+            acc = layer._kind.base._conv_forward(layer, x_codes, codes.to(dtype), None)
+            channel = -(len(layer.kernel_size) + 1)  # batched or not
+        acc = torch.round_(acc)  # the integer it is, whatever order summed it
         view = [1] * acc.dim()
         view[channel] = -1
         out = acc.to(x.dtype) * (x_scale * w_scale.to(x.dtype).reshape(view))
@@ -311,12 +329,13 @@ def integer_core(layer: nn.Module, x: Tensor, x_scale: Tensor, codes: Tensor,
 
 def _largest_accumulator(layer: nn.Module, codes: Tensor, largest_input: int) -> float:
     """A bound on ``|q_w ⋆ q_a|``: the largest input code times the largest sum of
-    ``|q_w|`` over an output's weights (kept while the codes stay the same tensor)."""
+    ``|q_w|`` over an output's weights (kept while the codes stay the same tensor, by a
+    weak reference: a model moved to another device does not keep the old codes)."""
     kept = layer.__dict__.get("_accumulator_bound")
-    if kept is None or kept[0] is not codes or kept[1] != codes._version:
+    if kept is None or kept[0]() is not codes or kept[1] != codes._version:
         rows = codes.detach().movedim(layer._kind.axis, 0)
         rows = rows.reshape(rows.shape[0], -1)
-        kept = (codes, codes._version, float(rows.double().abs().sum(1).max()))
+        kept = (weakref.ref(codes), codes._version, float(rows.double().abs().sum(1).max()))
         layer.__dict__["_accumulator_bound"] = kept
     return kept[2] * largest_input
 
@@ -408,7 +427,8 @@ def _reduce_layer(self, protocol):
     """Pickle (and deepcopy) a specialised layer by its float class and kind, which are
     importable, not by the generated class, which exists only once created."""
     module, prefix, key = type(self)._specialised
-    return (_make_layer, (module, prefix, key), self.__dict__)
+    state = {k: v for k, v in self.__dict__.items() if k != "_accumulator_bound"}  # a weakref
+    return (_make_layer, (module, prefix, key), state)
 
 
 def _make_layer(module: str, prefix: str, key: tuple) -> nn.Module:

@@ -658,6 +658,13 @@ class ActQuantizer(nn.Module):
             return "cpu-native"
         return "eager"
 
+    def defers_statistics(self) -> bool:
+        """Whether this quantizer's training batches defer their statistic to the settle
+        once its EMA exists (an :class:`ActStatistics` computes it: what a controller
+        sets up; a sampled PPQ grid). No side effect (:meth:`_defers` settles)."""
+        return self._stats is not None and self.spec.sample is not None and \
+            self.spec.scale == "ppq" and not F.is_sign(self.spec.bits, self.is_signed)
+
     def _defers(self, signed: bool) -> bool:
         """Whether this training batch's statistic waits for :meth:`ActStatistics.settle`:
         in eager mode, once the EMA exists, for sampled PPQ grids (a full-batch

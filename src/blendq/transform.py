@@ -769,7 +769,8 @@ def _act_path(quantizer, on: torch.Tensor) -> str:
     if quantizer is None:
         return ""
     try:
-        return quantizer.path(on.device, torch.float32)
+        return quantizer.path(on.device, torch.float32,
+                              deferred=quantizer.defers_statistics())
     except ValueError:
         return "? (refused: see ActQuantizer.path)"
 
