@@ -269,7 +269,8 @@ def report(rows: list[dict]) -> str:
         lines += ["", "Deployed = trained (ONNX Runtime against the α = 1 model, all test "
                       "images; the goal: ≥ 99.9 % within one output step, top-1 100 %):", "",
                   "| bits | runs verified | images within one step | top-1 agreement | "
-                  "max steps | picks moved (of them near-tied) |", "|---|---|---|---|---|---|"]
+                  "max steps | picks moved (of them near-tied) | integer engine: within one "
+                  "step, top-1 (first 1,000) |", "|---|---|---|---|---|---|---|"]
         for bits in BITS:
             group = [r for r in runs if r["bits"] == bits]
             if not group:
@@ -281,7 +282,9 @@ def report(rows: list[dict]) -> str:
                 f"{min(within):.2f}–{max(within):.2f} % | {min(agree):.2f}–{max(agree):.2f} % | "
                 f"{max(r['max_steps'] for r in group):.2f} | "
                 f"{sum(r.get('flips', 0) for r in group)} "
-                f"({sum(r.get('near_tie_flips', 0) for r in group)}) |")
+                f"({sum(r.get('near_tie_flips', 0) for r in group)}) | "
+                f"{_span([r.get('engine_within_step') for r in group])}, "
+                f"{_span([r.get('engine_top1') for r in group])} |")
         lines += ["", f"Target: {PAPER[net]} (ImageNet, not comparable in level; the "
                       "signs and sizes of the differences are the question).", ""]
     return "\n".join(lines)
@@ -340,6 +343,12 @@ def load_rows(out: Path) -> list[dict]:
         if again is not None:
             r.update({k: v for k, v in again.items() if k != "acc"})
     return rows
+
+
+def _span(values: list) -> str:
+    """``min–max %`` of the values given (``–`` where none)."""
+    values = [v for v in values if v is not None]
+    return f"{min(values):.1f}–{max(values):.1f} %" if values else "–"
 
 
 def main() -> None:
