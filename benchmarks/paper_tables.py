@@ -189,9 +189,7 @@ def run_job(job: dict) -> dict:
         final = evaluate_run(out, test_subset=job["test_subset"], views=False)
         row.update(acc=final["test_acc"], verified=None)
         return row
-    t1 = time.perf_counter()
-    row.update(_verify(out, job["test_subset"]))
-    row["verify_seconds"] = round(time.perf_counter() - t1, 1)
+    row.update(_timed_verify(out, job["test_subset"]))
     if history:
         last = history[-1]
         row.update({k: last[k] for k in ("w_rel_dist", "act_clipped") if k in last},
@@ -290,13 +288,18 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _timed_verify(run_dir: Path, test_subset: int | None) -> dict:
+    """:func:`_verify`, with the seconds it took (``verify_seconds``)."""
+    t0 = time.perf_counter()
+    found = _verify(run_dir, test_subset)
+    return {**found, "verify_seconds": round(time.perf_counter() - t0, 1)}
+
+
 def _reverify_job(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(job["threads"])
-    t0 = time.perf_counter()
-    found = _verify(Path(job["dir"]), job["test_subset"])
-    return {**found, "verify_seconds": round(time.perf_counter() - t0, 1)}
+    return _timed_verify(Path(job["dir"]), job["test_subset"])
 
 
 def reverify(args, rows: list[dict], out: Path) -> None:

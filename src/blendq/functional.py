@@ -529,10 +529,18 @@ def fuses(x: Tensor) -> bool:
     """Whether :func:`fake_quantize` runs its compiled kernel for ``x`` (the execution
     policy's ``fused``, :class:`Execution`): inside a graph torch.compile traces, the
     graph fuses it."""
-    if torch.compiler.is_compiling() or not isinstance(x, Tensor):  # traced: not a tensor
+    if not isinstance(x, Tensor):  # traced: not a tensor
+        return False
+    return fuses_on(x.device)
+
+
+def fuses_on(device: torch.device) -> bool:
+    """Whether the execution policy puts the fused kernel on ``device`` (``"auto"``:
+    CUDA), outside a graph torch.compile traces (which fuses the eager code itself)."""
+    if torch.compiler.is_compiling():
         return False
     fused = _EXECUTION.fused
-    return x.is_cuda if fused == "auto" else fused
+    return device.type == "cuda" if fused == "auto" else fused
 
 
 @functools.cache

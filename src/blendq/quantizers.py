@@ -576,9 +576,7 @@ class ActQuantizer(nn.Module):
         if self.method.learns_scale and not F.is_sign(self.spec.bits, signed) and \
                 (self.training or self._lsq_ready):  # untrained eval: the batch scale below
             return torch.lerp(x, self._lsq(x, signed), alpha.to(x.dtype))
-        deferred = False
-        if self.training:
-            deferred = self._defers(signed)
+        deferred = self.training and self._defers(signed)
         path = self.path(x.device, x.dtype, signed, deferred,
                          x.requires_grad and torch.is_grad_enabled())
         fused = path == "fused"  # one pass each way
@@ -642,8 +640,7 @@ class ActQuantizer(nn.Module):
         if self.method.learns_scale:
             return "lsq"
         policy = F.execution()
-        if not torch.compiler.is_compiling() and (
-                device.type == "cuda" if policy.fused == "auto" else policy.fused):
+        if F.fuses_on(device):
             if self.method.kernel is not None:
                 return "fused"
             if policy.fused is True:
@@ -658,12 +655,14 @@ class ActQuantizer(nn.Module):
             return "cpu-native"
         return "eager"
 
-    def defers_statistics(self) -> bool:
+    def defers_statistics(self, signed: bool | None = None) -> bool:
         """Whether this quantizer's training batches defer their statistic to the settle
         once its EMA exists (an :class:`ActStatistics` computes it: what a controller
-        sets up; a sampled PPQ grid). No side effect (:meth:`_defers` settles)."""
+        sets up; a sampled PPQ grid; ``signed``: the grid's, else the one known). No
+        side effect (:meth:`_defers` settles)."""
+        signed = self.is_signed if signed is None else signed
         return self._stats is not None and self.spec.sample is not None and \
-            self.spec.scale == "ppq" and not F.is_sign(self.spec.bits, self.is_signed)
+            self.spec.scale == "ppq" and not F.is_sign(self.spec.bits, signed)
 
     def _defers(self, signed: bool) -> bool:
         """Whether this training batch's statistic waits for :meth:`ActStatistics.settle`:
@@ -672,8 +671,7 @@ class ActQuantizer(nn.Module):
         if torch.compiler.is_compiling() or self._stats is None or not self._initialized:
             return False
         self.settle()  # called twice in one forward: the first batch's statistic enters now
-        return self.spec.sample is not None and self.spec.scale == "ppq" and \
-            not F.is_sign(self.spec.bits, signed)
+        return self.defers_statistics(signed)
 
     @torch.no_grad()
     def _keep(self, x: Tensor, count: bool) -> None:
