@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_step.py          # everything: ~10 min on an H200, mostly compiling
     python benchmarks/gpu_step.py --smoke --device cpu   # tiny shapes: checks the script runs
+                                                         # and counts the GPU code path's ops
     python benchmarks/gpu_step.py --device cpu --only ppq   # PPQ rows alone, any device
 
 Rows (ratios measured in this process, same model, data and batch; alternating rounds):
@@ -295,15 +296,21 @@ def main() -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="the compiled rows (default: on a GPU, and not with --smoke)")
     p.add_argument("--json", default="gpu_step.json", help="where the rows are written")
+    p.add_argument("--cpu-path", action="store_true",
+                   help="off a GPU, run the CPU's own paths (default: the GPU's code path, "
+                        "its fused operators forced on this device: what a GPU launches, "
+                        "counted as ATen operations)")
 
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_step: no CUDA device (use --device cpu --smoke to check the script)")
     if args.smoke:
-        args.steps, args.rounds, args.warmup = 1, 1, 1
+        args.steps, args.rounds, args.warmup = 1, 1, 3  # the first steps bind and search
     if args.compile is None:
         args.compile = device.type == "cuda" and not args.smoke
+    if device.type != "cuda" and not args.cpu_path:  # the CPU proxy of a GPU step
+        blendq.set_execution(fused=True, cpu_native=False)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {name}, torch {torch.__version__}, blendq {blendq.__version__}, "
           f"execution policy {blendq.functional.execution()}")
@@ -325,6 +332,7 @@ def main() -> None:
     print(f"\ntotal {total:.0f} s")
     with open(args.json, "w") as f:
         json.dump({"device": name, "torch": torch.__version__, "commit": commit(),
+                   "execution": str(blendq.functional.execution()),
                    "total_s": total, "rows": rows}, f, indent=2)
     print(f"rows written to {args.json}")
 

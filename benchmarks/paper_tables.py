@@ -114,6 +114,16 @@ def cifar_root(root: Path) -> Path:
 ENGINE_IMAGES = 1000  # the integer engine (float64, slow) checks the first this many
 
 
+def deployed_as_trained(row: dict) -> bool:
+    """The goal ``≤ 1 output step``: at least 99.9 % of the test images have every logit
+    within one output step of the α = 1 model's, and top-1 agrees on all of them counting
+    ties: a pick may move only where the α = 1 model's two top logits lie within one
+    output step of each other (there a one-step difference, such as one rounding tie
+    inside the network taken the other way, moves it)."""
+    return row["within_step"] >= 99.9 and (
+        row["top1_agree"] == 100.0 or row.get("flips") == row.get("near_tie_flips"))
+
+
 def _verify(run_dir: Path, test_subset: int | None) -> dict:
     """The run as deployed: converted, exported to ONNX, run by ONNX Runtime's int8
     kernels on the test images; accuracy and agreement with the α = 1 model (and the
@@ -153,11 +163,11 @@ def _verify(run_dir: Path, test_subset: int | None) -> dict:
         near = int((flipped & (top2[:, 0] - top2[:, 1] <= step)).sum())
         _, few = make_loaders(cfg.replace(test_subset=ENGINE_IMAGES), data)
         engine = verify_model(alpha_one, program, few, onnx=False)[1]
-    return {"acc": ort.accuracy, "acc_alpha_one": alpha.accuracy,
-            "top1_agree": ort.top1_agreement, "within_step": ort.within_step,
-            "max_steps": ort.max_steps, "flips": int(flipped.sum()), "near_tie_flips": near,
-            "verified": ort.within_step >= 99.9 and ort.top1_agreement == 100.0,
-            "engine_within_step": engine.within_step, "engine_top1": engine.top1_agreement}
+    found = {"acc": ort.accuracy, "acc_alpha_one": alpha.accuracy,
+             "top1_agree": ort.top1_agreement, "within_step": ort.within_step,
+             "max_steps": ort.max_steps, "flips": int(flipped.sum()), "near_tie_flips": near,
+             "engine_within_step": engine.within_step, "engine_top1": engine.top1_agreement}
+    return {**found, "verified": deployed_as_trained(found)}
 
 
 def run_job(job: dict) -> dict:
@@ -265,8 +275,12 @@ def report(rows: list[dict]) -> str:
                                                       for b in BITS) + " |")
         runs = [r for r in mine if r.get("verified") is not None]
         lines += ["", "Deployed = trained (ONNX Runtime against the α = 1 model, all test "
-                      "images; the goal: ≥ 99.9 % within one output step, top-1 100 %):", "",
-                  "| bits | runs verified | images within one step | top-1 agreement | "
+                      "images; the goal: ≥ 99.9 % within one output step, top-1 100 % "
+                      "counting ties, i.e. a pick moves only where the α = 1 model's two "
+                      "top logits lie within one output step; strictly: no pick moves):",
+                  "",
+                  "| bits | runs verified (strictly) | images within one step | "
+                  "top-1 agreement | "
                   "max steps | picks moved (of them near-tied) | integer engine: within one "
                   "step, top-1 (first 1,000) |", "|---|---|---|---|---|---|---|"]
         for bits in BITS:
@@ -276,7 +290,8 @@ def report(rows: list[dict]) -> str:
             within = [r["within_step"] for r in group]
             agree = [r["top1_agree"] for r in group]
             lines.append(
-                f"| {bits} | {sum(bool(r['verified']) for r in group)} of {len(group)} | "
+                f"| {bits} | {sum(bool(r['verified']) for r in group)} of {len(group)} "
+                f"({sum(r['verified'] and r['top1_agree'] == 100.0 for r in group)}) | "
                 f"{min(within):.2f}–{max(within):.2f} % | {min(agree):.2f}–{max(agree):.2f} % | "
                 f"{max(r['max_steps'] for r in group):.2f} | "
                 f"{sum(r.get('flips', 0) for r in group)} "
@@ -345,6 +360,8 @@ def load_rows(out: Path) -> list[dict]:
         again = latest.get((r["net"], r["bits"], r["column"], r["seed"]))
         if again is not None:
             r.update({k: v for k, v in again.items() if k != "acc"})
+        if r.get("verified") is not None and "near_tie_flips" in r:  # judged by the rule
+            r["verified"] = deployed_as_trained(r)  # as it stands (older rows too)
     return rows
 
 

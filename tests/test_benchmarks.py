@@ -111,13 +111,13 @@ def test_paper_tables_script_runs_verifies_resumes_and_reports(tmp_path):
     minmax = json.loads((tmp_path / "out" / "mobilenet-v1-0-25" / "4-4" /
                          "min-max-qat-per-channel" / "s1" / "config.json").read_text())
     assert minmax["scale"] == "minmax" and minmax["method"] == "ste"
-    assert "| AB − min/max, per channel |" in out and "| 4-4 | 3 of 3 |" in out
+    assert "| AB − min/max, per channel |" in out and "| 4-4 | 3 of 3 (" in out
     again = _run("paper_tables.py", *args)  # finished runs are not run again
     assert "0 float runs, then 0 table runs" in again
     # verified again with this checkout: one line each in reverified.jsonl, rows untouched
     before = (tmp_path / "out" / "rows.jsonl").read_text()
     out = _run("paper_tables.py", *args, "--reverify", "--columns", "AB per channel")
-    assert "verifying 1 runs again" in out and "| 4-4 | 3 of 3 |" in out
+    assert "verifying 1 runs again" in out and "| 4-4 | 3 of 3 (" in out
     assert (tmp_path / "out" / "rows.jsonl").read_text() == before
     (line,) = (tmp_path / "out" / "reverified.jsonl").read_text().splitlines()
     assert json.loads(line)["column"] == "AB per channel" and json.loads(line)["verified"]

@@ -210,15 +210,23 @@ def test_activation_statistics_op_count_does_not_grow_with_depth(cpu_path, monke
     straight-through path as on the device path); the settle as the forward returns
     takes all of them in a fixed number of operations."""
     monkeypatch.setattr(blendq.functional, "_EXECUTION", blendq.Execution(cpu_native=cpu_path))
+    samples, sample = [], blendq.functional.strided_sample
+
+    def counted(x, n):
+        samples.append(n)
+        return sample(x, n)
+
+    monkeypatch.setattr(blendq.functional, "strided_sample", counted)
     forward, settle = {}, {}
     for depth in (10, 40):
         model, controller = _deep_mlp(depth, per_channel=True)
         controller.step(2)
         model._forward_hooks.clear()  # keep the samples past the forward, to count them
         x = torch.randn(4, 16)
+        samples.clear()
         with CountOps() as ops:
             model(x)
-        forward[depth] = sum(n.startswith("clone") for n in ops.names)  # sample copies
+        forward[depth] = len(samples)
         assert all(a._pending is not None for a in blendq.transform._act_quantizers(model))
         with CountOps() as ops:
             controller.act_stats.settle()
@@ -288,13 +296,18 @@ def test_grouped_refresh_covers_axis_1_layouts_and_blocks(group_size, mid):
 
 
 def _fake_quant_both(x, alpha, bits, signed, method):
-    """``fake_quantize`` eagerly and through its compiled kernel: values, grads, counts."""
+    """``fake_quantize`` eagerly and through the fused operator: values, grads, counts."""
     scale = torch.tensor(0.37)
     out = []
     for fused in (False, True):
         xx = x.clone().requires_grad_()
+        counters = (torch.zeros((), dtype=torch.float64), torch.zeros(())) if fused else None
         value, clipped = blendq.functional.fake_quantize(
-            xx, scale, torch.tensor(alpha), bits, signed, method, fused=fused)
+            xx, scale, torch.tensor(alpha), bits, signed, method, fused=fused,
+            counters=counters)
+        if fused:  # counted in place, with the batch's size
+            assert counters[1] == x.numel()
+            clipped = counters[0]
         value.backward(torch.linspace(-1, 1, value.numel()).reshape(value.shape))
         out.append((value.detach(), xx.grad, clipped))
     return out
@@ -302,16 +315,21 @@ def _fake_quant_both(x, alpha, bits, signed, method):
 
 @pytest.mark.parametrize(("bits", "signed", "method"), [(4, False, "ste"), (3, True, "ab")])
 def test_fused_activation_quantization_equals_the_eager_math(bits, signed, method):
-    # the compiled kernel (what CUDA runs) against the same math run eagerly: the codes,
-    # the straight-through mask and the clip count exactly, the value exactly at α = 1
-    # (what is deployed) and within one rounding of the blend below it
+    # the fused operator (one operation each way) against the eager path, and the
+    # compiled kernel (what CUDA runs) against the same math run eagerly: the codes, the
+    # straight-through mask and the clip count exactly, the value exactly at α = 1 (what
+    # is deployed) and within one rounding of the blend below it
     torch.manual_seed(0)
     qmin, qmax = blendq.functional.grid(bits, signed)
     x = torch.randn(3, 5, 7, 4) * 2
     x.view(-1)[:4] = torch.tensor([qmax + 0.5, qmin - 0.5, 2.5, qmax + 0.5001]) * 0.37
     for alpha in (1.0, 0.6):
         (v0, g0, c0), (v1, g1, c1) = _fake_quant_both(x, alpha, bits, signed, method)
-        assert torch.equal(g0, g1) and torch.equal(c0, c1) and c0 > 0
+        assert torch.equal(v0, v1) and torch.equal(g0, g1) and torch.equal(c0, c1) and c0 > 0
+        args = (x, torch.tensor(0.37), torch.tensor(alpha), qmin, qmax, method == "ste")
+        (v0, m0, c0), (v1, m1, c1) = (blendq.functional._fake_quant_math(*args),
+                                      blendq.functional._fused_math()(*args))
+        assert torch.equal(c0, c1) and (m0 is None or torch.equal(m0, m1))
         if alpha == 1.0:
             assert torch.equal(v0, v1)
         else:
@@ -336,18 +354,22 @@ def test_fused_activation_quantization_saves_one_byte_per_element_at_most():
         assert all(not t.is_floating_point() or t.numel() == 1 for t in saved)
 
 
-def test_fused_path_trains_a_model_as_the_eager_path_does(monkeypatch):
+@pytest.mark.parametrize(("method", "alpha"), [("ste", 1.0), ("ab", 0.5), ("ab", 1.0)])
+def test_fused_path_trains_a_model_as_the_eager_path_does(method, alpha, monkeypatch):
     # the layer-level switch: the same model and batch, eager path against the fused
-    # function (its math run eagerly here: the kernel itself is compared above)
+    # operators (activations and weights; their math run eagerly here: the kernel itself
+    # is compared above), bit for bit: loss, every gradient, the clip counters
     def step(fused):
-        monkeypatch.setattr(blendq.functional, "_EXECUTION", blendq.Execution(fused=fused))
-        monkeypatch.setattr(blendq.functional, "_fused_math",
-                            lambda: blendq.functional._fake_quant_math)
+        monkeypatch.setattr(blendq.functional, "_EXECUTION", blendq.Execution(
+            fused=fused, cpu_native=False))
         torch.manual_seed(0)
         model = blendq.prepare(build_model("fmnist_cnn", in_channels=1, width=8),
-                               blendq.QuantPolicy(w_bits=4, a_bits=4, method="ste"))
-        blendq.set_alpha(model, 1.0)
+                               blendq.QuantPolicy(w_bits=4, a_bits=4, method=method))
+        blendq.set_alpha(model, alpha)
         model.train()
+        paths = {m.w_quant.fuses(m.float_weight) for m in model.modules()
+                 if isinstance(m, blendq.layers.BlendMixin)}
+        assert paths == {fused}  # every weight on the path asked for
         for q in blendq.transform._act_quantizers(model):  # the kernel counts all inputs
             q.spec = dataclasses.replace(q.spec, sample=None)
         x = torch.randn(8, 1, 28, 28)
@@ -401,3 +423,57 @@ def test_compiled_training_step_does_not_recompile_over_an_alpha_ramp_and_refres
     assert not counters["graph_break"], dict(counters["graph_break"])
     if method == "ab":
         assert alphas[1] < alphas[5] < alphas[-1] == 1.0  # α rose through the compiled steps
+
+
+class _AllOps(TorchDispatchMode):
+    """Every operation dispatched, views included (what ``benchmarks/gpu_step.py``
+    counts on a CPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _step_ops(depth: int, method: str | None) -> int:
+    """Operations in one whole training step (controller, forward, backward, optimizer)
+    of a ``depth``-layer MLP with biases, quantized W4A8 per channel by ``method``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[m for _ in range(depth)
+                                  for m in (torch.nn.Linear(16, 16), torch.nn.ReLU())])
+    controller = None
+    if method is not None:
+        model = blendq.prepare(model, blendq.QuantPolicy(w_bits=4, a_bits=8, per_channel=True,
+                                                         method=method))
+        controller = blendq.AlphaController(model, blendq.linear(0, 8))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(4, 16)
+
+    def step(i):
+        if controller is not None:
+            controller.step(i)
+        optimizer.zero_grad()
+        model(x).sum().backward()
+        optimizer.step()
+
+    for i in range(3):  # grids decided, scales searched, the group and settle bound
+        step(i)
+    with _AllOps() as ops:
+        step(3)
+    return ops.count
+
+
+@pytest.mark.parametrize(("method", "per_layer"), [("ab", 6), ("ste", 4)])
+def test_step_op_count_grows_by_a_small_constant_per_quantized_layer(method, per_layer,
+                                                                    monkeypatch):
+    """The GPU code path (the fused operators, forced on the CPU): each added quantized
+    layer adds the plain layer's operations and ``per_layer`` more: the activation's
+    one each way, the weight's and the rounded bias's one forward (and, for AB, one
+    backward each: ``(1 - α)·grad``); refreshes and statistics stay whole-buffer."""
+    monkeypatch.setattr(blendq.functional, "_EXECUTION", blendq.Execution(fused=True))
+    plain = _step_ops(20, None) - _step_ops(10, None)
+    quantized = _step_ops(20, method) - _step_ops(10, method)
+    assert quantized - plain == 10 * per_layer, (quantized, plain)

@@ -437,12 +437,16 @@ def test_batch_norm_rounding_computed_together_is_each_ones_own(cnn, images, per
         own.append(bn)
         return alone(bn)
 
-    def checked(bn):
+    def checked(bn, dtype=None):
         group = bn.__dict__["_rounding_group"].value(bn)
         if group is not None:
             grouped.append(bn)
             assert torch.equal(group, alone(bn))  # the value, as the batch norm's own
-        return bn.own_rounding_delta() if group is None else group
+            if dtype is not None:  # and in the forward's dtype, converted with all
+                cast = bn.__dict__["_rounding_group"].value(bn, dtype)
+                assert cast.dtype == dtype and torch.equal(cast, group.to(dtype))
+        delta = bn.own_rounding_delta() if group is None else group
+        return delta if dtype is None else delta.to(dtype)
 
     monkeypatch.setattr(FoldedBatchNorm2d, "own_rounding_delta", counted)
     monkeypatch.setattr(FoldedBatchNorm2d, "rounding_delta", checked)

@@ -25,8 +25,8 @@ __all__ = ["NONE_WORDS", "SCALES", "check_bits", "check_scale", "grid", "minmax"
            "ppq_segments", "segment_index", "segment_sum",
            "search_scale", "binarize", "quantize", "blend", "straight_through", "check_finite",
            "round_bias", "strided_sample", "straight_through_fake_quantize", "pack_codes",
-           "unpack_codes", "fake_quantize", "Execution", "execution", "set_execution",
-           "execution_policy"]
+           "unpack_codes", "fake_quantize", "blend_weight", "blend_bias", "Execution",
+           "execution", "set_execution", "execution_policy"]
 
 _ZERO_SCALE = 1.0  # scale given to an all-zero tensor or slice: any positive value is exact
 
@@ -550,44 +550,198 @@ def _fused_math():
     return torch.compile(_fake_quant_math, dynamic=True, fullgraph=True)
 
 
+def _blend_math(w: Tensor, codes: Tensor, scale: Tensor, alpha: Tensor) -> Tensor:
+    """A weight's training value ``lerp(w, scale·codes, α)``, as the eager path computes
+    it (:func:`blend`, :meth:`blendq.methods.Method.mix`), operation for operation."""
+    return torch.lerp(w, (scale * codes).to(w.dtype), alpha.to(w.dtype))
+
+
+@functools.cache
+def _fused_blend():
+    """:func:`_blend_math` compiled once (dynamic shapes): one kernel on CUDA."""
+    return torch.compile(_blend_math, dynamic=True, fullgraph=True)
+
+
+def _on_gpu(t: Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
+# The fused path's operators. Each is one dispatched operation, whose CUDA body is one
+# compiled kernel (one launch) and whose CPU body runs the same math eagerly, so a CPU
+# counting operations at dispatch sees what a GPU launches (benchmarks/gpu_step.py).
+# They run outside graphs torch.compile traces only (there the compiler fuses the
+# eager code itself), so they need no fake implementation.
+@torch.library.custom_op("blendq::fake_quant", mutates_args=("clipped", "seen"))
+def _fake_quant_op(x: Tensor, scale: Tensor, alpha: Tensor, qmin: int, qmax: int, ste: bool,
+                   count: bool, sample: int, clipped: Tensor, seen: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(value, mask, kept)`` of an activation batch: the fake-quantized value, the
+    straight-through mask (empty for AB), and a copy of the batch's strided sample of
+    about ``sample`` elements in float32 or wider (empty for 0); with ``count`` the
+    inputs at the grid's ends and the batch's size are added to ``clipped`` and
+    ``seen``."""
+    impl = _fused_math() if _on_gpu(x) else _fake_quant_math
+    value, mask, at_ends = impl(x, scale.to(x.dtype).reshape(()),
+                                alpha.to(x.dtype).reshape(()), qmin, qmax, ste)
+    if count:
+        clipped.add_(at_ends)
+        seen.add_(x.numel())
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32  # the settle's
+    kept = strided_sample(x, sample).reshape(-1).to(wide, copy=True) if sample else \
+        x.new_empty(0)
+    return value, (mask if ste else x.new_empty(0, dtype=torch.bool)), kept
+
+
+@torch.library.custom_op("blendq::fake_quant_backward", mutates_args=())
+def _fake_quant_backward_op(grad: Tensor, saved: Tensor, ste: bool) -> Tensor:
+    """The gradient of :func:`_fake_quant_op`'s value: ``grad`` where ``saved`` (the
+    mask) is set (STE), ``grad·(1 - saved)`` (``saved``: α, in ``grad``'s dtype as the
+    eager ``lerp`` takes it) for AB."""
+    return torch.where(saved, grad, 0.0) if ste else grad * (1 - saved.to(grad.dtype))
+
+
+@torch.library.custom_op("blendq::blend_weight", mutates_args=())
+def _blend_weight_op(w: Tensor, codes: Tensor, scale: Tensor, alpha: Tensor) -> Tensor:
+    """:func:`_blend_math` in one operation (one compiled kernel on CUDA)."""
+    return (_fused_blend() if _on_gpu(w) else _blend_math)(w, codes, scale, alpha)
+
+
+@torch.library.custom_op("blendq::scale_gradient", mutates_args=())
+def _scale_gradient_op(grad: Tensor, alpha: Tensor) -> Tensor:
+    """``grad·(1 - α)``: AB's gradient to what it blends, as autograd's ``lerp`` forms
+    it."""
+    return grad * (1 - alpha.to(grad.dtype))
+
+
+@torch.library.custom_op("blendq::blend_bias", mutates_args=())
+def _blend_bias_op(bias: Tensor, w_scale: Tensor, a_scale: Tensor, alpha: Tensor,
+                   ste: bool) -> Tensor:
+    """A bias's training value, rounded to whole accumulator units ``γ_w·γ_a`` and
+    blended by ``α``, as the eager path computes it: AB ``lerp(b, R(b), α)``; STE
+    ``b + (lerp(b, R(b), α) - b)`` (:meth:`blendq.methods.Method.bias`)."""
+    unit = w_scale.double().reshape(-1) * a_scale.double()
+    rounded = round_bias(bias, unit).to(bias.dtype)
+    value = torch.lerp(bias, rounded, alpha.to(bias.dtype))
+    return bias + (value - bias) if ste else value
+
+
 class _FakeQuant(torch.autograd.Function):
     """Activation fake quantization in one forward pass and one backward pass, saving at
     most one byte per element (the STE mask; nothing for AB, whose gradient is
-    ``(1 - alpha)·grad``)."""
+    ``(1 - alpha)·grad``). Fused: each pass one operation (:func:`_fake_quant_op`)."""
 
     @staticmethod
-    def forward(ctx, x, scale, alpha, qmin, qmax, ste, fused):
-        impl = _fused_math() if fused else _fake_quant_math
-        value, mask, clipped = impl(x.detach(), scale.detach(), alpha.detach(), qmin, qmax,
-                                    ste)
-        ctx.mark_non_differentiable(clipped)
-        ctx.ste = ste
-        ctx.save_for_backward(mask if ste else alpha.detach())
-        return value, clipped
+    def forward(ctx, x, scale, alpha, qmin, qmax, ste, fused, sample, counters):
+        ctx.ste, ctx.fused = ste, fused
+        ctx.set_materialize_grads(False)  # the second result has no gradient
+        kept = None
+        if fused:  # (autograd records nothing in here: no detaching needed)
+            clipped, seen = counters if counters is not None else (_NO_COUNT, _NO_COUNT)
+            value, mask, kept = torch.ops.blendq.fake_quant(
+                x, scale, alpha, qmin, qmax, ste, counters is not None, sample, clipped, seen)
+            clipped = None
+        else:
+            scale, alpha = scale.to(x.dtype).reshape(()), alpha.to(x.dtype).reshape(())
+            value, mask, clipped = _fake_quant_math(x, scale, alpha, qmin, qmax, ste)
+            ctx.mark_non_differentiable(clipped)
+        if kept is not None:
+            ctx.mark_non_differentiable(kept)
+        ctx.save_for_backward(mask if ste else alpha)
+        return value, clipped if clipped is not None else kept
 
     @staticmethod
-    def backward(ctx, grad, _clipped_grad):
+    def backward(ctx, grad, _other):
+        if grad is None:
+            return (None,) * 9
         (saved,) = ctx.saved_tensors
-        grad = torch.where(saved, grad, 0.0) if ctx.ste else grad * (1 - saved)
-        return grad, None, None, None, None, None, None
+        if ctx.fused:
+            grad = torch.ops.blendq.fake_quant_backward(grad, saved, ctx.ste)
+        else:
+            grad = torch.where(saved, grad, 0.0) if ctx.ste else grad * (1 - saved)
+        return grad, None, None, None, None, None, None, None, None
+
+
+_NO_COUNT = torch.zeros(())  # counters of a batch that counts nothing (never written)
+
+
+class _BlendWeight(torch.autograd.Function):
+    """A weight's training value ``lerp(w, scale·codes, α)`` in one operation each way:
+    AB's gradient ``(1 - α)·grad``, or straight through (STE: passed unchanged, no
+    operation)."""
+
+    @staticmethod
+    def forward(ctx, w, codes, scale, alpha, ste):
+        ctx.ste = ste
+        if not ste:
+            ctx.save_for_backward(alpha)
+        return torch.ops.blendq.blend_weight(w, codes, scale, alpha)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.ste:
+            return grad, None, None, None, None
+        (alpha,) = ctx.saved_tensors
+        return torch.ops.blendq.scale_gradient(grad, alpha), None, None, None, None
+
+
+class _BlendBias(torch.autograd.Function):
+    """:func:`_blend_bias_op` with AB's gradient ``(1 - α)·grad`` or straight through."""
+
+    @staticmethod
+    def forward(ctx, bias, w_scale, a_scale, alpha, ste):
+        ctx.ste = ste
+        if not ste:
+            ctx.save_for_backward(alpha)
+        return torch.ops.blendq.blend_bias(bias, w_scale, a_scale, alpha, ste)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.ste:
+            return grad, None, None, None, None
+        (alpha,) = ctx.saved_tensors
+        return torch.ops.blendq.scale_gradient(grad, alpha), None, None, None, None
+
+
+def blend_bias(bias: Tensor, w_scale: Tensor, a_scale: Tensor, alpha: Tensor,
+               rule: str) -> Tensor:
+    """The fused path of a bias's training value: rounded to whole accumulator units
+    ``γ_w·γ_a`` (:func:`round_bias`) and blended by ``α`` in one operation forward and
+    at most one backward, with the gradient of ``rule`` (``"ab"``: ``(1 - α)``;
+    ``"ste"``: straight through), equal bit for bit to the eager path."""
+    return _BlendBias.apply(bias, w_scale, a_scale, alpha, rule == "ste")
+
+
+def blend_weight(w: Tensor, codes: Tensor, scale: Tensor, alpha: Tensor, rule: str) -> Tensor:
+    """The fused path of a weight's training value: ``lerp(w, scale·codes, α)`` (``scale``
+    broadcastable to ``codes``) in one operation forward and at most one backward, with
+    the gradient of ``rule`` (``"ab"``: ``(1 - α)``; ``"ste"``: straight through), equal
+    bit for bit to the eager path's value and gradient."""
+    return _BlendWeight.apply(w, codes, scale, alpha, rule == "ste")
 
 
 def fake_quantize(x: Tensor, scale: Tensor, alpha: Tensor, bits: int, signed: bool,
-                  method: str, fused: bool | None = None, full: bool = True
+                  method: str, fused: bool | None = None, full: bool = True,
+                  sample: int = 0, counters: tuple[Tensor, Tensor] | None = None
                   ) -> tuple[Tensor, Tensor]:
     """``(value, clipped)``: ``x`` on the grid at ``scale`` blended with ``x`` by ``alpha``,
     with the gradient of ``method`` (``"ste"``: passed where ``x`` lies within half a step
     of the grid, ``"ab"``: ``(1 - alpha)``), and the number of elements at the grid's
-    ends (a float64 scalar on the device). ``fused``: one compiled kernel (default: on
-    CUDA, outside a graph torch.compile traces); else the same math eagerly."""
+    ends (a float64 scalar on the device). ``fused``: one operation each way, one
+    compiled kernel on CUDA (default: there, outside a graph torch.compile traces); else
+    the same math eagerly.
+
+    Fused only: ``counters`` (``clipped``, ``seen``) are added to in place (the count at
+    the ends, the batch's size) and the second result is instead a copy of the batch's
+    strided sample of about ``sample`` elements (:func:`strided_sample`; empty for 0)."""
     if is_sign(bits, signed):
         raise ValueError("fake_quantize takes grids of 2 or more levels; sign has its own")
     if fused is None:
         fused = fuses(x)
+    if not fused and (sample or counters is not None):
+        raise ValueError("sample and counters are the fused path's")
     qmin, qmax = grid(bits, signed, full)
-    alpha = alpha.to(x.dtype).reshape(())
-    return _FakeQuant.apply(x, scale.to(x.dtype).reshape(()), alpha, qmin, qmax,
-                            method == "ste", fused)
+    return _FakeQuant.apply(x, scale, alpha, qmin, qmax, method == "ste", fused, sample,
+                            counters)
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:

@@ -379,6 +379,9 @@ def rounded_bias(layer: nn.Module, alpha: Tensor | None) -> Tensor | None:
     bias = layer._parameters.get("bias")
     if bias is None or layer.bias_folded or not layer.round_bias:
         return bias
+    fused = _fused_bias(layer, bias, alpha)
+    if fused is not None:
+        return fused
     unit = layer.accumulator_unit()
     if unit is None:
         return bias
@@ -386,6 +389,22 @@ def rounded_bias(layer: nn.Module, alpha: Tensor | None) -> Tensor | None:
     if alpha is None:
         return rounded
     return layer.w_quant.method.bias(bias, rounded, alpha.to(bias.dtype), layer.training)
+
+
+def _fused_bias(layer: nn.Module, bias: Tensor, alpha: Tensor | None) -> Tensor | None:
+    """A training forward's rounded, blended bias in one operation each way
+    (:func:`blendq.functional.blend_bias`), where the weight takes the fused path and the
+    method's ``bias`` is one the operator computes; else ``None`` (the eager path)."""
+    if alpha is None:  # (a converted layer: no quantizers; an AttributeError here would
+        return None  # fall through the ``bias`` property to the unrounded Parameter)
+    a, w = layer._modules.get("a_quant"), layer._modules.get("w_quant")
+    if a is None or w is None or not w.fuses(bias) or not w._ready or \
+            a.method.learns_scale or not rounds_bias(layer._kind, a.spec.bits, a.is_signed):
+        return None
+    rule = w.method.bias_kernel
+    if rule is None:
+        return None
+    return F.blend_bias(bias, w.current_scale(), a.current_scale(), alpha, rule)
 
 
 def _param_property(name: str, getter_name: str) -> property:
@@ -522,7 +541,8 @@ class _FoldedBatchNorm:
         if self.normalises_producer(input):
             delta = self._buffers.get("deploy_delta")  # export of a pair it could not fold
             if delta is None:
-                delta = self.rounding_delta()
+                stats = self.running_mean if self.running_mean is not None else input
+                delta = self.rounding_delta((stats if self.bias is None else self.bias).dtype)
         if delta is None:
             return super().forward(input)
         # the rounding joins the batch norm's own shift (no extra pass over the output)
@@ -555,18 +575,19 @@ class _FoldedBatchNorm:
         normalises ``L``, not the Linear's ``C`` outputs)."""
         return self.producer is None or link_holds(self.producer, input.dim())
 
-    def rounding_delta(self) -> Tensor | None:
+    def rounding_delta(self, dtype: torch.dtype | None = None) -> Tensor | None:
         """What evaluation adds to the batch norm's output: ``α·(R(t) - t)`` per channel
-        (float64), ``t = k·b + t_bn`` the folded bias, ``R`` rounding to whole units of
-        ``|k|·γ_w·γ_a``; ``None`` where no unit applies. In training under a controller,
-        its :class:`BiasRounding`'s value where that was computed from the state as it
-        is now."""
+        (float64, or rounded once to ``dtype``), ``t = k·b + t_bn`` the folded bias, ``R``
+        rounding to whole units of ``|k|·γ_w·γ_a``; ``None`` where no unit applies. In
+        training under a controller, its :class:`BiasRounding`'s value where that was
+        computed from the state as it is now."""
         group = self.__dict__.get("_rounding_group")  # (eager: a graph has no versions)
         if group is not None and not torch.compiler.is_compiling():
-            delta = group.value(self)
+            delta = group.value(self, dtype)
             if delta is not None:
                 return delta
-        return self.own_rounding_delta()
+        delta = self.own_rounding_delta()
+        return delta if delta is None or dtype is None else delta.to(dtype)
 
     def own_rounding_delta(self) -> Tensor | None:
         """:meth:`rounding_delta` computed for this batch norm alone."""
@@ -610,6 +631,7 @@ class BiasRounding:
     def __init__(self, norms: list[nn.Module]) -> None:
         self.norms = [bn for bn in norms if isinstance(bn, _FoldedBatchNorm)]
         self._on_device = DeviceConstants()
+        self._views: dict[int, tuple] = {}  # vectors of per-layer tensors (_vector)
         self._due = False
         for bn in self.norms:  # the newest group a batch norm joined is its own
             bn.__dict__["_rounding_group"] = self
@@ -618,14 +640,19 @@ class BiasRounding:
         """Compute anew at the next member's forward (the controller's step)."""
         self._due = True
 
-    def value(self, bn: _FoldedBatchNorm) -> Tensor | None:
+    def value(self, bn: _FoldedBatchNorm, dtype: torch.dtype | None = None) -> Tensor | None:
         """``bn``'s kept rounding where it still stands (computing all first if due),
-        else ``None``."""
+        else ``None``; float64, or in ``dtype`` (converted with all the group's, once a
+        step, where that is its members' parameters' dtype)."""
         if self._due:
             self._due = False
             self.refresh()
         kept = bn.__dict__.get("_rounding_kept")
-        return kept[1] if kept is not None and self._stands(kept[0], bn) else None
+        if kept is None or not self._stands(kept[0], bn):
+            return None
+        if dtype is None or dtype == torch.float64:
+            return kept[1]
+        return kept[2] if kept[2].dtype == dtype else kept[1].to(dtype)
 
     @staticmethod
     def _inputs(bn: _FoldedBatchNorm) -> tuple | None:
@@ -676,24 +703,45 @@ class BiasRounding:
             if key is not None:
                 parts.setdefault(bn.running_var.device, []).append((bn, key))
         for device, members in parts.items():
-            deltas = self._deltas([bn for bn, _ in members], device)
-            for (bn, key), delta in zip(members, deltas, strict=True):
-                bn.__dict__["_rounding_kept"] = (key, delta)
+            norms = [bn for bn, _ in members]
+            delta, counts = self._deltas(norms, device), [bn.running_var.numel() for bn in norms]
+            deltas = torch.split(delta, counts)
+            # in the forward's dtype (its parameters'), converted once for all
+            dtypes = {bn.bias.dtype for bn in norms}
+            dtype = dtypes.pop() if len(dtypes) == 1 else torch.float64
+            converted = deltas if dtype == torch.float64 else torch.split(delta.to(dtype),
+                                                                           counts)
+            for (bn, key), delta, cast in zip(members, deltas, converted, strict=True):
+                bn.__dict__["_rounding_kept"] = (key, delta, cast)
 
-    def _deltas(self, norms: list[_FoldedBatchNorm], device: torch.device
-                ) -> tuple[Tensor, ...]:
+    def _vector(self, t: Tensor, count: int) -> Tensor:
+        """``t`` (one value a channel, or one for all) as a vector of ``count``: itself,
+        or a view kept from step to step (no operation a step)."""
+        if t.dim() == 1 and len(t) == count:
+            return t
+        key = (t.data_ptr(), t.shape, t.stride(), count)
+        kept = self._views.get(id(t))
+        if kept is None or kept[0] != key or kept[1] is not t:
+            flat = t.reshape(-1)
+            kept = self._views[id(t)] = (key, t, flat if len(flat) == count else
+                                         flat.expand(count))
+        return kept[2]
+
+    def _deltas(self, norms: list[_FoldedBatchNorm], device: torch.device) -> Tensor:
+        """Every member's rounding, one float64 vector over all their channels."""
         counts = tuple(bn.running_var.numel() for bn in norms)
         total = sum(counts)
         layers = [bn.producer for bn in norms]
 
         def flat(tensors):  # one float64 vector over all channels
-            return torch.cat([t if t.dim() == 1 and len(t) == c else t.reshape(-1).expand(c)
+            return torch.cat([self._vector(t, c)
                               for t, c in zip(tensors, counts, strict=True)]).double()
 
         def per_layer(values):  # one value a layer (tensors, or numbers), over its channels
             rows = self._on_device(counts, device)
-            v = torch.stack([t.reshape(()) for t in values]) if torch.is_tensor(values[0]) \
-                else self._on_device(tuple(values), device, torch.float64)
+            v = torch.stack([t if t.dim() == 0 else t.reshape(()) for t in values]) \
+                if torch.is_tensor(values[0]) else \
+                self._on_device(tuple(values), device, torch.float64)
             return torch.repeat_interleave(v, rows, output_size=total).double()
 
         var, mean = flat([bn.running_var for bn in norms]), flat([bn.running_mean for bn in norms])
@@ -707,8 +755,7 @@ class BiasRounding:
             t = torch.where(has, k * b + t, t)
         unit = flat([layer.w_quant.scale for layer in layers]) * \
             per_layer([layer.a_quant.scale for layer in layers])  # as bias_unit
-        delta = (F.round_bias(t, k * unit) - t) * per_layer([layer.alpha for layer in layers])
-        return torch.split(delta, counts)
+        return (F.round_bias(t, k * unit) - t) * per_layer([layer.alpha for layer in layers])
 
 
 class FoldedBatchNorm1d(_FoldedBatchNorm, nn.BatchNorm1d):

@@ -73,6 +73,15 @@ class Method:
             return "ab"
         return None
 
+    @property
+    def bias_kernel(self) -> str | None:
+        """The rule under which the fused bias operator
+        (:func:`blendq.functional.blend_bias`) computes exactly this method's
+        :meth:`bias` in training (``"ste"``: :meth:`Method.bias`, ``"ab"``:
+        :meth:`AlphaBlend.bias`), or ``None`` for a method with a ``bias`` of its own."""
+        own = type(self).bias
+        return "ste" if own is Method.bias else "ab" if own is AlphaBlend.bias else None
+
     def __repr__(self) -> str:
         return self.name
 

@@ -215,15 +215,7 @@ class WeightQuantizer(nn.Module):
         """``scale * codes`` for ``w``: the cached training projection, or in eval
         the projection of the current weight (kept apart from the training cache)."""
         if self.training:
-            if self.grouped:  # projected with its group (one flat PPQ for many layers)
-                self.grouped = False
-            elif self.stale or self.spec.quant_every == 1:
-                codes, scale = self.project(w)
-                self.codes.copy_(codes)
-                self.scale.copy_(scale)
-                self.ready.fill_(True)
-                self._ready = True
-                self.stale = False
+            self._refresh(w)
             return self.per_element(self.scale, tuple(w.shape)) * self.codes
         d = self.__dict__  # (attributes a model pickled by an older version lacks)
         key = (w.data_ptr(), w._version, w.dtype, self.scale._version, d.get("_trained", 0),
@@ -232,6 +224,30 @@ class WeightQuantizer(nn.Module):
             self._eval = (key, *self.project(w))
         _, codes, scale = self._eval
         return self.per_element(scale, tuple(w.shape)) * codes
+
+    def _refresh(self, w: Tensor) -> None:
+        """Bring the training codes and scale up to date for ``w`` (due every
+        ``quant_every`` steps, or already done by the group)."""
+        if self.grouped:  # projected with its group (one flat PPQ for many layers)
+            self.grouped = False
+        elif self.stale or self.spec.quant_every == 1:
+            codes, scale = self.project(w)
+            self.codes.copy_(codes)
+            self.scale.copy_(scale)
+            self.ready.fill_(True)
+            self._ready = True
+            self.stale = False
+
+    def fuses(self, w: Tensor) -> bool:
+        """Whether a training forward of ``w`` takes the fused path
+        (:func:`blendq.functional.blend_weight`: one operation each way): where the
+        execution policy puts the fused kernel (:func:`blendq.functional.fuses_on`), for
+        a method whose value and gradient it computes (:attr:`Method.kernel`), a scale
+        per layer or channel, and a plain tensor (a sharded DTensor takes the eager
+        path)."""
+        return (self.training and self.spec.group_size is None and
+                self.method.kernel is not None and not self.method.learns_scale and
+                isinstance(w, Tensor) and not _is_dtensor(w) and F.fuses_on(w.device))
 
     def eval_projection(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """The ``(codes, scale)`` that evaluation uses for ``w`` (what ``convert`` stores)."""
@@ -246,6 +262,9 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: Tensor, alpha: Tensor) -> Tensor:
         if self.method.learns_scale:
             return torch.lerp(w, self._lsq(w), alpha.to(w.dtype))
+        if self.fuses(w):
+            self._refresh(w)
+            return F.blend_weight(w, self.codes, self.scale, alpha, self.method.kernel)
         return self.method.mix(w, self.quantized(w), alpha)
 
     def _lsq(self, w: Tensor) -> Tensor:
@@ -307,7 +326,8 @@ class WeightGroup:
         # wrapper such as FSDP2 replaces a layer's Parameter object)
         self._weights = weights if callable(weights) else (lambda: weights)
         self.spec = quantizers[0].spec
-        self._bound: list | None = None
+        self._bound: tuple | None = None
+        self._views: dict = {}  # each member's weights as the flat buffer reads them
 
     @staticmethod
     def key(q: WeightQuantizer) -> tuple | None:
@@ -315,11 +335,14 @@ class WeightGroup:
         CPU those whose scales' runs of weights all divide into rows of 8 or more go
         apart from the rest, so that their group's sums run on rows
         (:meth:`row_length`); a GPU's segment reduction is parallel, and a group fewer
-        is fewer launches."""
+        is fewer launches (so it is where the execution policy runs the GPU's code path
+        on the CPU, ``fused=True``)."""
         s = q.spec
         if s.bits < 2 or not q.method.groups or s.scale != "ppq":
             return None
-        rows = WeightGroup.row_length(q) >= 8 if q.scale.device.type == "cpu" else None
+        device = q.scale.device
+        rows = WeightGroup.row_length(q) >= 8 if device.type == "cpu" and \
+            not F.fuses_on(device) else None
         return (s.bits, s.per_channel, s.group_size, s.max_iter, q.scale.dtype,
                 q.scale.device, rows)
 
@@ -349,17 +372,38 @@ class WeightGroup:
             return F.block_lengths(tuple(w.shape), q.axis, q.spec.group_size)
         return torch.full((q.scale.numel(),), w.numel() // q.scale.numel(), dtype=torch.long)
 
-    def _bind(self) -> None:
+    def _order(self, q: WeightQuantizer, w: Tensor) -> tuple[int, ...]:
+        """The order in which ``w``'s weights enter the flat buffer: the dimensions of its
+        rows (:meth:`_rows`) permuted into memory order where that is a plain view
+        (channels-last weights: no copy a step) and keeps each scale's run whole (the
+        output channels first; blocks keep their own layout). Read from the sizes and
+        strides alone: no operation."""
+        same = tuple(range(w.dim()))
+        if q.spec.group_size is not None or w.is_contiguous():
+            return same
+        moved = q.spec.per_channel  # the rows' dimensions: the output axis first
+        dims = [q.axis] + [d for d in same if d != q.axis] if moved else list(same)
+        size, stride = [w.shape[d] for d in dims], [w.stride(d) for d in dims]
+        order = tuple(sorted(same, key=lambda d: (-stride[d], d)))
+        if moved and order[0] != 0 or not _dense(
+                [size[d] for d in order], [stride[d] for d in order]):
+            return same
+        return order
+
+    def _bind(self, orders: list[tuple[int, ...]]) -> None:
         qs, weights = self.quantizers, self.weights
-        if self._bound == [(q.codes.data_ptr(), q.scale.data_ptr()) for q in qs]:
+        if self._bound == ([(q.codes.data_ptr(), q.scale.data_ptr()) for q in qs], orders):
             return
-        flat_codes = torch.cat([self._rows(q.codes.detach(), q).reshape(-1) for q in qs])
+        flat_codes = torch.cat([self._rows(q.codes.detach(), q).permute(o).reshape(-1)
+                                for q, o in zip(qs, orders, strict=True)])
         flat_scale = torch.cat([q.scale.detach().reshape(-1) for q in qs])
         flags = torch.cat([q.nonfinite.reshape(1) for q in qs])
         c = s = 0
-        for i, (q, w) in enumerate(zip(qs, weights, strict=True)):
+        for i, (q, w, o) in enumerate(zip(qs, weights, orders, strict=True)):
             n, k = w.numel(), q.scale.numel()
-            view = flat_codes[c:c + n].view(self._rows(q.codes, q).shape)
+            rows = self._rows(q.codes, q).permute(o).shape
+            back = tuple(sorted(range(len(o)), key=o.__getitem__))  # o's inverse
+            view = flat_codes[c:c + n].view(rows).permute(back)
             moved = q.spec.per_channel or q.spec.group_size is not None
             q._buffers["codes"] = view.movedim(0, q.axis) if moved else view  # a view
             q._buffers["scale"] = flat_scale[s:s + k].view(q.scale.shape)
@@ -377,7 +421,21 @@ class WeightGroup:
         self.layer_lengths = torch.tensor([w.numel() // self.row for w in weights],
                                           device=device)
         self.index = F.segment_index(self.lengths)  # each row's scale, once a binding
-        self._bound = [(q.codes.data_ptr(), q.scale.data_ptr()) for q in qs]
+        self._bound = ([(q.codes.data_ptr(), q.scale.data_ptr()) for q in qs], orders)
+        self._views = {}
+
+    def _flat(self, q: WeightQuantizer, w: Tensor, order: tuple[int, ...]) -> Tensor:
+        """``w``'s weights in the flat buffer's order and dtype: a view of ``w`` kept
+        from step to step where that is one (built once: no operation a step)."""
+        key = (id(w), w.data_ptr(), w.dtype, w.stride())
+        kept = self._views.get(q)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        flat = self._rows(w.detach(), q).permute(order).reshape(-1).to(self.codes.dtype)
+        if flat.untyped_storage().data_ptr() == w.untyped_storage().data_ptr():
+            # a view, which follows w's updates
+            self._views[q] = (key, flat)
+        return flat
 
     @property
     def weights(self) -> list[Tensor]:
@@ -393,10 +451,11 @@ class WeightGroup:
             return False
         if any(_is_dtensor(w) for w in self.weights):
             return False
-        weights = self.weights
-        self._bind()
-        flat = torch.cat([self._rows(w.detach(), q).reshape(-1).to(self.codes.dtype)
-                          for q, w in zip(self.quantizers, weights, strict=True)])
+        weights, qs = self.weights, self.quantizers
+        orders = [self._order(q, w) for q, w in zip(qs, weights, strict=True)]
+        self._bind(orders)
+        flat = torch.cat([self._flat(q, w, o) for q, w, o in zip(qs, weights, orders,
+                                                                  strict=True)])
         if self.row > 1:  # a row's sum (float64: it cannot overflow) is NaN or ±inf
             x, out = flat.view(-1, self.row), self.codes.view(-1, self.row)  # where a
             finite = torch.isfinite(x.sum(1, dtype=torch.float64))  # weight is
@@ -414,6 +473,17 @@ class WeightGroup:
         for q in self.quantizers:
             q.grouped, q.stale = True, False
         return True
+
+
+def _dense(size: list[int], stride: list[int]) -> bool:
+    """Whether a tensor of these sizes and strides is contiguous (size-1 dimensions
+    ignored, as torch does)."""
+    expected = 1
+    for n, st in zip(reversed(size), reversed(stride), strict=True):
+        if n != 1 and st != expected:
+            return False
+        expected *= n
+    return True
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -452,14 +522,19 @@ def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _padded_rows(samples: list[Tensor], zeros: Tensor) -> Tensor:
+def _padded_rows(samples: list[Tensor], zeros: Tensor, pads: dict) -> Tensor:
     """Flat samples one after the other, each zero-padded to whole rows of ``_CHUNK``
-    (:func:`~blendq.functional.ppq_segments`; ``zeros``: ``_CHUNK`` of them): one copy
-    of them all, in ``zeros``' dtype or wider."""
+    (:func:`~blendq.functional.ppq_segments`; ``zeros``: ``_CHUNK`` of them, in the
+    samples' dtype): one copy of them all, one operation. ``pads`` keeps the padding
+    views of ``zeros`` by length, so a step slices nothing."""
     parts = []
     for sample in samples:
-        parts += [sample, zeros[:-len(sample) % _CHUNK]]
-    return torch.cat(parts).to(zeros.dtype).view(-1, _CHUNK)
+        n = -len(sample) % _CHUNK
+        pad = pads.get((zeros, n))
+        if pad is None:
+            pad = pads[(zeros, n)] = zeros[:n]
+        parts += [sample, pad]
+    return torch.cat(parts).view(-1, _CHUNK)
 
 
 def _at_grid_ends(codes: Tensor, bits: int, signed: bool) -> Tensor:
@@ -579,28 +654,30 @@ class ActQuantizer(nn.Module):
         deferred = self.training and self._defers(signed)
         path = self.path(x.device, x.dtype, signed, deferred,
                          x.requires_grad and torch.is_grad_enabled())
-        fused = path == "fused"  # one pass each way
+        fused = path == "fused"  # one operation each way
         if self.training:
-            if deferred:  # quantized with the EMA as it stands; the statistic comes later
-                self._keep(x, count=not fused)
-            else:
+            if deferred and not fused:  # quantized with the EMA as it stands; the
+                self._keep(x, count=True)  # statistic comes later
+            elif not deferred:
                 self._update_inline(x, signed)
             scale = self.scale
         elif bool(self.initialized):
             scale = self.scale
         else:
             scale = self._batch_scale(x.detach(), signed)
+        if fused:  # the sample a deferred statistic keeps, taken by the same operation
+            counting = self.training
+            value, kept = F.fake_quantize(
+                x, scale, alpha, self.spec.bits, signed, self.method.kernel, fused=True,
+                sample=self.spec.sample if counting and deferred else 0,
+                counters=(self.clipped, self.seen) if counting else None)
+            if counting and deferred:  # counted whole by the kernel
+                self.__dict__.update(_pending=kept, _count_pending=False)
+            return value
         scale = scale.to(x.dtype)
         if path == "cpu-native":
             qmin, qmax = F.grid(self.spec.bits, signed, full=True)
             return F.straight_through_fake_quantize(x, scale, alpha.to(x.dtype), qmin, qmax)
-        if fused:
-            value, clipped = F.fake_quantize(x, scale, alpha, self.spec.bits, signed,
-                                             self.method.kernel, fused=True)
-            if self.training:
-                self.clipped += clipped
-                self.seen += x.numel()
-            return value
         codes = F.quantize(x.detach(), scale, self.spec.bits, signed, full=True)
         if self.training and not deferred and not F.is_sign(self.spec.bits, signed):
             self._count_clipped(codes, signed)
@@ -677,10 +754,12 @@ class ActQuantizer(nn.Module):
     def _keep(self, x: Tensor, count: bool) -> None:
         """Keep a copy of the batch's strided sample (about ``spec.sample`` elements) for
         the settle, taken while ``x`` is still in the cache (gathered from a view at the
-        settle instead, a ResNet-50's settles took 40 % longer on the CPU)."""
+        settle instead, a ResNet-50's settles took 40 % longer on the CPU), in the
+        settle's dtype (float32, or float64)."""
         sample = F.strided_sample(x.detach(), self.spec.sample).reshape(-1)
+        sample = sample.to(_at_least_float32(x.dtype), copy=True)
         # plain attributes, set past nn.Module.__setattr__'s checks (a few µs each)
-        self.__dict__.update(_pending=sample.clone(), _count_pending=count)
+        self.__dict__.update(_pending=sample, _count_pending=count)
 
     @torch.no_grad()
     def _update_inline(self, x: Tensor, signed: bool) -> None:
@@ -806,6 +885,7 @@ class ActStatistics:
                 q._stats.close()  # what an earlier controller kept settles, its hook goes
             q._stats = self
         self._on_device = DeviceConstants()  # index tensors on the device, reused
+        self._pads: dict = {}  # padding views of a zeros constant, by length
         # the model whose forward settles as it returns (no hook handle kept: a model,
         # and this with it, must stay deep-copyable)
         self.model = model
@@ -842,7 +922,8 @@ class ActStatistics:
             self._settle(pending, samples)
 
     def _settle(self, pending: list[ActQuantizer], samples: list[Tensor]) -> None:
-        used = torch.stack([q.scale.reshape(()) for q in pending])  # what quantized them
+        used = torch.stack([q.scale if q.scale.dim() == 0 else q.scale.reshape(())
+                            for q in pending])  # what quantized them
         by_grid: dict[tuple, list[int]] = {}
         for i, q in enumerate(pending):
             by_grid.setdefault((q.spec.bits, q.is_signed, q.spec.max_iter,
@@ -855,7 +936,7 @@ class ActStatistics:
             where = None if len(idx) == len(pending) else self._on_device(tuple(idx),
                                                                             used.device)
             x = _padded_rows([samples[i] for i in idx],
-                             self._on_device((0.0,) * _CHUNK, used.device, dtype))
+                             self._on_device((0.0,) * _CHUNK, used.device, dtype), self._pads)
             start = used if where is None else used[where]
             _, scale = F.ppq_segments(x, rows, bits, start.to(x.dtype), max_iter,
                                       signed=signed, full=True)
