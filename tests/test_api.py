@@ -27,8 +27,9 @@ PUBLIC = {
 }
 
 # Each part of the library may import only parts of a lower rank (docs/architecture.md).
-RANK = {"functional": 0, "schedules": 1, "methods": 1.5, "toy": 2, "quantizers": 2, "layers": 3,
-        "converted": 4, "policy": 4, "placement": 4.5, "transform": 5, "distill": 5,
+RANK = {"functional": 0, "schedules": 1, "scales": 1.2, "methods": 1.5, "toy": 2,
+        "quantizers": 2, "layers": 3, "converted": 4, "policy": 4, "placement": 4.5,
+        "transform": 5, "distill": 5,
         "export": 6, "data": 6, "models": 6, "plots": 6, "engine": 9, "integrations": 9,
         "cli": 10, "__main__": 11}
 

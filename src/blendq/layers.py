@@ -399,7 +399,7 @@ def _fused_bias(layer: nn.Module, bias: Tensor, alpha: Tensor | None) -> Tensor 
         return None  # fall through the ``bias`` property to the unrounded Parameter)
     a, w = layer._modules.get("a_quant"), layer._modules.get("w_quant")
     if a is None or w is None or not w.fuses(bias) or not w._ready or \
-            a.method.learns_scale or not rounds_bias(layer._kind, a.spec.bits, a.is_signed):
+            a.source.learned or not rounds_bias(layer._kind, a.spec.bits, a.is_signed):
         return None
     rule = w.method.bias_kernel
     if rule is None:
@@ -666,8 +666,8 @@ class BiasRounding:
                 or affine.get("weight") is None or affine.get("bias") is None:
             return None
         w = layer._modules["w_quant"]
-        if w.spec.group_size is not None or w.method.learns_scale or \
-                a.method.learns_scale or not w._ready or \
+        if w.spec.group_size is not None or w.source.learned or \
+                a.source.learned or not w._ready or \
                 not rounds_bias(layer._kind, a.spec.bits, a.is_signed):
             return None
         return ((norm["running_var"], norm["running_mean"], norm["num_batches_tracked"],

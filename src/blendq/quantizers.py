@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from . import methods
+from . import methods, scales
 from .methods import METHODS, Method, check_method
 
 __all__ = ["WeightSpec", "ActSpec", "WeightQuantizer", "WeightGroup", "ActQuantizer",
@@ -132,6 +132,9 @@ class WeightQuantizer(nn.Module):
         # the method (blendq.methods): chosen once from the spec's name; the controller
         # swaps in its "after α = 1" mode, the spec stays as prepared
         self.method: Method = methods.get(spec.method)
+        # where the scale comes from (blendq.scales): the spec's, learned where the method
+        # learns its scale
+        self.source = scales.for_quantizer(spec.scale, self.method.learns_scale)
         self.name = name
         self.axis = axis  # the weight's output-channel axis (1 for transposed convolutions)
         self.stale = True  # training cache out of date (a Python flag: no sync in forward)
@@ -157,7 +160,7 @@ class WeightQuantizer(nn.Module):
                              persistent=spec.quant_every > 1)
         self.register_buffer("scale", torch.ones(scale_shape, dtype=weight.dtype,
                                                  device=weight.device))
-        if self.method.learns_scale:  # the learned scale (``scale``: where it started)
+        if self.source.learned:  # the learned scale (``scale``: where it started)
             self.step = nn.Parameter(torch.ones(scale_shape, dtype=weight.dtype,
                                                 device=weight.device))
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool, device=weight.device))
@@ -166,6 +169,10 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("nonfinite", torch.zeros((), dtype=torch.bool,
                                                       device=weight.device), persistent=False)
         self._ready = False  # Python mirror of ``ready``
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        _source_of(self)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -195,15 +202,9 @@ class WeightQuantizer(nn.Module):
                 F.check_finite(w)
             if s.bits == 1:
                 codes, scale = F.binarize(x, axis=axis, scaled=s.binary_scale, fixed=True)
-            elif s.scale == "minmax":
-                codes, scale = F.minmax(x, s.bits, axis=axis)
-            elif self._ready:
-                codes, scale = F.ppq(x, s.bits, axis=axis, max_iter=s.max_iter,
-                                     scale=warm, fixed=True)
             else:
-                start = F.search_scale(x, s.bits, axis=axis)
-                codes, scale = F.ppq(x, s.bits, axis=axis, max_iter=s.init_iter, scale=start,
-                                     fixed=True)
+                codes, scale = self.source.weight(x, s.bits, axis, warm if self._ready
+                                                  else None, s.max_iter, s.init_iter)
         except ValueError as err:
             raise ValueError(f"layer {self.name or '<unnamed>'}: weight {err}") from None
         if s.group_size is not None:
@@ -246,12 +247,12 @@ class WeightQuantizer(nn.Module):
         per layer or channel, and a plain tensor (a sharded DTensor takes the eager
         path)."""
         return (self.training and self.spec.group_size is None and
-                self.method.kernel is not None and not self.method.learns_scale and
+                self.method.kernel is not None and not self.source.learned and
                 isinstance(w, Tensor) and not _is_dtensor(w) and F.fuses_on(w.device))
 
     def eval_projection(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """The ``(codes, scale)`` that evaluation uses for ``w`` (what ``convert`` stores)."""
-        if self.method.learns_scale and self._ready:
+        if self.source.learned and self._ready:
             return self._lsq_projection(w)
         was = self.training
         self.eval()
@@ -260,7 +261,7 @@ class WeightQuantizer(nn.Module):
         return self._eval[1], self._eval[2]
 
     def forward(self, w: Tensor, alpha: Tensor) -> Tensor:
-        if self.method.learns_scale:
+        if self.source.learned:
             return torch.lerp(w, self._lsq(w), alpha.to(w.dtype))
         if self.fuses(w):
             self._refresh(w)
@@ -291,7 +292,7 @@ class WeightQuantizer(nn.Module):
         """The scale the weight is quantized with now: LSQ's ``|step|`` (its only scale;
         the ``scale`` buffer keeps the PPQ scale it started from), else the projection's
         cached ``scale``."""
-        if self.method.learns_scale and self._ready:
+        if self.source.learned and self._ready:
             return self.step.detach().abs().clamp_min(torch.finfo(self.step.dtype).tiny)
         return self.scale
 
@@ -338,7 +339,7 @@ class WeightGroup:
         is fewer launches (so it is where the execution policy runs the GPU's code path
         on the CPU, ``fused=True``)."""
         s = q.spec
-        if s.bits < 2 or not q.method.groups or s.scale != "ppq":
+        if s.bits < 2 or not q.method.groups or not q.source.groups:
             return None
         device = q.scale.device
         rows = WeightGroup.row_length(q) >= 8 if device.type == "cpu" and \
@@ -475,6 +476,13 @@ class WeightGroup:
         return True
 
 
+def _source_of(quantizer: nn.Module) -> None:
+    """A quantizer unpickled from a version before scale sources gets its source."""
+    if "source" not in quantizer.__dict__:
+        quantizer.source = scales.for_quantizer(quantizer.spec.scale,
+                                                quantizer.method.learns_scale)
+
+
 def _dense(size: list[int], stride: list[int]) -> bool:
     """Whether a tensor of these sizes and strides is contiguous (size-1 dimensions
     ignored, as torch does)."""
@@ -574,13 +582,14 @@ class ActQuantizer(nn.Module):
         super().__init__()
         self.spec = spec
         self.method: Method = methods.get(spec.method)
+        self.source = scales.for_quantizer(spec.scale, self.method.learns_scale)
         self.name = name
         # Python mirror of the ``signed`` buffer (-1: unknown), so forward never syncs.
         self._signed = -1 if spec.signed is None else int(spec.signed)
         self.register_buffer("signed", torch.tensor(self._signed, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        if self.method.learns_scale:  # the learned scale (``scale``: where it started)
+        if self.source.learned:  # the learned scale (``scale``: where it started)
             # one element, not a scalar: FSDP2 shards no 0-d Parameter
             self.step = nn.Parameter(torch.ones(1))
         # telemetry: training inputs at the grid's ends, and all seen (device-side counts)
@@ -591,6 +600,10 @@ class ActQuantizer(nn.Module):
         self._stats: ActStatistics | None = None
         self._pending: Tensor | None = None
         self._count_pending = False  # the settle counts the sample's inputs at the ends
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        _source_of(self)
 
     def extra_repr(self) -> str:
         return f"bits={self.spec.bits}, method={self.spec.method}, scale={self.spec.scale}"
@@ -629,16 +642,15 @@ class ActQuantizer(nn.Module):
             self._stats.settle()
 
     def _batch_scale(self, x: Tensor, signed: bool) -> Tensor:
-        if self.spec.scale == "minmax" and not F.is_sign(self.spec.bits, signed):
-            return F.minmax(x, self.spec.bits, signed=signed, full=True)[1].reshape(())
-        if self.spec.sample is not None:
-            x = F.strided_sample(x, self.spec.sample)
-        if F.is_sign(self.spec.bits, signed):
-            return F.binarize(x, fixed=True)[1].reshape(())
-        warm = torch.where(self.initialized, self.scale, torch.zeros_like(self.scale))
-        _, scale = F.ppq(x, self.spec.bits, signed=signed, max_iter=self.spec.max_iter,
-                         scale=warm, fixed=True, full=True)
-        return scale.reshape(())
+        """This batch's scale, from the quantizer's source (a sign grid: the sample's
+        mean magnitude)."""
+        s = self.spec
+        if F.is_sign(s.bits, signed):
+            sample = x if s.sample is None else F.strided_sample(x, s.sample)
+            return F.binarize(sample, fixed=True)[1].reshape(())
+        warm = torch.where(self.initialized, self.scale, torch.zeros_like(self.scale)) \
+            if self.source.warm_start else self.scale  # (from the EMA once there is one)
+        return self.source.batch(x, s.bits, signed, warm, s.max_iter, s.sample)
 
     def forward(self, x: Tensor, alpha: Tensor) -> Tensor:
         signed = self._signed
@@ -648,7 +660,7 @@ class ActQuantizer(nn.Module):
                 self._signed = signed
                 self.signed.fill_(signed)
         signed = bool(signed)
-        if self.method.learns_scale and not F.is_sign(self.spec.bits, signed) and \
+        if self.source.learned and not F.is_sign(self.spec.bits, signed) and \
                 (self.training or self._lsq_ready):  # untrained eval: the batch scale below
             return torch.lerp(x, self._lsq(x, signed), alpha.to(x.dtype))
         deferred = self.training and self._defers(signed)
@@ -714,7 +726,7 @@ class ActQuantizer(nn.Module):
         signed = self.is_signed if signed is None else signed
         if F.is_sign(self.spec.bits, signed):
             return "sign"
-        if self.method.learns_scale:
+        if self.source.learned:
             return "lsq"
         policy = F.execution()
         if F.fuses_on(device):
@@ -739,7 +751,7 @@ class ActQuantizer(nn.Module):
         side effect (:meth:`_defers` settles)."""
         signed = self.is_signed if signed is None else signed
         return self._stats is not None and self.spec.sample is not None and \
-            self.spec.scale == "ppq" and not F.is_sign(self.spec.bits, signed)
+            self.source.defers and not F.is_sign(self.spec.bits, signed)
 
     def _defers(self, signed: bool) -> bool:
         """Whether this training batch's statistic waits for :meth:`ActStatistics.settle`:
@@ -809,7 +821,7 @@ class ActQuantizer(nn.Module):
     def current_scale(self) -> Tensor:
         """The scale evaluation quantizes with now: ``|step|`` for LSQ (which the ``scale``
         buffer keeps the PPQ scale it started from), else the EMA ``scale``."""
-        if self.method.learns_scale and not F.is_sign(self.spec.bits, self.is_signed):
+        if self.source.learned and not F.is_sign(self.spec.bits, self.is_signed):
             return self.step.detach().abs().clamp_min(
                 torch.finfo(self.step.dtype).tiny).reshape(())
         return self.scale

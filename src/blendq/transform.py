@@ -512,11 +512,11 @@ def calibrate(model: nn.Module, batches: Iterable,
             raise ValueError(f"activation quantizer {q.name or '<unnamed>'} saw no batch: "
                              "the calibration batches never reach it")
         scales = torch.stack(seen)
-        scale = scales.amax(0) if q.spec.scale == "minmax" else scales.mean(0)
+        scale = q.source.calibrated(scales)  # PPQ: the mean; min/max: the largest
         q.scale.copy_(scale)
         q.initialized.fill_(True)
         q._initialized = True
-        if q.method.learns_scale:
+        if q.source.learned:
             q.step.copy_(scale.reshape(q.step.shape))
             q._lsq_started = True
     return count
