@@ -477,3 +477,46 @@ def test_step_op_count_grows_by_a_small_constant_per_quantized_layer(method, per
     plain = _step_ops(20, None) - _step_ops(10, None)
     quantized = _step_ops(20, method) - _step_ops(10, method)
     assert quantized - plain == 10 * per_layer, (quantized, plain)
+
+
+@pytest.mark.parametrize(("net", "policy"), [
+    ("binarynet", dict(w_bits=1, a_bits=1, first_layer=(1, None), method="ab")),
+    ("binarynet", dict(w_bits=1, a_bits=1, first_layer=(1, None), method="ste")),
+    ("fmnist_cnn", dict(w_bits=4, a_bits=4, per_channel=True, method="ste", scale="minmax")),
+])
+def test_fused_layers_projected_alone_train_as_the_eager_path(net, policy, monkeypatch):
+    """Sign activations (the EMA of the batch's mean magnitude, the value, the mask) and
+    weights projected alone (sign, min/max ranges) on the fused path: several training
+    steps under a controller equal the eager path's bit for bit (losses, parameters,
+    every buffer)."""
+    def run(fused):
+        monkeypatch.setattr(blendq.functional, "_EXECUTION", blendq.Execution(
+            fused=fused, cpu_native=False))
+        torch.manual_seed(0)
+        kwargs = dict(image_size=32, width=0.125) if net == "binarynet" else \
+            dict(in_channels=1, width=8)
+        model = blendq.prepare(build_model(net, **kwargs), blendq.QuantPolicy(**policy))
+        controller = blendq.AlphaController(model, blendq.linear(0, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        model.train()
+        side, channels = (32, 3) if net == "binarynet" else (28, 1)
+        losses = []
+        for step in range(4):
+            controller.step(step)
+            x = torch.randn(8, channels, side, side, generator=torch.Generator().manual_seed(step))
+            loss = model(x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        if fused:
+            paths = {a.path("cpu", training=True) for a in
+                     blendq.transform._act_quantizers(model)}
+            assert ("fused-sign" if net == "binarynet" else "fused") in paths
+        return losses, model.state_dict()
+
+    (loss0, state0), (loss1, state1) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(loss0, loss1, strict=True))
+    assert state0.keys() == state1.keys()
+    assert all(torch.equal(state0[k], state1[k]) for k in state0), \
+        [k for k in state0 if not torch.equal(state0[k], state1[k])]

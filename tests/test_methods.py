@@ -164,7 +164,8 @@ def test_the_execution_policy_chooses_each_quantizers_path_in_one_place():
     assert F.execution() == blendq.Execution()
     assert ste.path("cpu") == "cpu-native" and ste.path("cuda") == "fused"
     assert ste.path("cpu", deferred=False) == "eager" and ste.path("cpu", torch.half) == "eager"
-    assert lsq.path("cuda") == "lsq" and sign.path("cuda") == "sign"
+    assert lsq.path("cuda") == "lsq" and sign.path("cuda") == "fused-sign"
+    assert sign.path("cuda", training=False) == sign.path("cpu") == "sign"
     with blendq.execution_policy(fused=True, cpu_native=False) as policy:
         assert policy == F.execution() == blendq.Execution(fused=True, cpu_native=False)
         assert ste.path("cpu") == "fused"

@@ -25,7 +25,7 @@ __all__ = ["NONE_WORDS", "SCALES", "check_bits", "check_scale", "grid", "minmax"
            "ppq_segments", "segment_index", "segment_sum",
            "search_scale", "binarize", "quantize", "blend", "straight_through", "check_finite",
            "round_bias", "strided_sample", "straight_through_fake_quantize", "pack_codes",
-           "unpack_codes", "fake_quantize", "blend_weight", "blend_bias", "Execution",
+           "unpack_codes", "fake_quantize", "fake_sign", "blend_weight", "blend_bias", "Execution",
            "execution", "set_execution", "execution_policy"]
 
 _ZERO_SCALE = 1.0  # scale given to an all-zero tensor or slice: any positive value is exact
@@ -623,6 +623,69 @@ def _blend_bias_op(bias: Tensor, w_scale: Tensor, a_scale: Tensor, alpha: Tensor
     rounded = round_bias(bias, unit).to(bias.dtype)
     value = torch.lerp(bias, rounded, alpha.to(bias.dtype))
     return bias + (value - bias) if ste else value
+
+
+def _sign_math(x: Tensor, scale: Tensor, initialized: Tensor, alpha: Tensor, momentum: float,
+               sample: int, update: bool, ste: bool) -> tuple[Tensor, Tensor]:
+    """A sign activation's training step as the eager path computes it: with ``update``
+    the batch's scale (the mean magnitude of its strided sample, :func:`binarize`) into
+    the EMA ``scale`` (in place, ``initialized`` set), then ``lerp(x, sign(x)·scale, α)``
+    and the straight-through mask ``-1 <= x <= 1`` (empty for AB)."""
+    if update:
+        part = strided_sample(x, sample) if sample else x
+        batch = binarize(part, fixed=True)[1].reshape(()).to(scale.dtype)
+        ema = torch.where(initialized, momentum * scale + (1 - momentum) * batch, batch)
+        scale.copy_(ema)
+        initialized.fill_(True)
+    xq = torch.where(x >= 0, 1.0, -1.0).to(x.dtype).mul_(scale.to(x.dtype))
+    value = torch.lerp(x, xq, alpha.to(x.dtype))
+    mask = torch.ge(x, -1.0) & torch.le(x, 1.0) if ste else x.new_empty(0, dtype=torch.bool)
+    return value, mask
+
+
+@functools.cache
+def _fused_sign():
+    """:func:`_sign_math` compiled once (dynamic shapes) for CUDA."""
+    return torch.compile(_sign_math, dynamic=True)
+
+
+@torch.library.custom_op("blendq::fake_sign", mutates_args=("scale", "initialized"))
+def _fake_sign_op(x: Tensor, scale: Tensor, initialized: Tensor, alpha: Tensor,
+                  momentum: float, sample: int, update: bool, ste: bool
+                  ) -> tuple[Tensor, Tensor]:
+    """:func:`_sign_math` in one operation (one compiled function on CUDA)."""
+    return (_fused_sign() if _on_gpu(x) else _sign_math)(x, scale, initialized, alpha,
+                                                         momentum, sample, update, ste)
+
+
+class _FakeSign(torch.autograd.Function):
+    """A sign activation in one operation each way (:func:`_fake_sign_op`, then
+    :func:`_fake_quant_backward_op`)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, initialized, alpha, momentum, sample, update, ste):
+        value, mask = torch.ops.blendq.fake_sign(x, scale, initialized, alpha, momentum,
+                                                 sample, update, ste)
+        ctx.ste = ste
+        ctx.save_for_backward(mask if ste else alpha)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        (saved,) = ctx.saved_tensors
+        grad = torch.ops.blendq.fake_quant_backward(grad, saved, ctx.ste)
+        return grad, None, None, None, None, None, None, None
+
+
+def fake_sign(x: Tensor, scale: Tensor, initialized: Tensor, alpha: Tensor, rule: str,
+              momentum: float, sample: int | None, update: bool) -> Tensor:
+    """The fused path of a sign activation (±scale) in training: with ``update`` the
+    batch's mean magnitude (on a strided sample of about ``sample`` elements) into the EMA
+    ``scale`` in place, then ``lerp(x, sign(x)·scale, α)`` with the gradient of ``rule``
+    (``"ste"``: passed where ``|x| <= 1``; ``"ab"``: ``(1 - α)``); one operation each
+    way, equal bit for bit to the eager path."""
+    return _FakeSign.apply(x, scale, initialized, alpha, momentum, sample or 0, update,
+                           rule == "ste")
 
 
 class _FakeQuant(torch.autograd.Function):

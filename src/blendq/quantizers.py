@@ -12,6 +12,7 @@ steps.)
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -228,9 +229,17 @@ class WeightQuantizer(nn.Module):
 
     def _refresh(self, w: Tensor) -> None:
         """Bring the training codes and scale up to date for ``w`` (due every
-        ``quant_every`` steps, or already done by the group)."""
+        ``quant_every`` steps, or already done by the group); on the fused path a layer
+        projected alone is one operation (:func:`_refresh_op`)."""
         if self.grouped:  # projected with its group (one flat PPQ for many layers)
             self.grouped = False
+        elif (self.stale or self.spec.quant_every == 1) and self._ready and self.fuses(w):
+            s = self.spec
+            torch.ops.blendq.refresh_weight(
+                w.detach(), self.codes, self.scale, self.nonfinite, s.bits,
+                self.axis if s.per_channel else -1, self.source.name, s.binary_scale,
+                s.max_iter, s.init_iter)
+            self.stale = False
         elif self.stale or self.spec.quant_every == 1:
             codes, scale = self.project(w)
             self.codes.copy_(codes)
@@ -309,6 +318,40 @@ class WeightQuantizer(nn.Module):
         self._ready = bool(self.ready)
         self.stale = not self._ready  # a resumed run goes on with the saved codes
         self._eval = None
+
+
+def _refresh_math(w: Tensor, codes: Tensor, scale: Tensor, nonfinite: Tensor, bits: int,
+                  axis: int, source: str, binary_scale: bool, max_iter: int,
+                  init_iter: int) -> None:
+    """A training refresh of one layer's codes and scale, in place, as
+    :meth:`WeightQuantizer.project` computes it once the layer has its first projection
+    (``axis``: -1 for one scale; a non-finite weight raises the flag, read later)."""
+    nonfinite.logical_or_(~torch.isfinite(w).all())
+    ax = None if axis < 0 else axis
+    if bits == 1:
+        new_codes, new_scale = F.binarize(w, axis=ax, scaled=binary_scale, fixed=True)
+    else:
+        new_codes, new_scale = scales.get(source).weight(w, bits, ax, scale, max_iter,
+                                                          init_iter)
+    codes.copy_(new_codes)
+    scale.copy_(new_scale)
+
+
+@functools.cache
+def _fused_refresh():
+    """:func:`_refresh_math` compiled once (dynamic shapes) for CUDA."""
+    return torch.compile(_refresh_math, dynamic=True)
+
+
+@torch.library.custom_op("blendq::refresh_weight", mutates_args=("codes", "scale", "nonfinite"))
+def _refresh_op(w: Tensor, codes: Tensor, scale: Tensor, nonfinite: Tensor, bits: int,
+                axis: int, source: str, binary_scale: bool, max_iter: int,
+                init_iter: int) -> None:
+    """:func:`_refresh_math` in one operation (one compiled function on CUDA): the fused
+    path's refresh of a layer projected alone (sign weights, min/max ranges, a layer
+    without a group)."""
+    impl = _fused_refresh() if w.device.type == "cuda" else _refresh_math
+    impl(w, codes, scale, nonfinite, bits, axis, source, binary_scale, max_iter, init_iter)
 
 
 class WeightGroup:
@@ -555,11 +598,17 @@ def _at_grid_ends(codes: Tensor, bits: int, signed: bool) -> Tensor:
     return at_ends
 
 
+def _distributed() -> bool:
+    """Whether this process is one of several ranks of a distributed run."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _mean_over_ranks(value: Tensor) -> Tensor:
     """``value`` averaged over the ranks of a distributed run (as SyncBatchNorm combines
     batch statistics), so every rank's EMA scale follows every rank's batches."""
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         value = value.clone()
         dist.all_reduce(value)
         value /= dist.get_world_size()
@@ -665,7 +714,11 @@ class ActQuantizer(nn.Module):
             return torch.lerp(x, self._lsq(x, signed), alpha.to(x.dtype))
         deferred = self.training and self._defers(signed)
         path = self.path(x.device, x.dtype, signed, deferred,
-                         x.requires_grad and torch.is_grad_enabled())
+                         x.requires_grad and torch.is_grad_enabled(), self.training)
+        if path == "fused-sign":
+            self._initialized = True  # (the operator sets ``initialized`` on the device)
+            return F.fake_sign(x, self.scale, self.initialized, alpha, self.method.kernel,
+                               self.spec.momentum, self.spec.sample, update=True)
         fused = path == "fused"  # one operation each way
         if self.training:
             if deferred and not fused:  # quantized with the EMA as it stands; the
@@ -698,7 +751,8 @@ class ActQuantizer(nn.Module):
         return self.method.mix(x, xq, alpha, lo, hi)
 
     def path(self, device: torch.device | str, dtype: torch.dtype = torch.float32,
-             signed: bool | None = None, deferred: bool = True, recorded: bool = True) -> str:
+             signed: bool | None = None, deferred: bool = True, recorded: bool = True,
+             training: bool = True) -> str:
         """The path a batch on ``device`` takes through this quantizer, decided here alone
         from the execution policy (:class:`blendq.functional.Execution`), the method and
         the batch (``deferred``: its statistic waits for the settle; ``recorded``: autograd
@@ -706,6 +760,10 @@ class ActQuantizer(nn.Module):
 
         - ``"lsq"``: a learned step, LSQ's own value and gradient (once trained or
           training; an untrained one evaluates with the batch scale, eagerly);
+        - ``"fused-sign"``: a sign grid in training where the policy puts the fused
+          kernel, one operation each way (:func:`blendq.functional.fake_sign`: the batch
+          statistic into the EMA, the value, the mask); not in a distributed run, whose
+          statistic is averaged over the ranks;
         - ``"sign"``: a sign grid, eagerly (hardtanh-shaped gradient);
         - ``"fused"``: the fused kernel (:func:`blendq.functional.fake_quantize`), where
           the policy puts it and the kernel computes the method's value and gradient
@@ -725,7 +783,9 @@ class ActQuantizer(nn.Module):
         device = torch.device(device)
         signed = self.is_signed if signed is None else signed
         if F.is_sign(self.spec.bits, signed):
-            return "sign"
+            fused = training and F.fuses_on(device) and self.method.kernel is not None and \
+                not _distributed()  # (the batch statistic is averaged over ranks eagerly)
+            return "fused-sign" if fused else "sign"
         if self.source.learned:
             return "lsq"
         policy = F.execution()
