@@ -248,9 +248,10 @@ def _readers(graph) -> dict[str, list]:
 def _hoist_quantize(model) -> int:
     """Move each QuantizeLinear back across the operations between it and the value they
     start from that commute with it, where every value on the way has one reader: max
-    pooling and zero padding (they then work on the 8-bit codes), and a Relu or Clip
-    that the quantizer's own clamping makes redundant (a Relu before an unsigned grid
-    with zero point 0; ReLU6 where the grid ends below 6). ``V -> Relu -> Pad -> Q -> DQ``
+    pooling, zero padding and a clamp to bounds on the grid (they then work on the 8-bit
+    codes: a 4-bit grid's clamp in uint8), and a Relu or Clip that the quantizer's own
+    clamping makes redundant (a Relu before an unsigned grid with zero point 0; ReLU6
+    where the grid ends below 6). ``V -> Relu -> Pad -> Q -> DQ``
     becomes ``V -> Q -> Pad' -> DQ``. The
     values are the same; the Q then sits right after the convolution, the pattern ONNX
     Runtime fuses into QLinearConv. Returns the number of moves."""
@@ -290,12 +291,17 @@ def _hoist_quantize(model) -> int:
             for a, b in zip(kept, kept[1:], strict=False):
                 b.input[0] = a.output[0]
             for node in kept:
-                _to_codes(graph, node, zp)
+                _to_codes(graph, node, zp, float(scale), consts)
         moves += 1
     if moves:  # types and shapes of moved values changed: let shape inference redo them
         del graph.value_info[:]
     for node in dropped:
         graph.node.remove(node)
+    if moves:  # constants only the moved or dropped clamps read (their float bounds)
+        read = {name for node in graph.node for name in node.input} | outputs | \
+            {i.name for i in graph.input}
+        for init in [t for t in graph.initializer if t.name not in read]:
+            graph.initializer.remove(init)
     _topological_sort(graph)
     return moves
 
@@ -319,7 +325,15 @@ def _commutes(node, zp, scale: float, consts) -> str | None:
             return None
         low_ok = not lo or np.round(float(consts[lo]) / scale) + int(zp) <= info.min
         high_ok = not hi or np.round(float(consts[hi]) / scale) + int(zp) >= info.max
-        return "drop" if low_ok and high_ok else None
+        if low_ok and high_ok:
+            return "drop"
+        # bounds on the grid (a grid narrower than the codes' type, 4 bits in uint8): the
+        # clamp moves behind the quantizer onto the codes, which leaves the convolution
+        # before it followed by its QuantizeLinear (what ONNX Runtime fuses); exact, as
+        # rounding is monotone and each bound is a whole number of steps
+        steps = [float(consts[b]) / scale for b in (lo, hi) if b]
+        on_grid = all(abs(k - round(k)) < 1e-3 for k in steps)
+        return "keep" if on_grid else None
     if node.op_type == "Pad":
         mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
         value = node.input[2] if len(node.input) > 2 else ""
@@ -330,11 +344,21 @@ def _commutes(node, zp, scale: float, consts) -> str | None:
     return None
 
 
-def _to_codes(graph, node, zp) -> None:
-    """A Pad now working on codes fills with the zero point (in the codes' type)."""
+def _to_codes(graph, node, zp, scale: float = 1.0, consts: dict | None = None) -> None:
+    """A Pad now working on codes fills with the zero point, a Clip clamps to its bounds'
+    codes (in the codes' type)."""
     import numpy as np
     from onnx import numpy_helper
 
+    if node.op_type == "Clip":
+        for k in (1, 2):
+            if len(node.input) > k and node.input[k]:
+                code = int(round(float(consts[node.input[k]]) / scale)) + int(zp)
+                name = f"{node.name or node.output[0]}.bound{k}"
+                graph.initializer.append(numpy_helper.from_array(
+                    np.array(code, dtype=zp.dtype), name))
+                node.input[k] = name
+        return
     if node.op_type != "Pad":
         return
     while len(node.input) < 3:
