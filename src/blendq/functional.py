@@ -727,42 +727,24 @@ class _FakeQuant(torch.autograd.Function):
 _NO_COUNT = torch.zeros(())  # counters of a batch that counts nothing (never written)
 
 
-class _BlendWeight(torch.autograd.Function):
-    """A weight's training value ``lerp(w, scale·codes, α)`` in one operation each way:
-    AB's gradient ``(1 - α)·grad``, or straight through (STE: passed unchanged, no
-    operation)."""
+class _Blended(torch.autograd.Function):
+    """A parameter's training value computed by one operator ``op(x, *rest)`` (the
+    weight's or the rounded bias's blend), with AB's gradient ``(1 - α)·grad`` (one
+    operation) or straight through (STE: passed unchanged, no operation)."""
 
     @staticmethod
-    def forward(ctx, w, codes, scale, alpha, ste):
-        ctx.ste = ste
+    def forward(ctx, x, alpha, ste, op, *rest):
+        ctx.ste, ctx.inputs = ste, len(rest)
         if not ste:
             ctx.save_for_backward(alpha)
-        return torch.ops.blendq.blend_weight(w, codes, scale, alpha)
+        return op(x, *rest)
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.ste:
-            return grad, None, None, None, None
-        (alpha,) = ctx.saved_tensors
-        return torch.ops.blendq.scale_gradient(grad, alpha), None, None, None, None
-
-
-class _BlendBias(torch.autograd.Function):
-    """:func:`_blend_bias_op` with AB's gradient ``(1 - α)·grad`` or straight through."""
-
-    @staticmethod
-    def forward(ctx, bias, w_scale, a_scale, alpha, ste):
-        ctx.ste = ste
-        if not ste:
-            ctx.save_for_backward(alpha)
-        return torch.ops.blendq.blend_bias(bias, w_scale, a_scale, alpha, ste)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.ste:
-            return grad, None, None, None, None
-        (alpha,) = ctx.saved_tensors
-        return torch.ops.blendq.scale_gradient(grad, alpha), None, None, None, None
+        if not ctx.ste:
+            (alpha,) = ctx.saved_tensors
+            grad = torch.ops.blendq.scale_gradient(grad, alpha)
+        return (grad, None, None, None) + (None,) * ctx.inputs
 
 
 def blend_bias(bias: Tensor, w_scale: Tensor, a_scale: Tensor, alpha: Tensor,
@@ -771,7 +753,9 @@ def blend_bias(bias: Tensor, w_scale: Tensor, a_scale: Tensor, alpha: Tensor,
     ``γ_w·γ_a`` (:func:`round_bias`) and blended by ``α`` in one operation forward and
     at most one backward, with the gradient of ``rule`` (``"ab"``: ``(1 - α)``;
     ``"ste"``: straight through), equal bit for bit to the eager path."""
-    return _BlendBias.apply(bias, w_scale, a_scale, alpha, rule == "ste")
+    ste = rule == "ste"
+    return _Blended.apply(bias, alpha, ste, torch.ops.blendq.blend_bias, w_scale, a_scale,
+                          alpha, ste)
 
 
 def blend_weight(w: Tensor, codes: Tensor, scale: Tensor, alpha: Tensor, rule: str) -> Tensor:
@@ -779,7 +763,8 @@ def blend_weight(w: Tensor, codes: Tensor, scale: Tensor, alpha: Tensor, rule: s
     broadcastable to ``codes``) in one operation forward and at most one backward, with
     the gradient of ``rule`` (``"ab"``: ``(1 - α)``; ``"ste"``: straight through), equal
     bit for bit to the eager path's value and gradient."""
-    return _BlendWeight.apply(w, codes, scale, alpha, rule == "ste")
+    return _Blended.apply(w, alpha, rule == "ste", torch.ops.blendq.blend_weight, codes, scale,
+                          alpha)
 
 
 def fake_quantize(x: Tensor, scale: Tensor, alpha: Tensor, bits: int, signed: bool,
