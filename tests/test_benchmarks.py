@@ -121,6 +121,11 @@ def test_paper_tables_script_runs_verifies_resumes_and_reports(tmp_path):
     assert (tmp_path / "out" / "rows.jsonl").read_text() == before
     (line,) = (tmp_path / "out" / "reverified.jsonl").read_text().splitlines()
     assert json.loads(line)["column"] == "AB per channel" and json.loads(line)["verified"]
+    # where ORT and the α = 1 model part: each optimisation level, its kernels
+    out = _run("ort_levels.py", str(tmp_path / "out" / "mobilenet-v1-0-25" / "4-4" /
+                                    "ab-per-channel" / "s1"), "--images", "32")
+    levels = [line.split()[0] for line in out.splitlines()[2:]]
+    assert levels == ["disable", "basic", "extended", "all"] and "QLinearConv" in out
 
 
 def test_lm_int4_script_trains_a_llama_in_smoke_mode(tmp_path):

@@ -352,3 +352,45 @@ def test_batch_norm_without_running_statistics_exports():
         4, track_running_stats=False), nn.Flatten(), nn.Linear(144, 3)),
         blendq.QuantPolicy(w_bits=4, a_bits=8))
     _eval_equals_export(model, torch.randn(4, 3, 8, 8))
+
+
+@pytest.mark.parametrize(("lo", "hi", "dtype", "moved"), [
+    (-10.0, 0.5, "int8", True),  # lower bound beyond the codes: dropped, upper on grid
+    (-float("inf"), 0.15, "uint8", True),  # an infinite bound, the other on grid
+    (0.0, 0.15, "uint8", True),  # a 4-bit grid's clamp in uint8
+    (0.0, 0.155, "uint8", False),  # a bound between steps stays where it is
+    (-2.0, 2.0, "int8", False),  # both beyond the codes: the clamp is the quantizer's
+])
+def test_a_clamp_moves_onto_the_codes_only_where_exact(lo, hi, dtype, moved):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from blendq.export.onnx import _hoist_quantize
+
+    inits = [numpy_helper.from_array(np.array(v, dtype=np.float32), n)
+             for n, v in (("lo", lo), ("hi", hi), ("s", 0.01))]
+    inits.append(numpy_helper.from_array(np.array(0, dtype=dtype), "zp"))
+    graph = helper.make_graph(
+        [helper.make_node("Clip", ["x", "lo", "hi"], ["c"], name="clip"),
+         helper.make_node("QuantizeLinear", ["c", "s", "zp"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    x = np.linspace(-3, 3, 64, dtype=np.float32)
+
+    def run(m):
+        session = ort.InferenceSession(m.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})[0]
+
+    before = run(model)
+    assert _hoist_quantize(model) == (1 if moved or (lo, hi) == (-2.0, 2.0) else 0)
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops[0] == ("QuantizeLinear" if moved or "Clip" not in ops else "Clip")
+    assert np.array_equal(run(model), before)
+    assert {t.name for t in model.graph.initializer} >= {"s", "zp"}
+    assert not moved or not {"lo", "hi"} & {t.name for t in model.graph.initializer}

@@ -301,13 +301,13 @@ def _fake_quant_both(x, alpha, bits, signed, method):
     out = []
     for fused in (False, True):
         xx = x.clone().requires_grad_()
-        counters = (torch.zeros((), dtype=torch.float64), torch.zeros(())) if fused else None
         value, clipped = blendq.functional.fake_quantize(
-            xx, scale, torch.tensor(alpha), bits, signed, method, fused=fused,
-            counters=counters)
-        if fused:  # counted in place, with the batch's size
-            assert counters[1] == x.numel()
-            clipped = counters[0]
+            xx, scale, torch.tensor(alpha), bits, signed, method, fused=fused)
+        if fused:  # the quantizer's form: counted in place, with the batch's size
+            counters = (torch.zeros((), dtype=torch.float64), torch.zeros(()))
+            blendq.functional.fused_fake_quantize(x, scale, torch.tensor(alpha), bits,
+                                                  signed, method, counters=counters)
+            assert torch.equal(counters[0], clipped) and counters[1] == x.numel()
         value.backward(torch.linspace(-1, 1, value.numel()).reshape(value.shape))
         out.append((value.detach(), xx.grad, clipped))
     return out

@@ -25,8 +25,9 @@ __all__ = ["NONE_WORDS", "SCALES", "check_bits", "check_scale", "grid", "minmax"
            "ppq_segments", "segment_index", "segment_sum",
            "search_scale", "binarize", "quantize", "blend", "straight_through", "check_finite",
            "round_bias", "strided_sample", "straight_through_fake_quantize", "pack_codes",
-           "unpack_codes", "fake_quantize", "fake_sign", "blend_weight", "blend_bias", "Execution",
-           "execution", "set_execution", "execution_policy"]
+           "unpack_codes", "fake_quantize", "fused_fake_quantize", "fake_sign",
+           "blend_weight", "blend_bias", "Execution", "execution", "set_execution",
+           "execution_policy"]
 
 _ZERO_SCALE = 1.0  # scale given to an all-zero tensor or slice: any positive value is exact
 
@@ -643,19 +644,15 @@ def _sign_math(x: Tensor, scale: Tensor, initialized: Tensor, alpha: Tensor, mom
     return value, mask
 
 
-@functools.cache
-def _fused_sign():
-    """:func:`_sign_math` compiled once (dynamic shapes) for CUDA."""
-    return torch.compile(_sign_math, dynamic=True)
-
-
 @torch.library.custom_op("blendq::fake_sign", mutates_args=("scale", "initialized"))
 def _fake_sign_op(x: Tensor, scale: Tensor, initialized: Tensor, alpha: Tensor,
                   momentum: float, sample: int, update: bool, ste: bool
                   ) -> tuple[Tensor, Tensor]:
-    """:func:`_sign_math` in one operation (one compiled function on CUDA)."""
-    return (_fused_sign() if _on_gpu(x) else _sign_math)(x, scale, initialized, alpha,
-                                                         momentum, sample, update, ste)
+    """:func:`_sign_math` in one operation. Its body runs eagerly on every device (a
+    compiled body would sum the batch statistic and form the EMA in another order than
+    the eager path, so the scale state would drift from it): one dispatched operation,
+    a few kernels on CUDA until a compiled body is checked against it there."""
+    return _sign_math(x, scale, initialized, alpha, momentum, sample, update, ste)
 
 
 class _FakeSign(torch.autograd.Function):
@@ -768,28 +765,45 @@ def blend_weight(w: Tensor, codes: Tensor, scale: Tensor, alpha: Tensor, rule: s
 
 
 def fake_quantize(x: Tensor, scale: Tensor, alpha: Tensor, bits: int, signed: bool,
-                  method: str, fused: bool | None = None, full: bool = True,
-                  sample: int = 0, counters: tuple[Tensor, Tensor] | None = None
+                  method: str, fused: bool | None = None, full: bool = True
                   ) -> tuple[Tensor, Tensor]:
     """``(value, clipped)``: ``x`` on the grid at ``scale`` blended with ``x`` by ``alpha``,
     with the gradient of ``method`` (``"ste"``: passed where ``x`` lies within half a step
     of the grid, ``"ab"``: ``(1 - alpha)``), and the number of elements at the grid's
     ends (a float64 scalar on the device). ``fused``: one operation each way, one
     compiled kernel on CUDA (default: there, outside a graph torch.compile traces); else
-    the same math eagerly.
-
-    Fused only: ``counters`` (``clipped``, ``seen``) are added to in place (the count at
-    the ends, the batch's size) and the second result is instead a copy of the batch's
-    strided sample of about ``sample`` elements (:func:`strided_sample`; empty for 0)."""
-    if is_sign(bits, signed):
-        raise ValueError("fake_quantize takes grids of 2 or more levels; sign has its own")
+    the same math eagerly."""
     if fused is None:
         fused = fuses(x)
-    if not fused and (sample or counters is not None):
-        raise ValueError("sample and counters are the fused path's")
+    if not fused:
+        _check_grid(bits, signed)
+        qmin, qmax = grid(bits, signed, full)
+        return _FakeQuant.apply(x, scale, alpha, qmin, qmax, method == "ste", False, 0, None)
+    counters = (torch.zeros((), dtype=torch.float64, device=x.device),
+                torch.zeros((), device=x.device))
+    value, _ = fused_fake_quantize(x, scale, alpha, bits, signed, method, full, 0, counters)
+    return value, counters[0]
+
+
+def fused_fake_quantize(x: Tensor, scale: Tensor, alpha: Tensor, bits: int, signed: bool,
+                        method: str, full: bool = True, sample: int = 0,
+                        counters: tuple[Tensor, Tensor] | None = None
+                        ) -> tuple[Tensor, Tensor]:
+    """``(value, kept)``: :func:`fake_quantize`'s value on the fused path, one operation
+    each way (what an activation quantizer runs in training there); ``counters``
+    (``clipped``, ``seen``) are added to in place (the count at the grid's ends, the
+    batch's size; ``None``: nothing counted), and ``kept`` is a copy of the batch's
+    strided sample of about ``sample`` elements in float32 or wider
+    (:func:`strided_sample`; empty for 0)."""
+    _check_grid(bits, signed)
     qmin, qmax = grid(bits, signed, full)
-    return _FakeQuant.apply(x, scale, alpha, qmin, qmax, method == "ste", fused, sample,
+    return _FakeQuant.apply(x, scale, alpha, qmin, qmax, method == "ste", True, sample,
                             counters)
+
+
+def _check_grid(bits: int, signed: bool) -> None:
+    if is_sign(bits, signed):
+        raise ValueError("fake_quantize takes grids of 2 or more levels; sign has its own")
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:

@@ -720,11 +720,12 @@ class BiasRounding:
         if t.dim() == 1 and len(t) == count:
             return t
         key = (t.data_ptr(), t.shape, t.stride(), count)
-        kept = self._views.get(id(t))
+        views = self.__dict__.setdefault("_views", {})  # (a group pickled before them)
+        kept = views.get(id(t))
         if kept is None or kept[0] != key or kept[1] is not t:
             flat = t.reshape(-1)
-            kept = self._views[id(t)] = (key, t, flat if len(flat) == count else
-                                         flat.expand(count))
+            kept = views[id(t)] = (key, t, flat if len(flat) == count else
+                                   flat.expand(count))
         return kept[2]
 
     def _deltas(self, norms: list[_FoldedBatchNorm], device: torch.device) -> Tensor:

@@ -12,7 +12,6 @@ steps.)
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -337,21 +336,16 @@ def _refresh_math(w: Tensor, codes: Tensor, scale: Tensor, nonfinite: Tensor, bi
     scale.copy_(new_scale)
 
 
-@functools.cache
-def _fused_refresh():
-    """:func:`_refresh_math` compiled once (dynamic shapes) for CUDA."""
-    return torch.compile(_refresh_math, dynamic=True)
-
-
 @torch.library.custom_op("blendq::refresh_weight", mutates_args=("codes", "scale", "nonfinite"))
 def _refresh_op(w: Tensor, codes: Tensor, scale: Tensor, nonfinite: Tensor, bits: int,
                 axis: int, source: str, binary_scale: bool, max_iter: int,
                 init_iter: int) -> None:
-    """:func:`_refresh_math` in one operation (one compiled function on CUDA): the fused
-    path's refresh of a layer projected alone (sign weights, min/max ranges, a layer
-    without a group)."""
-    impl = _fused_refresh() if w.device.type == "cuda" else _refresh_math
-    impl(w, codes, scale, nonfinite, bits, axis, source, binary_scale, max_iter, init_iter)
+    """:func:`_refresh_math` in one operation: the fused path's refresh of a layer
+    projected alone (sign weights, min/max ranges, a layer without a group). Its body
+    runs eagerly on every device (compiled, PPQ's and the mean's reductions would round
+    otherwise than the eager path): one dispatched operation, a few kernels on CUDA."""
+    _refresh_math(w, codes, scale, nonfinite, bits, axis, source, binary_scale, max_iter,
+                  init_iter)
 
 
 class WeightGroup:
@@ -732,8 +726,8 @@ class ActQuantizer(nn.Module):
             scale = self._batch_scale(x.detach(), signed)
         if fused:  # the sample a deferred statistic keeps, taken by the same operation
             counting = self.training
-            value, kept = F.fake_quantize(
-                x, scale, alpha, self.spec.bits, signed, self.method.kernel, fused=True,
+            value, kept = F.fused_fake_quantize(
+                x, scale, alpha, self.spec.bits, signed, self.method.kernel,
                 sample=self.spec.sample if counting and deferred else 0,
                 counters=(self.clipped, self.seen) if counting else None)
             if counting and deferred:  # counted whole by the kernel
@@ -1008,7 +1002,8 @@ class ActStatistics:
             where = None if len(idx) == len(pending) else self._on_device(tuple(idx),
                                                                             used.device)
             x = _padded_rows([samples[i] for i in idx],
-                             self._on_device((0.0,) * _CHUNK, used.device, dtype), self._pads)
+                             self._on_device((0.0,) * _CHUNK, used.device, dtype),
+                             self.__dict__.setdefault("_pads", {}))
             start = used if where is None else used[where]
             _, scale = F.ppq_segments(x, rows, bits, start.to(x.dtype), max_iter,
                                       signed=signed, full=True)

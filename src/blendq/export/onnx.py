@@ -264,7 +264,7 @@ def _hoist_quantize(model) -> int:
     producer = {o: n for n in graph.node for o in n.output}
     readers = _readers(graph)
     outputs = {o.name for o in graph.output}
-    moves, dropped = 0, []
+    moves, dropped, unread = 0, [], []
     for q in [n for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) == 3]:
         zp, scale = consts.get(q.input[2]), consts.get(q.input[1])
         if zp is None or scale is None or zp.size != 1 or scale.size != 1:
@@ -291,19 +291,37 @@ def _hoist_quantize(model) -> int:
             for a, b in zip(kept, kept[1:], strict=False):
                 b.input[0] = a.output[0]
             for node in kept:
-                _to_codes(graph, node, zp, float(scale), consts)
+                unread += _to_codes(graph, node, zp, float(scale), consts)
         moves += 1
     if moves:  # types and shapes of moved values changed: let shape inference redo them
         del graph.value_info[:]
     for node in dropped:
         graph.node.remove(node)
-    if moves:  # constants only the moved or dropped clamps read (their float bounds)
-        read = {name for node in graph.node for name in node.input} | outputs | \
-            {i.name for i in graph.input}
-        for init in [t for t in graph.initializer if t.name not in read]:
-            graph.initializer.remove(init)
+        unread += list(node.input[1:])
+    # constants only the moved or dropped clamps read (their float bounds), where nothing
+    # else reads them (subgraphs included)
+    read = _names_read(graph) | outputs | {i.name for i in graph.input}
+    gone = set(unread) - read
+    for init in [t for t in graph.initializer if t.name in gone]:
+        graph.initializer.remove(init)
     _topological_sort(graph)
     return moves
+
+
+def _names_read(graph) -> set[str]:
+    """Every value name a node of ``graph`` or of its subgraphs reads."""
+    from onnx import AttributeProto
+
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                names |= _names_read(attr.g)
+            elif attr.type == AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    names |= _names_read(g)
+    return names
 
 
 def _commutes(node, zp, scale: float, consts) -> str | None:
@@ -311,7 +329,6 @@ def _commutes(node, zp, scale: float, consts) -> str | None:
     ``"keep"`` (max pooling, zero padding: they work on the codes), ``"drop"`` (a Relu
     before an unsigned grid with zero point 0, or a Clip whose bounds the quantizer's
     own range makes redundant), ``None`` (it does not commute: the move stops)."""
-    import numpy as np
 
     zero = not zp.any()
     if node.op_type == "MaxPool":
@@ -319,21 +336,15 @@ def _commutes(node, zp, scale: float, consts) -> str | None:
     if node.op_type == "Relu":
         return "drop" if zero and str(zp.dtype) == "uint8" else None
     if node.op_type == "Clip":
-        info = np.iinfo(zp.dtype)
-        lo, hi = (node.input[k] if len(node.input) > k else "" for k in (1, 2))
-        if any(b and (b not in consts or consts[b].size != 1) for b in (lo, hi)):
+        bounds = _clip_codes(node, zp, scale, consts)
+        if bounds is None:
             return None
-        low_ok = not lo or np.round(float(consts[lo]) / scale) + int(zp) <= info.min
-        high_ok = not hi or np.round(float(consts[hi]) / scale) + int(zp) >= info.max
-        if low_ok and high_ok:
-            return "drop"
-        # bounds on the grid (a grid narrower than the codes' type, 4 bits in uint8): the
-        # clamp moves behind the quantizer onto the codes, which leaves the convolution
-        # before it followed by its QuantizeLinear (what ONNX Runtime fuses); exact, as
-        # rounding is monotone and each bound is a whole number of steps
-        steps = [float(consts[b]) / scale for b in (lo, hi) if b]
-        on_grid = all(abs(k - round(k)) < 1e-3 for k in steps)
-        return "keep" if on_grid else None
+        # bounds beyond the codes' range: the quantizer's own clamping; bounds on the
+        # grid (a grid narrower than the codes' type, 4 bits in uint8): the clamp moves
+        # behind the quantizer onto the codes, which leaves the convolution before it
+        # followed by its QuantizeLinear (what ONNX Runtime fuses); exact, as rounding
+        # is monotone and each bound is a whole number of steps
+        return "drop" if all(code is None for code in bounds.values()) else "keep"
     if node.op_type == "Pad":
         mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
         value = node.input[2] if len(node.input) > 2 else ""
@@ -344,28 +355,66 @@ def _commutes(node, zp, scale: float, consts) -> str | None:
     return None
 
 
-def _to_codes(graph, node, zp, scale: float = 1.0, consts: dict | None = None) -> None:
+def _clip_codes(node, zp, scale: float, consts) -> dict[int, int | None] | None:
+    """A Clip's bounds (input index -> code) as a quantizer of zero point ``zp`` and
+    ``scale`` sees them: ``None`` for a bound its own clamping makes redundant (beyond
+    the codes' range, or infinite that way); the code of a bound on the grid; ``None``
+    for the whole where a bound is neither (or not a constant)."""
+    import math
+
+    import numpy as np
+
+    info, found = np.iinfo(zp.dtype), {}
+    for k, toward in ((1, -1), (2, 1)):
+        name = node.input[k] if len(node.input) > k else ""
+        if not name:
+            continue
+        if name not in consts or consts[name].size != 1:
+            return None
+        value = float(consts[name])
+        if math.isinf(value) and value * toward > 0:
+            found[k] = None
+            continue
+        if not math.isfinite(value):
+            return None
+        steps = value / scale
+        code = round(steps) + int(zp)
+        if (k == 1 and code <= info.min) or (k == 2 and code >= info.max):
+            found[k] = None
+        elif abs(steps - round(steps)) < 1e-3:
+            found[k] = code
+        else:
+            return None
+    return found
+
+
+def _to_codes(graph, node, zp, scale: float = 1.0, consts: dict | None = None) -> list:
     """A Pad now working on codes fills with the zero point, a Clip clamps to its bounds'
-    codes (in the codes' type)."""
+    codes (in the codes' type; a redundant bound left out). Returns the names of the
+    constants it no longer reads."""
     import numpy as np
     from onnx import numpy_helper
 
     if node.op_type == "Clip":
-        for k in (1, 2):
-            if len(node.input) > k and node.input[k]:
-                code = int(round(float(consts[node.input[k]]) / scale)) + int(zp)
-                name = f"{node.name or node.output[0]}.bound{k}"
+        replaced = []
+        for k, code in _clip_codes(node, zp, scale, consts).items():
+            replaced.append(node.input[k])
+            name = "" if code is None else f"{node.name or node.output[0]}.bound{k}"
+            if code is not None:
                 graph.initializer.append(numpy_helper.from_array(
                     np.array(code, dtype=zp.dtype), name))
-                node.input[k] = name
-        return
+            node.input[k] = name
+        while node.input and not node.input[-1]:
+            node.input.pop()
+        return replaced
     if node.op_type != "Pad":
-        return
+        return []
     while len(node.input) < 3:
         node.input.append("")
     name = f"{node.name or node.output[0]}.fill"
     graph.initializer.append(numpy_helper.from_array(np.array(int(zp), dtype=zp.dtype), name))
     node.input[2] = name
+    return []
 
 
 def _matmul_nbits(model, accuracy_level: int) -> int:
