@@ -638,7 +638,7 @@ def _sign_math(x: Tensor, scale: Tensor, initialized: Tensor, alpha: Tensor, mom
         ema = torch.where(initialized, momentum * scale + (1 - momentum) * batch, batch)
         scale.copy_(ema)
         initialized.fill_(True)
-    xq = torch.where(x >= 0, 1.0, -1.0).to(x.dtype).mul_(scale.to(x.dtype))
+    xq = quantize(x, scale, 1, signed=True).mul_(scale.to(x.dtype))
     value = torch.lerp(x, xq, alpha.to(x.dtype))
     mask = torch.ge(x, -1.0) & torch.le(x, 1.0) if ste else x.new_empty(0, dtype=torch.bool)
     return value, mask

@@ -538,18 +538,18 @@ class _FoldedBatchNorm:
 
     def forward(self, input: Tensor) -> Tensor:
         delta = None
+        stats = self.running_mean if self.running_mean is not None else input
+        dtype = (stats if self.bias is None else self.bias).dtype  # the parameters' (autocast)
         if self.normalises_producer(input):
             delta = self._buffers.get("deploy_delta")  # export of a pair it could not fold
             if delta is None:
-                stats = self.running_mean if self.running_mean is not None else input
-                delta = self.rounding_delta((stats if self.bias is None else self.bias).dtype)
+                delta = self.rounding_delta(dtype)
         if delta is None:
             return super().forward(input)
         # the rounding joins the batch norm's own shift (no extra pass over the output)
         self._check_input_dim(input)
-        stats = self.running_mean if self.running_mean is not None else input
-        shift = delta.to(stats.dtype) if self.bias is None else \
-            self.bias + delta.to(self.bias.dtype)  # in the parameters' dtype (autocast)
+        delta = delta.to(dtype)
+        shift = delta if self.bias is None else self.bias + delta
         return nn.functional.batch_norm(input, *self._statistics(), self.weight, shift,
                                         *self._normalisation())
 

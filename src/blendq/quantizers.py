@@ -232,19 +232,19 @@ class WeightQuantizer(nn.Module):
         projected alone is one operation (:func:`_refresh_op`)."""
         if self.grouped:  # projected with its group (one flat PPQ for many layers)
             self.grouped = False
-        elif (self.stale or self.spec.quant_every == 1) and self._ready and self.fuses(w):
-            s = self.spec
-            torch.ops.blendq.refresh_weight(
-                w.detach(), self.codes, self.scale, self.nonfinite, s.bits,
-                self.axis if s.per_channel else -1, self.source.name, s.binary_scale,
-                s.max_iter, s.init_iter)
-            self.stale = False
         elif self.stale or self.spec.quant_every == 1:
-            codes, scale = self.project(w)
-            self.codes.copy_(codes)
-            self.scale.copy_(scale)
-            self.ready.fill_(True)
-            self._ready = True
+            if self._ready and self.fuses(w):
+                s = self.spec
+                torch.ops.blendq.refresh_weight(
+                    w.detach(), self.codes, self.scale, self.nonfinite, s.bits,
+                    self.axis if s.per_channel else -1, self.source.name, s.binary_scale,
+                    s.max_iter, s.init_iter)
+            else:
+                codes, scale = self.project(w)
+                self.codes.copy_(codes)
+                self.scale.copy_(scale)
+                self.ready.fill_(True)
+                self._ready = True
             self.stale = False
 
     def fuses(self, w: Tensor) -> bool:
