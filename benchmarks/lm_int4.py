@@ -65,8 +65,10 @@ SETTINGS = {  # name -> (w_bits, group_size or None for per-channel)
     "W4 g32": (4, 32), "W4 g128": (4, 128), "W4 per-channel": (4, None), "W3 g32": (3, 32),
     "W2 g32": (2, 32)}
 METHODS = ("ab", "ste", "lsq")
-VARIANTS = {  # name -> (method, distillation, LoRA); method "ptq": calibrate only
-    "PTQ": ("ptq", False, False), "AB": ("ab", False, False), "STE": ("ste", False, False),
+VARIANTS = {  # name -> (method, distillation, LoRA); "ptq": calibrate only; "float": no
+    # quantization, the same fine-tuning steps (what the steps alone buy)
+    "Float, same steps": ("float", False, False), "PTQ": ("ptq", False, False),
+    "AB": ("ab", False, False), "STE": ("ste", False, False),
     "LSQ": ("lsq", False, False), "AB + KD": ("ab", True, False),
     "STE + KD": ("ste", True, False), "LSQ + KD": ("lsq", True, False),
     "LoRA-QAT (STE)": ("ste", False, True)}
@@ -158,7 +160,7 @@ def perplexity(model: nn.Module, val: torch.Tensor, windows: int, device: str) -
 
 
 def train(model: nn.Module, data: torch.Tensor, steps: int, lr: float, batch: int, seed: int,
-          device: str, controller=None, teacher=None) -> None:
+          device: str, controller=None, teacher=None, progress: str | None = None) -> None:
     from blendq.distill import distillation_loss
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
@@ -183,6 +185,8 @@ def train(model: nn.Module, data: torch.Tensor, steps: int, lr: float, batch: in
         loss.backward()
         optimizer.step()
         schedule.step()
+        if progress and (step + 1) % max(1, steps // 10) == 0:
+            print(f"{progress}: step {step + 1}/{steps}, loss {float(loss):.4f}", flush=True)
 
 
 def policy(setting: str, method: str):
@@ -216,12 +220,13 @@ def qat_job(job: dict) -> dict:
             r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS[job["arch"]],
             fan_in_fan_out=job["arch"] == "gpt2"))
         lr *= LORA_LR
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Hugging Face forwards torch.fx cannot capture
-        model = blendq.prepare(model, policy(job["setting"],
-                                             "ste" if method == "ptq" else method))
+    if method != "float":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Hugging Face forwards torch.fx cannot capture
+            model = blendq.prepare(model, policy(job["setting"],
+                                                 "ste" if method == "ptq" else method))
     controller = None
-    if blendq.transform.get_alpha(model) < 1:  # AB: α from 0 to 1 over the run
+    if method != "float" and blendq.transform.get_alpha(model) < 1:  # AB: α from 0 to 1
         controller = blendq.AlphaController(model, blendq.linear(0, job["steps"] - 1))
     t0 = time.perf_counter()
     if method == "ptq":  # the baseline: the float weights projected, no training
@@ -230,9 +235,9 @@ def qat_job(job: dict) -> dict:
     else:
         train(model, train_data, job["steps"], lr, job["batch"], job["seed"] + 1,
               job["device"], controller, teacher)
-    row = {k: job[k] for k in ("setting", "variant", "seed", "steps")}
+    row = {k: job[k] for k in ("setting", "variant", "seed", "steps", "qat_lr")}
     row["method"] = method
-    row["alpha_end"] = blendq.transform.get_alpha(model)
+    row["alpha_end"] = None if method == "float" else blendq.transform.get_alpha(model)
     row["val_ppl"] = perplexity(model, val, job["windows"], job["device"])
     row["train_s"] = time.perf_counter() - t0
     if job.get("save"):
@@ -241,33 +246,74 @@ def qat_job(job: dict) -> dict:
     return row
 
 
+CONFIG_KEYS = ("arch", "width", "layers", "batch", "lr", "float_steps", "limit")
+RUN_KEYS = ("setting", "variant", "seed", "steps", "qat_lr")
+
+
+def float_model(args, out: Path, train_data: torch.Tensor, val: torch.Tensor) -> tuple[Path, float]:
+    """The float model every run starts from: trained once, then read back (its config is
+    kept beside it, so a changed size or schedule trains a new one)."""
+    config = {k: getattr(args, k) for k in CONFIG_KEYS}
+    path, meta = out / f"{args.arch}_float.pt", out / f"{args.arch}_float.json"
+    if path.exists() and meta.exists():
+        saved = json.loads(meta.read_text())
+        if saved["config"] == config:
+            print(f"float: {path} (val perplexity {saved['val_ppl']:.4f})", flush=True)
+            return path, saved["val_ppl"]
+    model = build(args.arch, args.width, args.layers).to(args.device)
+    t0 = time.perf_counter()
+    train(model, train_data, args.float_steps, args.lr, args.batch, 0, args.device,
+          progress="float")
+    ppl = perplexity(model, val, args.windows, args.device)
+    torch.save(model.cpu().state_dict(), path)
+    meta.write_text(json.dumps({"config": config, "val_ppl": ppl,
+                                "seconds": time.perf_counter() - t0, "commit": _commit()}))
+    print(f"float: val perplexity {ppl:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return path, ppl
+
+
 def cmd_train(args) -> None:
+    """Runs every (setting, variant, seed) not yet in ``OUT/rows.jsonl``, appending each row
+    as it finishes (a killed table goes on where it stopped), then writes ``lm_int4.json``
+    and the table from the rows of this configuration."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     train_data, val, info = corpus(args.limit)
     print(f"corpus: {info}", flush=True)
-    model = build(args.arch, args.width, args.layers).to(args.device)
-    t0 = time.perf_counter()
-    train(model, train_data, args.float_steps, args.lr, args.batch, 0, args.device)
-    float_ppl = perplexity(model, val, args.windows, args.device)
-    float_path = out / "gpt2_float.pt"
-    torch.save(model.cpu().state_dict(), float_path)
-    print(f"float: val perplexity {float_ppl:.3f} ({time.perf_counter() - t0:.0f} s)",
-          flush=True)
-    jobs = [dict(setting=s, variant=v, seed=seed, steps=args.qat_steps, lr=args.qat_lr,
-                 batch=args.batch, width=args.width, layers=args.layers, limit=args.limit,
-                 windows=args.windows, device=args.device, float=str(float_path),
-                 threads=args.threads, arch=args.arch,
+    float_path, float_ppl = float_model(args, out, train_data, val)
+    config = {k: getattr(args, k) for k in CONFIG_KEYS}
+    rows_path = out / "rows.jsonl"
+    done = [row for row in _read_rows(rows_path) if row.get("config") == config]
+    have = {tuple(row[k] for k in RUN_KEYS) for row in done}
+    jobs = [dict(setting=s, variant=v, seed=seed, steps=args.qat_steps, qat_lr=args.qat_lr,
+                 lr=args.qat_lr, batch=args.batch, width=args.width, layers=args.layers,
+                 limit=args.limit, windows=args.windows, device=args.device,
+                 float=str(float_path), threads=args.threads, arch=args.arch,
                  save=str(out / "gpt2_w4g32_ab_s0.pt")
                  if (s, v, seed, args.arch) == ("W4 g32", "AB", 0, "gpt2") else None)
-            for seed in args.seeds for s in args.settings for v in args.variants]
-    rows = []
+            for seed in args.seeds for s in args.settings for v in args.variants
+            if VARIANTS[v][0] != "float" or s == args.settings[0]]  # float: once a seed
+    jobs = [j for j in jobs if tuple(j[k] for k in RUN_KEYS) not in have]
+    print(f"{len(jobs)} runs to do ({len(have)} done), {args.workers} at a time; rows in "
+          f"{rows_path}", flush=True)
     ctx = torch.multiprocessing.get_context("spawn")
+    t0 = time.perf_counter()
     with cf.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
-        for row in pool.map(qat_job, jobs):
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+        futures = [pool.submit(qat_job, job) for job in jobs]
+        for i, future in enumerate(cf.as_completed(futures), 1):
+            row = future.result()
+            row.update(config=config, commit=_commit(), device=_device_name(args.device))
+            with rows_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            done.append(row)
+            print(f"[{i}/{len(jobs)}, {time.perf_counter() - t0:.0f} s] {row['setting']} "
+                  f"{row['variant']} seed {row['seed']}: perplexity {row['val_ppl']:.4f} "
+                  f"({row['train_s']:.0f} s)", flush=True)
+    wanted = {(j["setting"], j["variant"], j["seed"]) for j in jobs} | {
+        (r["setting"], r["variant"], r["seed"]) for r in done if r["variant"] in args.variants
+        and r["seed"] in args.seeds and r["setting"] in args.settings}
+    rows = [r for r in done if (r["setting"], r["variant"], r["seed"]) in wanted]
     result = {"corpus": info, "device": _device_name(args.device), "torch": torch.__version__,
               "commit": _commit(), "args": vars(args), "float_val_ppl": float_ppl,
               "rows": rows}
@@ -275,14 +321,33 @@ def cmd_train(args) -> None:
     table(result)
 
 
-def recovery(result: dict, row: dict) -> float | None:
+def _read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    return rows
+
+
+def recovery(result: dict, row: dict, reference: str | None = None) -> float | None:
     """The share of PTQ's perplexity loss a run recovers, ``(PTQ − QAT) / (PTQ − float)``,
-    against PTQ of the same setting and seed (``None``: no PTQ row, or PTQ lost nothing)."""
-    ptq = [r["val_ppl"] for r in result["rows"] if r["variant"] == "PTQ"
-           and (r["setting"], r["seed"]) == (row["setting"], row["seed"])]
-    if not ptq or ptq[0] - result["float_val_ppl"] <= 0:
+    against PTQ of the same setting and seed; the float perplexity is the float model's, or
+    with ``reference`` that variant's run of the same seed (``None``: a row missing, or PTQ
+    lost nothing)."""
+    def of(variant: str, setting: str | None) -> float | None:
+        got = [r["val_ppl"] for r in result["rows"] if r["variant"] == variant
+               and r["seed"] == row["seed"] and setting in (None, r["setting"])]
+        return got[0] if got else None
+
+    ptq = of("PTQ", row["setting"])
+    float_ppl = result["float_val_ppl"] if reference is None else of(reference, None)
+    if ptq is None or float_ppl is None or ptq - float_ppl <= 0:
         return None
-    return 100.0 * (ptq[0] - row["val_ppl"]) / (ptq[0] - result["float_val_ppl"])
+    return 100.0 * (ptq - row["val_ppl"]) / (ptq - float_ppl)
 
 
 def table(result: dict) -> None:
@@ -292,19 +357,27 @@ def table(result: dict) -> None:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
-    print(f"\nvalidation perplexity and recovery of PTQ's loss, mean ± sd over seeds "
-          f"(float: {result['float_val_ppl']:.4f})")
-    print(f"{'setting':16s} {'variant':16s} {'perplexity':>18s} {'recovery %':>16s}")
+    same = "Float, same steps"
+    print(f"\nvalidation perplexity, mean ± sd over seeds (float model: "
+          f"{result['float_val_ppl']:.4f}); recovery of PTQ's loss against the float model "
+          f"and against the float model fine-tuned for the same steps ({same!r}), paired by "
+          f"seed")
+    print(f"{'setting':16s} {'variant':18s} {'perplexity':>18s} {'recovery %':>14s} "
+          f"{'vs same steps %':>16s}")
     for setting in SETTINGS:
         for variant in VARIANTS:
-            rows = [r for r in result["rows"]
-                    if (r["setting"], r.get("variant", r["method"].upper())) ==
-                    (setting, variant)]
-            if not rows:
+            rows = [r for r in result["rows"] if r["variant"] == variant
+                    and (r["setting"] == setting or variant == same)]
+            if not rows or (variant == same and setting != result["args"]["settings"][0]):
                 continue
-            rec = [v for v in (recovery(result, r) for r in rows) if v is not None]
-            print(f"{setting:16s} {variant:16s} {ms([r['val_ppl'] for r in rows], 4):>18s} "
-                  f"{(ms(rec, 1) if variant != 'PTQ' else ''):>16s}")
+            cells = ["", ""]
+            if variant not in ("PTQ", same):
+                for i, ref in enumerate((None, same)):
+                    got = [v for v in (recovery(result, r, ref) for r in rows) if v is not None]
+                    cells[i] = ms(got, 1)
+            label = "(all)" if variant == same else setting
+            print(f"{label:16s} {variant:18s} {ms([r['val_ppl'] for r in rows], 4):>18s} "
+                  f"{cells[0]:>14s} {cells[1]:>16s}")
 
 
 def _device_name(device: str) -> str:
