@@ -494,9 +494,137 @@ def cmd_deploy(args) -> None:
     (out / "lm_int4_deploy.json").write_text(json.dumps(result, indent=1))
 
 
+def cmd_anchor(args) -> None:
+    """blendq's 4-bit files beside ONNX Runtime's own int8 tool at both ends of a request:
+    GPT-2 small from its config (12 layers × 768, vocabulary 50,257; random weights, seed
+    0), batch 1, no KV cache, one token and a 128-token prompt. The anchor is
+    ``onnxruntime.quantization.quantize_dynamic`` (int8 per channel, what ORT recommends
+    for transformers) of the float ONNX file; blendq's is W4 group 32 (PTQ: speed does not
+    depend on training) at ``MatMulNBits`` level 0 and 4, ``lm_head`` float. Times:
+    medians of ``--repeats`` alternating blocks of ``--inner`` calls (spinning off), then
+    ORT's profile per operator type at 128 tokens; agreement of each file with its own
+    reference (the float model for fp32 and the anchor, the α = 1 model for blendq's)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    import blendq
+    from blendq.export import export_onnx
+    from blendq.export.verify import output_step
+
+    hf_logging.set_verbosity_error()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    config = (GPT2Config(n_positions=1024, bos_token_id=0, eos_token_id=0) if not args.smoke
+              else GPT2Config(vocab_size=512, n_positions=256, n_embd=64, n_layer=1, n_head=2))
+    vocab = config.vocab_size
+    base = Logits(GPT2LMHeadModel(config)).eval()
+    quant = blendq.prepare(copy.deepcopy(base), policy("W4 g32", "ste"))
+    blendq.calibrate(quant, [torch.randint(0, vocab, (1, 16))])
+    converted = blendq.convert(quant)
+    lengths = (1, CONTEXT)
+    files: dict = {}
+    for tokens in lengths:
+        ids = torch.randint(0, vocab, (1, tokens))
+        fp32 = out / f"anchor_fp32_{tokens}.onnx"
+        torch.onnx.export(base, (ids,), str(fp32), dynamo=True, external_data=False,
+                          optimize=True, verbose=False)
+        files[("fp32", tokens)] = fp32
+        files[("ORT quantize_dynamic int8", tokens)] = out / f"anchor_dyn_{tokens}.onnx"
+        quantize_dynamic(str(fp32), str(files[("ORT quantize_dynamic int8", tokens)]),
+                         per_channel=True, weight_type=QuantType.QInt8)
+        for level in (0, 4):
+            path = out / f"anchor_w4g32_{level}_{tokens}.onnx"
+            export_onnx(converted, path, ids, dynamic_batch=False, accuracy_level=level)
+            files[(f"blendq W4 g32 level {level}", tokens)] = path
+    labels = list(dict.fromkeys(label for label, _ in files))
+    rng = torch.Generator().manual_seed(1)
+    feeds = {t: torch.randint(0, vocab, (1, t), generator=rng) for t in lengths}
+    sessions = {key: _session(path) for key, path in files.items()}
+    times: dict = {key: [] for key in files}
+    for _ in range(args.repeats):  # alternating blocks: no file gets a quiet machine alone
+        for key, session in sessions.items():
+            feed = {session.get_inputs()[0].name: feeds[key[1]].numpy()}
+            session.run(None, feed)
+            t0 = time.perf_counter()
+            for _ in range(args.inner):
+                session.run(None, feed)
+            times[key].append((time.perf_counter() - t0) / args.inner * 1e3)
+    prompts = torch.randint(0, vocab, (args.agree_windows, CONTEXT), generator=rng)
+    with torch.no_grad():
+        refs = {"float": torch.cat([base(x[None]) for x in prompts]),
+                "alpha=1": torch.cat([converted(x[None]) for x in prompts])}
+    rows = []
+    for label in labels:
+        ref = refs["alpha=1" if label.startswith("blendq") else "float"]
+        session = sessions[(label, CONTEXT)]
+        name = session.get_inputs()[0].name
+        got = torch.cat([torch.from_numpy(session.run(None, {name: x[None].numpy()})[0])
+                         for x in prompts])
+        top1 = float((got[:, -1].argmax(-1) == ref[:, -1].argmax(-1)).float().mean()) * 100
+        row = {"file": label, "bytes": files[(label, CONTEXT)].stat().st_size,
+               "reference": "alpha=1 model" if label.startswith("blendq") else "float model",
+               "next_token_top1_pct": top1,
+               "max_output_steps": float((got - ref).abs().max()) / output_step(ref)}
+        for tokens in lengths:
+            row[f"ms_{tokens}"] = statistics.median(times[(label, tokens)])
+        rows.append(row)
+    anchor = rows[labels.index("ORT quantize_dynamic int8")]
+    for row in rows:
+        for tokens in lengths:
+            row[f"speedup_vs_anchor_{tokens}"] = anchor[f"ms_{tokens}"] / row[f"ms_{tokens}"]
+    profile = {label: _profile(files[(label, CONTEXT)], feeds[CONTEXT], args.inner)
+               for label in labels}
+    print(f"\n{'file':28s} {'MB':>7s} {'1 token ms':>11s} {'x anchor':>9s} "
+          f"{'128 tok ms':>11s} {'x anchor':>9s} {'top-1 %':>8s} {'steps':>7s}")
+    for r in rows:
+        print(f"{r['file']:28s} {r['bytes'] / 1e6:7.1f} {r['ms_1']:11.2f} "
+              f"{r['speedup_vs_anchor_1']:9.2f} {r[f'ms_{CONTEXT}']:11.2f} "
+              f"{r[f'speedup_vs_anchor_{CONTEXT}']:9.2f} {r['next_token_top1_pct']:8.2f} "
+              f"{r['max_output_steps']:7.3f}")
+    print(f"\nORT profile at {CONTEXT} tokens, ms per call by operator type:")
+    for label, ops in profile.items():
+        print(f"  {label}: " + ", ".join(f"{op} {ms:.1f}" for op, ms in list(ops.items())[:6]))
+    result = {"machine": _device_name("cpu"), "commit": _commit(), "onnxruntime": ort.__version__,
+              "config": {k: getattr(config, k) for k in ("vocab_size", "n_embd", "n_layer")},
+              "rows": rows, "profile_ms": profile, "args": vars(args)}
+    (out / "lm_anchor.json").write_text(json.dumps(result, indent=1))
+
+
+def _profile(path: Path, ids: torch.Tensor, runs: int) -> dict[str, float]:
+    """ONNX Runtime's own profile of ``runs`` calls: milliseconds per call by operator type,
+    largest first."""
+    import os
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(""))
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: ids.numpy()}
+    session.run(None, feed)
+    session.end_profiling()  # the warm-up call's events go with that file
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, feed)
+    trace = session.end_profiling()
+    totals: dict[str, float] = {}
+    for event in json.loads(Path(trace).read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            totals[op] = totals.get(op, 0.0) + event["dur"] / 1e3 / runs
+    os.remove(trace)
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=("train", "deploy"))
+    p.add_argument("command", choices=("train", "deploy", "anchor"))
     p.add_argument("--out", default="runs/lm-int4")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2")
@@ -527,7 +655,7 @@ def main() -> None:
             setattr(args, key, value)
         if args.variants == list(VARIANTS):  # the smoke run: one of each kind
             args.variants = ["PTQ", "AB", "STE + KD", "LoRA-QAT (STE)"]
-    cmd_train(args) if args.command == "train" else cmd_deploy(args)
+    {"train": cmd_train, "deploy": cmd_deploy, "anchor": cmd_anchor}[args.command](args)
 
 
 if __name__ == "__main__":
