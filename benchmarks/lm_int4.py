@@ -500,7 +500,8 @@ def cmd_anchor(args) -> None:
     0), batch 1, no KV cache, one token and a 128-token prompt. The anchor is
     ``onnxruntime.quantization.quantize_dynamic`` (int8 per channel, what ORT recommends
     for transformers) of the float ONNX file; blendq's is W4 group 32 (PTQ: speed does not
-    depend on training) at ``MatMulNBits`` level 0 and 4, ``lm_head`` float. Times:
+    depend on training) at ``MatMulNBits`` level 0 and 4, ``lm_head`` float (``--groups``:
+    other block sizes beside 32). Times:
     medians of ``--repeats`` alternating blocks of ``--inner`` calls (spinning off), then
     ORT's profile per operator type at 128 tokens; agreement of each file with its own
     reference (the float model for fp32 and the anchor, the α = 1 model for blendq's)."""
@@ -521,9 +522,12 @@ def cmd_anchor(args) -> None:
               else GPT2Config(vocab_size=512, n_positions=256, n_embd=64, n_layer=1, n_head=2))
     vocab = config.vocab_size
     base = Logits(GPT2LMHeadModel(config)).eval()
-    quant = blendq.prepare(copy.deepcopy(base), policy("W4 g32", "ste"))
-    blendq.calibrate(quant, [torch.randint(0, vocab, (1, 16))])
-    converted = blendq.convert(quant)
+    converted = {}  # group size -> converted model
+    for group in args.groups:
+        rules = dataclasses.replace(policy("W4 g32", "ste"), group_size=group)
+        quant = blendq.prepare(copy.deepcopy(base), rules)
+        blendq.calibrate(quant, [torch.randint(0, vocab, (1, 16))])
+        converted[group] = blendq.convert(quant)
     lengths = (1, CONTEXT)
     files: dict = {}
     for tokens in lengths:
@@ -535,10 +539,11 @@ def cmd_anchor(args) -> None:
         files[("ORT quantize_dynamic int8", tokens)] = out / f"anchor_dyn_{tokens}.onnx"
         quantize_dynamic(str(fp32), str(files[("ORT quantize_dynamic int8", tokens)]),
                          per_channel=True, weight_type=QuantType.QInt8)
-        for level in (0, 4):
-            path = out / f"anchor_w4g32_{level}_{tokens}.onnx"
-            export_onnx(converted, path, ids, dynamic_batch=False, accuracy_level=level)
-            files[(f"blendq W4 g32 level {level}", tokens)] = path
+        for group, model in converted.items():
+            for level in (0, 4):
+                path = out / f"anchor_w4g{group}_{level}_{tokens}.onnx"
+                export_onnx(model, path, ids, dynamic_batch=False, accuracy_level=level)
+                files[(f"blendq W4 g{group} level {level}", tokens)] = path
     labels = list(dict.fromkeys(label for label, _ in files))
     rng = torch.Generator().manual_seed(1)
     feeds = {t: torch.randint(0, vocab, (1, t), generator=rng) for t in lengths}
@@ -554,11 +559,12 @@ def cmd_anchor(args) -> None:
             times[key].append((time.perf_counter() - t0) / args.inner * 1e3)
     prompts = torch.randint(0, vocab, (args.agree_windows, CONTEXT), generator=rng)
     with torch.no_grad():
-        refs = {"float": torch.cat([base(x[None]) for x in prompts]),
-                "alpha=1": torch.cat([converted(x[None]) for x in prompts])}
+        refs = {"float": torch.cat([base(x[None]) for x in prompts])}
+        for group, model in converted.items():
+            refs[group] = torch.cat([model(x[None]) for x in prompts])
     rows = []
     for label in labels:
-        ref = refs["alpha=1" if label.startswith("blendq") else "float"]
+        ref = refs[int(label.split()[2][1:]) if label.startswith("blendq") else "float"]
         session = sessions[(label, CONTEXT)]
         name = session.get_inputs()[0].name
         got = torch.cat([torch.from_numpy(session.run(None, {name: x[None].numpy()})[0])
@@ -647,6 +653,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--inner", type=int, default=20)
     p.add_argument("--agree-windows", type=int, default=128)
+    p.add_argument("--groups", type=int, nargs="+", default=[32],
+                   help="anchor: blendq's block sizes")
     args = p.parse_args()
     if args.smoke:
         for key, value in dict(width=32, layers=1, batch=4, float_steps=4, qat_steps=3,
