@@ -24,7 +24,8 @@ __all__ = ["NONE_WORDS", "SCALES", "check_bits", "check_scale", "grid", "minmax"
            "integer_input", "lsq", "ppq",
            "ppq_segments", "segment_index", "segment_sum",
            "search_scale", "binarize", "quantize", "blend", "straight_through", "check_finite",
-           "round_bias", "strided_sample", "straight_through_fake_quantize", "pack_codes",
+           "round_bias", "strided_sample", "kept_sample", "settle_dtype",
+           "straight_through_fake_quantize", "pack_codes",
            "unpack_codes", "fake_quantize", "fused_fake_quantize", "fake_sign",
            "blend_weight", "blend_bias", "Execution", "execution", "set_execution",
            "execution_policy"]
@@ -170,6 +171,17 @@ def strided_sample(x: Tensor, n: int) -> Tensor:
     else:
         flat, sizes = x.reshape(-1), list(x.shape)
     return flat[::_sample_stride(flat.numel() // n, sizes)]
+
+
+def settle_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype activation statistics are settled in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kept_sample(x: Tensor, n: int) -> Tensor:
+    """A copy of ``x``'s strided sample of about ``n`` elements (:func:`strided_sample`),
+    flat, in :func:`settle_dtype`: what a batch leaves for its deferred statistic."""
+    return strided_sample(x, n).reshape(-1).to(settle_dtype(x.dtype), copy=True)
 
 
 def _sample_stride(step: int, sizes: list[int]) -> int:
@@ -587,9 +599,7 @@ def _fake_quant_op(x: Tensor, scale: Tensor, alpha: Tensor, qmin: int, qmax: int
     if count:
         clipped.add_(at_ends)
         seen.add_(x.numel())
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32  # the settle's
-    kept = strided_sample(x, sample).reshape(-1).to(wide, copy=True) if sample else \
-        x.new_empty(0)
+    kept = kept_sample(x, sample) if sample else x.new_empty(0)
     return value, (mask if ste else x.new_empty(0, dtype=torch.bool)), kept
 
 
@@ -598,6 +608,12 @@ def _fake_quant_backward_op(grad: Tensor, saved: Tensor, ste: bool) -> Tensor:
     """The gradient of :func:`_fake_quant_op`'s value: ``grad`` where ``saved`` (the
     mask) is set (STE), ``grad·(1 - saved)`` (``saved``: α, in ``grad``'s dtype as the
     eager ``lerp`` takes it) for AB."""
+    return _through(grad, saved, ste)
+
+
+def _through(grad: Tensor, saved: Tensor, ste: bool) -> Tensor:
+    """The gradient a quantizer passes back: ``grad`` where the mask ``saved`` is set
+    (STE), ``grad·(1 - α)`` (``saved``: α) for AB, as autograd's ``lerp`` forms it."""
     return torch.where(saved, grad, 0.0) if ste else grad * (1 - saved.to(grad.dtype))
 
 
@@ -611,7 +627,7 @@ def _blend_weight_op(w: Tensor, codes: Tensor, scale: Tensor, alpha: Tensor) -> 
 def _scale_gradient_op(grad: Tensor, alpha: Tensor) -> Tensor:
     """``grad·(1 - α)``: AB's gradient to what it blends, as autograd's ``lerp`` forms
     it."""
-    return grad * (1 - alpha.to(grad.dtype))
+    return _through(grad, alpha, False)
 
 
 @torch.library.custom_op("blendq::blend_bias", mutates_args=())
@@ -717,7 +733,7 @@ class _FakeQuant(torch.autograd.Function):
         if ctx.fused:
             grad = torch.ops.blendq.fake_quant_backward(grad, saved, ctx.ste)
         else:
-            grad = torch.where(saved, grad, 0.0) if ctx.ste else grad * (1 - saved)
+            grad = _through(grad, saved, ctx.ste)
         return grad, None, None, None, None, None, None, None, None
 
 

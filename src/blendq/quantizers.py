@@ -200,11 +200,8 @@ class WeightQuantizer(nn.Module):
                 self.nonfinite.logical_or_(~torch.isfinite(w).all())
             else:
                 F.check_finite(w)
-            if s.bits == 1:
-                codes, scale = F.binarize(x, axis=axis, scaled=s.binary_scale, fixed=True)
-            else:
-                codes, scale = self.source.weight(x, s.bits, axis, warm if self._ready
-                                                  else None, s.max_iter, s.init_iter)
+            codes, scale = _projection(x, s.bits, axis, warm if self._ready else None,
+                                       self.source, s.binary_scale, s.max_iter, s.init_iter)
         except ValueError as err:
             raise ValueError(f"layer {self.name or '<unnamed>'}: weight {err}") from None
         if s.group_size is not None:
@@ -319,6 +316,16 @@ class WeightQuantizer(nn.Module):
         self._eval = None
 
 
+def _projection(x: Tensor, bits: int, axis: int | None, warm: Tensor | None,
+                source: scales.ScaleSource, binary_scale: bool, max_iter: int,
+                init_iter: int) -> tuple[Tensor, Tensor]:
+    """``(codes, scale)`` of weights ``x``: their sign at 1 bit, else the scale source's
+    projection (warm-started from ``warm`` where it is given)."""
+    if bits == 1:
+        return F.binarize(x, axis=axis, scaled=binary_scale, fixed=True)
+    return source.weight(x, bits, axis, warm, max_iter, init_iter)
+
+
 def _refresh_math(w: Tensor, codes: Tensor, scale: Tensor, nonfinite: Tensor, bits: int,
                   axis: int, source: str, binary_scale: bool, max_iter: int,
                   init_iter: int) -> None:
@@ -326,12 +333,8 @@ def _refresh_math(w: Tensor, codes: Tensor, scale: Tensor, nonfinite: Tensor, bi
     :meth:`WeightQuantizer.project` computes it once the layer has its first projection
     (``axis``: -1 for one scale; a non-finite weight raises the flag, read later)."""
     nonfinite.logical_or_(~torch.isfinite(w).all())
-    ax = None if axis < 0 else axis
-    if bits == 1:
-        new_codes, new_scale = F.binarize(w, axis=ax, scaled=binary_scale, fixed=True)
-    else:
-        new_codes, new_scale = scales.get(source).weight(w, bits, ax, scale, max_iter,
-                                                          init_iter)
+    new_codes, new_scale = _projection(w, bits, None if axis < 0 else axis, scale,
+                                       scales.get(source), binary_scale, max_iter, init_iter)
     codes.copy_(new_codes)
     scale.copy_(new_scale)
 
@@ -561,10 +564,6 @@ def _sign_straight(x: Tensor) -> Tensor:
 
 
 _CHUNK = 1024  # row length of a kept activation sample (ActStatistics)
-
-
-def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _padded_rows(samples: list[Tensor], zeros: Tensor, pads: dict) -> Tensor:
@@ -822,8 +821,7 @@ class ActQuantizer(nn.Module):
         the settle, taken while ``x`` is still in the cache (gathered from a view at the
         settle instead, a ResNet-50's settles took 40 % longer on the CPU), in the
         settle's dtype (float32, or float64)."""
-        sample = F.strided_sample(x.detach(), self.spec.sample).reshape(-1)
-        sample = sample.to(_at_least_float32(x.dtype), copy=True)
+        sample = F.kept_sample(x.detach(), self.spec.sample)
         # plain attributes, set past nn.Module.__setattr__'s checks (a few µs each)
         self.__dict__.update(_pending=sample, _count_pending=count)
 
@@ -993,7 +991,7 @@ class ActStatistics:
         by_grid: dict[tuple, list[int]] = {}
         for i, q in enumerate(pending):
             by_grid.setdefault((q.spec.bits, q.is_signed, q.spec.max_iter,
-                                _at_least_float32(samples[i].dtype)),
+                                F.settle_dtype(samples[i].dtype)),
                                []).append(i)
         batch = torch.empty_like(used)
         for (bits, signed, max_iter, dtype), idx in by_grid.items():
