@@ -539,6 +539,13 @@ def cmd_anchor(args) -> None:
         files[("ORT quantize_dynamic int8", tokens)] = out / f"anchor_dyn_{tokens}.onnx"
         quantize_dynamic(str(fp32), str(files[("ORT quantize_dynamic int8", tokens)]),
                          per_channel=True, weight_type=QuantType.QInt8)
+        # like with like: embeddings float as in blendq's files (by default their tables
+        # are int8, and the lm_head's weight, tied to the token table, is dequantized
+        # again at every call)
+        head = out / f"anchor_dyn_head_{tokens}.onnx"
+        quantize_dynamic(str(fp32), str(head), per_channel=True, weight_type=QuantType.QInt8,
+                         nodes_to_exclude=_nodes(fp32, "Gather"))
+        files[("ORT quantize_dynamic, embeddings float", tokens)] = head
         for group, model in converted.items():
             for level in (0, 4):
                 path = out / f"anchor_w4g{group}_{level}_{tokens}.onnx"
@@ -583,10 +590,10 @@ def cmd_anchor(args) -> None:
             row[f"speedup_vs_anchor_{tokens}"] = anchor[f"ms_{tokens}"] / row[f"ms_{tokens}"]
     profile = {label: _profile(files[(label, CONTEXT)], feeds[CONTEXT], args.inner)
                for label in labels}
-    print(f"\n{'file':28s} {'MB':>7s} {'1 token ms':>11s} {'x anchor':>9s} "
+    print(f"\n{'file':40s} {'MB':>7s} {'1 token ms':>11s} {'x anchor':>9s} "
           f"{'128 tok ms':>11s} {'x anchor':>9s} {'top-1 %':>8s} {'steps':>7s}")
     for r in rows:
-        print(f"{r['file']:28s} {r['bytes'] / 1e6:7.1f} {r['ms_1']:11.2f} "
+        print(f"{r['file']:40s} {r['bytes'] / 1e6:7.1f} {r['ms_1']:11.2f} "
               f"{r['speedup_vs_anchor_1']:9.2f} {r[f'ms_{CONTEXT}']:11.2f} "
               f"{r[f'speedup_vs_anchor_{CONTEXT}']:9.2f} {r['next_token_top1_pct']:8.2f} "
               f"{r['max_output_steps']:7.3f}")
@@ -597,6 +604,14 @@ def cmd_anchor(args) -> None:
               "config": {k: getattr(config, k) for k in ("vocab_size", "n_embd", "n_layer")},
               "rows": rows, "profile_ms": profile, "args": vars(args)}
     (out / "lm_anchor.json").write_text(json.dumps(result, indent=1))
+
+
+def _nodes(path: Path, op_type: str) -> list[str]:
+    """The names of an ONNX file's nodes of ``op_type``."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type == op_type]
 
 
 def _profile(path: Path, ids: torch.Tensor, runs: int) -> dict[str, float]:
