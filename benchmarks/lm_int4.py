@@ -186,7 +186,8 @@ def train(model: nn.Module, data: torch.Tensor, steps: int, lr: float, batch: in
         optimizer.step()
         schedule.step()
         if progress and (step + 1) % max(1, steps // 10) == 0:
-            print(f"{progress}: step {step + 1}/{steps}, loss {float(loss):.4f}", flush=True)
+            print(f"{progress}: step {step + 1}/{steps}, loss {float(loss.detach()):.4f}",
+                  flush=True)
 
 
 def policy(setting: str, method: str):
