@@ -82,6 +82,9 @@ def test_lm_int4_script_trains_and_deploys_in_smoke_mode(tmp_path):
                                                       "LoRA-QAT (STE)"]
     assert all(r["alpha_end"] == 1.0 and r["val_ppl"] > 1 for r in result["rows"])
     assert "validation perplexity" in out and "recovery %" in out
+    again = _run("lm_int4.py", "train", "--smoke", "--device", "cpu", "--out", str(tmp_path))
+    assert "0 runs to do (4 done)" in again and "float: " in again  # resumed, nothing rerun
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 4
     _run("lm_int4.py", "deploy", "--smoke", "--out", str(tmp_path))
     rows = {r["file"]: r for r in
             json.loads((tmp_path / "lm_int4_deploy.json").read_text())["rows"]}
