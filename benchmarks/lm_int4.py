@@ -502,7 +502,8 @@ def cmd_anchor(args) -> None:
     ``onnxruntime.quantization.quantize_dynamic`` (int8 per channel, what ORT recommends
     for transformers) of the float ONNX file; blendq's is W4 group 32 (PTQ: speed does not
     depend on training) at ``MatMulNBits`` level 0 and 4, ``lm_head`` float (``--groups``:
-    other block sizes beside 32). Times:
+    other block sizes beside 32; ``--openvino``: the first group's standard-ONNX file in
+    OpenVINO, with its CPU defaults and in exact float32). Times:
     medians of ``--repeats`` alternating blocks of ``--inner`` calls (spinning off), then
     ORT's profile per operator type at 128 tokens; agreement of each file with its own
     reference (the float model for fp32 and the anchor, the α = 1 model for blendq's)."""
@@ -552,18 +553,24 @@ def cmd_anchor(args) -> None:
                 path = out / f"anchor_w4g{group}_{level}_{tokens}.onnx"
                 export_onnx(model, path, ids, dynamic_batch=False, accuracy_level=level)
                 files[(f"blendq W4 g{group} level {level}", tokens)] = path
+        if args.openvino:  # standard ONNX (INT4 DequantizeLinear in blocks) for OpenVINO
+            path = out / f"anchor_w4g{args.groups[0]}_std_{tokens}.onnx"
+            export_onnx(converted[args.groups[0]], path, ids, dynamic_batch=False,
+                        accuracy_level=None, weights="int4")
+            for label in OPENVINO_MODES:
+                files[(f"blendq W4 g{args.groups[0]} {label}", tokens)] = path
     labels = list(dict.fromkeys(label for label, _ in files))
     rng = torch.Generator().manual_seed(1)
     feeds = {t: torch.randint(0, vocab, (1, t), generator=rng) for t in lengths}
-    sessions = {key: _session(path) for key, path in files.items()}
+    sessions = {key: _runner(path, key[0]) for key, path in files.items()}
     times: dict = {key: [] for key in files}
     for _ in range(args.repeats):  # alternating blocks: no file gets a quiet machine alone
-        for key, session in sessions.items():
-            feed = {session.get_inputs()[0].name: feeds[key[1]].numpy()}
-            session.run(None, feed)
+        for key, run in sessions.items():
+            feed = feeds[key[1]].numpy()
+            run(feed)
             t0 = time.perf_counter()
             for _ in range(args.inner):
-                session.run(None, feed)
+                run(feed)
             times[key].append((time.perf_counter() - t0) / args.inner * 1e3)
     prompts = torch.randint(0, vocab, (args.agree_windows, CONTEXT), generator=rng)
     with torch.no_grad():
@@ -573,10 +580,8 @@ def cmd_anchor(args) -> None:
     rows = []
     for label in labels:
         ref = refs[int(label.split()[2][1:]) if label.startswith("blendq") else "float"]
-        session = sessions[(label, CONTEXT)]
-        name = session.get_inputs()[0].name
-        got = torch.cat([torch.from_numpy(session.run(None, {name: x[None].numpy()})[0])
-                         for x in prompts])
+        run = sessions[(label, CONTEXT)]
+        got = torch.cat([torch.from_numpy(run(x[None].numpy())) for x in prompts])
         top1 = float((got[:, -1].argmax(-1) == ref[:, -1].argmax(-1)).float().mean()) * 100
         row = {"file": label, "bytes": files[(label, CONTEXT)].stat().st_size,
                "reference": "alpha=1 model" if label.startswith("blendq") else "float model",
@@ -590,7 +595,7 @@ def cmd_anchor(args) -> None:
         for tokens in lengths:
             row[f"speedup_vs_anchor_{tokens}"] = anchor[f"ms_{tokens}"] / row[f"ms_{tokens}"]
     profile = {label: _profile(files[(label, CONTEXT)], feeds[CONTEXT], args.inner)
-               for label in labels}
+               for label in labels if not label.endswith(tuple(OPENVINO_MODES))}
     print(f"\n{'file':40s} {'MB':>7s} {'1 token ms':>11s} {'x anchor':>9s} "
           f"{'128 tok ms':>11s} {'x anchor':>9s} {'top-1 %':>8s} {'steps':>7s}")
     for r in rows:
@@ -605,6 +610,27 @@ def cmd_anchor(args) -> None:
               "config": {k: getattr(config, k) for k in ("vocab_size", "n_embd", "n_layer")},
               "rows": rows, "profile_ms": profile, "args": vars(args)}
     (out / "lm_anchor.json").write_text(json.dumps(result, indent=1))
+
+
+OPENVINO_MODES = {  # label -> OpenVINO CPU properties
+    "in OpenVINO, its defaults": {},  # bf16 where the CPU has it, int8 activation groups
+    "in OpenVINO, f32 exact": {"INFERENCE_PRECISION_HINT": "f32",
+                               "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}}
+
+
+def _runner(path: Path, label: str):
+    """``run(ids) -> logits`` for one file: an ONNX Runtime session (default options,
+    spinning off), or OpenVINO's CPU plugin in the mode the label names (2 threads)."""
+    mode = next((m for m in OPENVINO_MODES if label.endswith(m)), None)
+    if mode is None:
+        session = _session(path)
+        name = session.get_inputs()[0].name
+        return lambda ids: session.run(None, {name: ids})[0]
+    import openvino as ov
+
+    config = {"INFERENCE_NUM_THREADS": 2, **OPENVINO_MODES[mode]}
+    request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
+    return lambda ids: request.infer({0: ids})[0]
 
 
 def _nodes(path: Path, op_type: str) -> list[str]:
@@ -671,6 +697,8 @@ def main() -> None:
     p.add_argument("--agree-windows", type=int, default=128)
     p.add_argument("--groups", type=int, nargs="+", default=[32],
                    help="anchor: blendq's block sizes")
+    p.add_argument("--openvino", action="store_true",
+                   help="anchor: blendq's W4 file in OpenVINO as well")
     args = p.parse_args()
     if args.smoke:
         for key, value in dict(width=32, layers=1, batch=4, float_steps=4, qat_steps=3,
