@@ -553,6 +553,8 @@ def cmd_anchor(args) -> None:
                 path = out / f"anchor_w4g{group}_{level}_{tokens}.onnx"
                 export_onnx(model, path, ids, dynamic_batch=False, accuracy_level=level)
                 files[(f"blendq W4 g{group} level {level}", tokens)] = path
+        if args.openvino:  # the float file, for what OpenVINO's own float path gives
+            files[("fp32 in OpenVINO, its defaults", tokens)] = fp32
         if args.openvino:  # standard ONNX (INT4 DequantizeLinear in blocks) for OpenVINO
             path = out / f"anchor_w4g{args.groups[0]}_std_{tokens}.onnx"
             export_onnx(converted[args.groups[0]], path, ids, dynamic_batch=False,

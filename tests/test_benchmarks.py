@@ -90,11 +90,13 @@ def test_lm_int4_script_trains_and_deploys_in_smoke_mode(tmp_path):
             json.loads((tmp_path / "lm_int4_deploy.json").read_text())["rows"]}
     assert rows["W4 g32 level 0"]["top1_agree_pct"] == 100.0
     assert rows["W4 g32 level 4, int8 in"]["max_output_steps"] < 0.01
-    _run("lm_int4.py", "anchor", "--smoke", "--out", str(tmp_path))
+    pytest.importorskip("openvino")
+    _run("lm_int4.py", "anchor", "--smoke", "--openvino", "--out", str(tmp_path))
     anchor = {r["file"]: r for r in
               json.loads((tmp_path / "lm_anchor.json").read_text())["rows"]}
     assert anchor["ORT quantize_dynamic int8"]["speedup_vs_anchor_128"] == 1.0
     assert anchor["blendq W4 g32 level 0"]["max_output_steps"] < 0.01
+    assert anchor["blendq W4 g32 in OpenVINO, f32 exact"]["max_output_steps"] < 0.01
     assert all(r["ms_1"] > 0 and r["ms_128"] > 0 for r in anchor.values())
 
 
