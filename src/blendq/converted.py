@@ -31,6 +31,7 @@ from .layers import (
     shared_input,
     specialise,
 )
+from .quantizers import runtime_applies, runtime_value
 
 __all__ = ["QuantMixin", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d",
            "quant_class", "Deploy", "QuantSite"]
@@ -150,8 +151,7 @@ class QuantMixin:
             return F.int8_blocks(x, self.group_size)
         if self.deploy is not None:
             return _deploy_input(x, self.deploy)
-        scale = self.act_scale.to(x.dtype)
-        return scale * F.quantize(x, scale, self.a_bits, self.a_signed, full=True)
+        return _quantized(x, self.act_scale, self.a_bits, self.a_signed)
 
     def set_deploy(self, deploy: Deploy, codes: Tensor, scale: Tensor, bias: Tensor | None,
                    bias_scale: Tensor | None) -> None:
@@ -263,6 +263,15 @@ def _deploy_input(x: Tensor, d: Deploy) -> Tensor:
     return _qd().dequantize_per_tensor(q, s, zero, 0, 255, torch.uint8)
 
 
+def _quantized(x: Tensor, act_scale: Tensor, bits: int, signed: bool) -> Tensor:
+    """``x`` on its grid as the α = 1 blended model evaluates it: rounded as the int8
+    runtime does where that applies (:func:`blendq.quantizers.runtime_value`)."""
+    if not F.is_sign(bits, signed) and runtime_applies(x):
+        return runtime_value(x, act_scale, bits, signed)
+    scale = act_scale.to(x.dtype)
+    return scale * F.quantize(x, scale, bits, signed, full=True)
+
+
 _QUANT_CLASSES: dict[tuple, type] = {}
 
 
@@ -301,8 +310,7 @@ class QuantSite(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.deploy is not None:
             return _deploy_input(x, self.deploy)
-        scale = self.act_scale.to(x.dtype)
-        return scale * F.quantize(x, scale, self.a_bits, self.a_signed, full=True)
+        return _quantized(x, self.act_scale, self.a_bits, self.a_signed)
 
     def set_deploy(self) -> None:
         """Compute with standard quantize/dequantize operators (a copy for export)."""

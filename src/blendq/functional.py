@@ -24,7 +24,8 @@ __all__ = ["NONE_WORDS", "SCALES", "check_bits", "check_scale", "grid", "minmax"
            "integer_input", "lsq", "ppq",
            "ppq_segments", "segment_index", "segment_sum",
            "search_scale", "binarize", "quantize", "blend", "straight_through", "check_finite",
-           "round_bias", "strided_sample", "kept_sample", "settle_dtype",
+           "round_bias", "runtime_requantize", "runtime_add", "strided_sample", "kept_sample",
+           "settle_dtype",
            "straight_through_fake_quantize", "pack_codes",
            "unpack_codes", "fake_quantize", "fused_fake_quantize", "fake_sign",
            "blend_weight", "blend_bias", "Execution", "execution", "set_execution",
@@ -365,6 +366,46 @@ def round_bias(bias: Tensor, unit: Tensor) -> Tensor:
     b, u = bias.double(), unit.double().abs()
     safe = torch.where(u > 0, u, torch.ones_like(u))
     return torch.where(u > 0, torch.round(b / safe) * safe, b)
+
+
+def runtime_requantize(total: Tensor, unit: Tensor, y_scale: Tensor, channel: int,
+                       qmin: int, qmax: int) -> Tensor:
+    """An integer layer's output codes as ONNX Runtime's int8 kernels requantize them
+    (``QLinearConv``; MLAS's ``MlasRequantizeOutput``), float32 throughout:
+    ``M = fl32(fl32(γ_x·γ_w) / γ_y)`` per output channel, then
+    ``clamp(round_half_even(fl32(fl32(acc + B) · M)))``.
+
+    ``total``: the int32 accumulator plus the int32 bias ``acc + B``, converted to float32;
+    ``unit``: ``fl32(γ_x·γ_w)`` per output channel (dim ``channel`` of ``total``), as the
+    runtime multiplies its float32 scales; ``y_scale``: the next quantizer's scale. The
+    exact value ``(acc + B)·γ_x·γ_w/γ_y`` and this one differ by a few float32 ulps, so an
+    output within ~1e-6 of a rounding midpoint can round either way; at 4 bits one such
+    code moves the next layer by a sizeable part of a step. Checked against ONNX Runtime
+    node by node in ``tests/test_export.py``."""
+    view = [1] * total.dim()
+    view[channel] = -1
+    multiplier = (unit.float() / y_scale.float()).reshape(view)
+    return torch.round(total.float() * multiplier).clamp_(qmin, qmax)
+
+
+def runtime_add(a: Tensor, a_scale: Tensor, a_zero: int, b: Tensor, b_scale: Tensor,
+                b_zero: int, y_scale: Tensor, y_zero: int) -> Tensor:
+    """The stored uint8 codes of ``A + B`` as ONNX Runtime's ``QLinearAdd`` computes them on
+    x86-64 with AVX2 (MLAS), from the stored codes ``a``, ``b`` (``code + zero point``):
+    ``r_A = fl32(γ_A/γ_Y)``, ``r_B = fl32(γ_B/γ_Y)``, the zero points folded into one
+    float32 constant ``z_Y - (r_A·z_A + r_B·z_B)``, then two fused multiply-adds,
+    ``fma(a, r_A, fma(b, r_B, constant))``, rounded half to even and saturated to 0..255.
+    The operand order matters (the float32 roundings are not symmetric): ``a`` is the
+    add's first operand, as the exported graph keeps it."""
+    ra = (a_scale.float() / y_scale.float()).reshape(())
+    rb = (b_scale.float() / y_scale.float()).reshape(())
+    folded = (ra * a_zero).float() + (rb * b_zero).float()
+    constant = (torch.tensor(float(y_zero), dtype=torch.float32, device=a.device) - folded)
+    # one rounding per fused multiply-add: the float64 products and sums are exact here
+    # (8-bit codes times 24-bit ratios), so rounding them to float32 once is the fma
+    low = (b.double() * rb.double() + constant.double()).float()
+    value = (a.double() * ra.double() + low.double()).float()
+    return torch.round(value).clamp_(0, 255)
 
 
 def blend(w: Tensor, wq: Tensor, alpha: Tensor | float) -> Tensor:

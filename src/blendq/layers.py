@@ -33,9 +33,12 @@ from .quantizers import (
     WeightQuantizer,
     WeightSpec,
     _is_dtensor,
+    offer_runtime_add,
+    offer_runtime_output,
 )
 
-__all__ = ["link_holds", "linked_producer", "bias_unit",
+__all__ = ["link_holds", "linked_producer", "bias_unit", "runtime_add", "deploy_fold",
+           "bias_units",
            "BlendLinear", "BlendConv1d", "BlendConv2d", "BlendConv3d", "BlendMixin",
            "blend_class", "layer_kind", "LayerKind", "rebuild", "is_hf_conv1d",
            "FoldedBatchNorm1d", "FoldedBatchNorm2d", "FOLDED_BN_MAP", "bn_affine", "BlendSite",
@@ -316,6 +319,8 @@ def integer_core(layer: nn.Module, x: Tensor, x_scale: Tensor, codes: Tensor,
         acc = torch.round_(acc)  # the integer it is, whatever order summed it
         view = [1] * acc.dim()
         view[channel] = -1
+        if x.dtype == torch.float32 and not torch.is_grad_enabled():
+            _offer_output(layer, acc, channel, x_scale, w_scale)
         out = acc.to(x.dtype) * (x_scale * w_scale.to(x.dtype).reshape(view))
         bias = layer.bias
         if bias is not None:
@@ -325,6 +330,61 @@ def integer_core(layer: nn.Module, x: Tensor, x_scale: Tensor, codes: Tensor,
         if float_out.requires_grad:
             return F.straight_through(float_out, out)
     return out
+
+
+def _offer_output(layer: nn.Module, acc: Tensor, channel: int, x_scale: Tensor,
+                  w_scale: Tensor) -> None:
+    """Offer the accumulator for requantization as the runtime computes it
+    (:func:`blendq.quantizers.offer_runtime_output`); a layer whose batch norm folds into
+    it leaves that to the batch norm's forward (:func:`_offer_folded`)."""
+    bias = layer._parameters.get("bias")
+    if bias is not None and not layer.round_bias:  # the float-bias view: no int32 bias
+        return
+    pending = (acc, channel, x_scale, w_scale, None if bias is None else bias.detach().double())
+    if layer.bias_folded:
+        layer.__dict__["_pending_output"] = pending
+    else:
+        _offer_folded(pending, None)
+
+
+def deploy_fold(scale: Tensor, bias: Tensor | None, bn: nn.Module | None
+                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """A layer's per-output-channel weight scale and bias (float64) with the batch norm
+    after it folded in, as export writes them: ``(|k|·γ_w, k·b + t, k < 0)`` (the sign
+    moves into the weight codes); ``bn`` ``None``: ``(γ_w, b, None)``."""
+    if bn is None:
+        return scale, bias, None
+    k, t = bn_affine(bn)
+    bias = t if bias is None else k * bias + t
+    return (k * scale).abs(), bias, k < 0
+
+
+def bias_units(bias: Tensor, unit: Tensor) -> Tensor | None:
+    """``bias`` (float64) as whole int32 accumulator units of ``unit`` (float64), as
+    export writes it; ``None`` where that needs more than int32 (or a zero unit)."""
+    units = torch.round(F.round_bias(bias, unit) / unit)
+    if bool(torch.isfinite(units).all()) and units.abs().max() < 2**31:
+        return units
+    return None
+
+
+def _offer_folded(pending: tuple, bn: nn.Module | None) -> None:
+    """``acc + B`` and ``γ_x·γ_w`` of a layer's output as the deployed graph has them
+    (``bn`` folded in as export folds it), offered for requantization."""
+    acc, channel, x_scale, w_scale, bias = pending
+    scale = w_scale.double().reshape(-1).expand(acc.shape[channel])
+    scale, bias, negative = deploy_fold(scale, bias, bn)
+    view = [1] * acc.dim()
+    view[channel] = -1
+    total = acc.double()
+    if negative is not None:
+        total = torch.where(negative.reshape(view), -total, total)
+    if bias is not None:
+        units = bias_units(bias, scale * x_scale.double())
+        if units is None:
+            return
+        total = total + units.reshape(view)
+    offer_runtime_output(total.float(), x_scale.float() * scale.float(), channel)
 
 
 def _largest_accumulator(layer: nn.Module, codes: Tensor, largest_input: int) -> float:
@@ -538,6 +598,8 @@ class _FoldedBatchNorm:
 
     def forward(self, input: Tensor) -> Tensor:
         delta = None
+        pending = None if self.producer is None else \
+            self.producer.__dict__.pop("_pending_output", None)  # (evaluation at α = 1)
         stats = self.running_mean if self.running_mean is not None else input
         dtype = (stats if self.bias is None else self.bias).dtype  # the parameters' (autocast)
         if self.normalises_producer(input):
@@ -546,6 +608,8 @@ class _FoldedBatchNorm:
                 delta = self.rounding_delta(dtype)
         if delta is None:
             return super().forward(input)
+        if pending is not None and not self.training and pending[0].shape == input.shape:
+            _offer_folded(pending, self)
         # the rounding joins the batch norm's own shift (no extra pass over the output)
         self._check_input_dim(input)
         delta = delta.to(dtype)
@@ -801,6 +865,19 @@ class BlendSite(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={float(self.alpha):.4g}"
+
+
+def runtime_add(a: Tensor, b: Tensor) -> Tensor:
+    """``a + b``: a residual add whose operands are quantization sites' outputs (put in
+    place of ``+`` by :func:`blendq.placement.place_sites`). In evaluation at α = 1 it
+    also offers the pair, in this order, to the quantizer that reads the sum, which then
+    rounds it as ONNX Runtime's ``QLinearAdd`` does
+    (:func:`blendq.quantizers.offer_runtime_add`); a graph capture sees ``a + b`` alone."""
+    out = a + b
+    if not torch.compiler.is_compiling() and not torch.is_grad_enabled() and \
+            isinstance(a, Tensor) and isinstance(b, Tensor):
+        offer_runtime_add(a, b)
+    return out
 
 
 # ---------------------------------------------------------------------------

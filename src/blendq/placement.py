@@ -34,12 +34,12 @@ from torch import nn
 from torch.nn import functional as TF
 
 from .converted import QuantMixin, QuantSite
-from .layers import BlendMixin, BlendSite
+from .layers import BlendMixin, BlendSite, runtime_add
 from .quantizers import ActSpec
 
 __all__ = ["place_sites", "sites", "SiteTracer"]
 
-_ADDS = {operator.add, operator.iadd, torch.add}
+_ADDS = {operator.add, operator.iadd, torch.add, runtime_add}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
 _CATS = {torch.cat, torch.concat, torch.concatenate}
 _POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
@@ -296,6 +296,10 @@ def _rewrite(module: nn.Module, graph: torch.fx.Graph | None, spec: ActSpec) -> 
         if not len(sites_dict):
             del module.quant_sites
         return 0
+    for n in graph.nodes:  # adds of quantized operands: evaluation rounds them as the runtime
+        if n.op == "call_function" and n.target in (operator.add, torch.add) and \
+                not n.kwargs and _integer_inputs(module, n):
+            n.target = runtime_add
     _share_with_layers(module, graph)
     graph.lint()
     _install_forward(module, graph)

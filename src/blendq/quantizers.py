@@ -12,7 +12,10 @@ steps.)
 
 from __future__ import annotations
 
+import collections
 import math
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +27,8 @@ from . import methods, scales
 from .methods import METHODS, Method, check_method
 
 __all__ = ["WeightSpec", "ActSpec", "WeightQuantizer", "WeightGroup", "ActQuantizer",
+           "offer_runtime_output", "offer_runtime_add", "runtime_codes", "runtime_applies",
+           "runtime_value",
            "ActStatistics", "METHODS", "check_method"]
 
 
@@ -702,6 +707,10 @@ class ActQuantizer(nn.Module):
                 self._signed = signed
                 self.signed.fill_(signed)
         signed = bool(signed)
+        if not self.training and runtime_applies(x):
+            value = self._as_runtime(x, alpha, signed)
+            if value is not None:
+                return value
         if self.source.learned and not F.is_sign(self.spec.bits, signed) and \
                 (self.training or self._lsq_ready):  # untrained eval: the batch scale below
             return torch.lerp(x, self._lsq(x, signed), alpha.to(x.dtype))
@@ -742,6 +751,19 @@ class ActQuantizer(nn.Module):
         xq = codes.mul_(scale)
         lo, hi = self._ste_range(scale, signed)
         return self.method.mix(x, xq, alpha, lo, hi)
+
+    def _as_runtime(self, x: Tensor, alpha: Tensor, signed: bool) -> Tensor | None:
+        """In evaluation at α = 1 with nothing recorded for autograd, once an integer
+        layer has offered its output (:func:`offer_runtime_output`): ``x`` quantized as
+        the int8 runtime computes it where ``x`` is such an output (:func:`runtime_codes`),
+        else as usual, noted as an operand a residual add may read; ``None`` where that
+        does not apply."""
+        if F.is_sign(self.spec.bits, signed) or not runtime_applies(x):
+            return None
+        ready = self._lsq_ready if self.source.learned else bool(self.initialized)
+        if not ready or not bool(alpha == 1):
+            return None
+        return runtime_value(x, self.current_scale(), self.spec.bits, signed)
 
     def path(self, device: torch.device | str, dtype: torch.dtype = torch.float32,
              signed: bool | None = None, deferred: bool = True, recorded: bool = True,
@@ -1036,3 +1058,118 @@ class ActStatistics:
         torch._foreach_add_([q.clipped for q in quantizers], list(clipped.unbind()))
         torch._foreach_add_([q.seen for q in quantizers],
                             [float(sizes[j]) for j in counted])
+
+
+# ---------------------------------------------------------------------------
+# Requantization as an int8 runtime computes it (evaluation at α = 1)
+#
+# In evaluation at α = 1 an integer layer's output, and a residual add of two quantized
+# tensors, are kept in the form the runtime's fused kernel reads them (``QLinearConv``'s
+# int32 accumulator, ``QLinearAdd``'s two uint8 inputs), and the activation quantizer
+# that reads that output next rounds it as the kernel does: float32 arithmetic whose
+# roundings differ from the float model's by a few ulps, enough to move an output that
+# lies within ~1e-6 of a rounding midpoint to the other code.
+
+_runtime = threading.local()  # .kept: the newest offered outputs; .noted: quantized values
+_KEPT = 8  # enough for the branches between a producer and its quantizer (ResNet: 2)
+
+
+def _kept() -> collections.deque:
+    kept = getattr(_runtime, "kept", None)
+    if kept is None:
+        kept = _runtime.kept = collections.deque(maxlen=_KEPT)
+        _runtime.noted = collections.OrderedDict()
+    return kept
+
+
+def offer_runtime_output(total: Tensor, unit: Tensor, channel: int) -> None:
+    """Keep an integer layer's α = 1 output in the form an int8 runtime requantizes it
+    (:func:`blendq.functional.runtime_requantize`'s ``total`` and ``unit``; called by
+    :func:`blendq.layers.integer_core` in evaluation, batch norms folded in as export folds
+    them). The activation quantizer that reads that output next rounds it as the runtime
+    does (:func:`runtime_codes`). The newest few are kept, per thread."""
+    _kept().append(("layer", total, unit, channel))
+
+
+def offer_runtime_add(a: Tensor, b: Tensor) -> None:
+    """Keep ``a + b`` in the form ONNX Runtime's ``QLinearAdd`` reads it, where ``a`` and
+    ``b`` are both outputs of activation quantizers in this evaluation
+    (:func:`blendq.layers.runtime_add`); otherwise nothing."""
+    kept = getattr(_runtime, "kept", None)
+    if kept is None or a.shape != b.shape:
+        return
+    noted = _runtime.noted
+    first, second = noted.get(id(a)), noted.get(id(b))
+    if first is None or second is None or first[0]() is not a or second[0]() is not b:
+        return
+    kept.append(("add", first[1:], second[1:]))
+
+
+def _note(value: Tensor, codes: Tensor, scale: Tensor, signed: bool) -> None:
+    """Remember a quantizer's output ``value`` as stored codes (``code + zero point``)."""
+    noted = _runtime.noted
+    zero = 128 if signed else 0  # the exported uint8 zero point (blendq.converted)
+    noted[id(value)] = (weakref.ref(value), codes + zero, scale, zero)
+    while len(noted) > 2 * _KEPT:
+        noted.popitem(last=False)
+
+
+def runtime_applies(x: Tensor) -> bool:
+    """Whether quantizing ``x`` now rounds as the runtime does (:func:`runtime_value`): an
+    integer layer has offered an output in this thread, ``x`` is float32 and autograd
+    records nothing."""
+    return bool(getattr(_runtime, "kept", None)) and x.dtype == torch.float32 and \
+        not (x.requires_grad and torch.is_grad_enabled())
+
+
+def runtime_value(x: Tensor, scale: Tensor, bits: int, signed: bool) -> Tensor:
+    """``x`` on the grid ``(bits, signed)`` (not a sign grid) with ``scale``, where
+    :func:`runtime_applies`: rounded as the runtime does where ``x`` is a kept output
+    (:func:`runtime_codes`), else ``round(x / scale)``; the value is noted as an operand
+    a residual add may read (:func:`offer_runtime_add`). The α = 1 model's quantizers and
+    the converted model's call it alike, so both compute the same values."""
+    codes = runtime_codes(x, scale, bits, signed)
+    if codes is None:
+        codes = F.quantize(x.detach(), scale, bits, signed, full=True)
+    value = codes * scale.to(x.dtype)
+    _note(value, codes, scale, signed)
+    return value
+
+
+def runtime_codes(x: Tensor, scale: Tensor, bits: int, signed: bool) -> Tensor | None:
+    """``x``'s codes on the grid ``(bits, signed)`` with ``scale`` as an int8 runtime
+    computes them, where ``x`` is a kept output (:func:`offer_runtime_output`,
+    :func:`offer_runtime_add`) with nothing but clamps in between (a ReLU, the grid's own
+    range, a flatten or reshape); ``None`` where no kept output is ``x``.
+
+    Which kept output ``x`` is, is read from the values: one of the same shape whose
+    codes differ from ``round(x / scale)`` by at most one, in at most one element in a
+    thousand (float32 differences near rounding midpoints: those are what the runtime's
+    arithmetic settles). Anything else between the producer and this quantizer (an
+    activation function, another add, another layer's output of the same shape)
+    changes far more codes, and the codes are ``round(x / scale)`` as without this."""
+    kept = getattr(_runtime, "kept", None)
+    if not kept or x.dtype != torch.float32:
+        return None
+    qmin, qmax = F.grid(bits, signed, full=True)
+    own = None
+    for kind, *held in reversed(kept):
+        first = held[0] if kind == "layer" else held[0][0]
+        if first.numel() != x.numel() or first.shape[:1] != x.shape[:1] or \
+                first.device != x.device:  # (a flatten or reshape between keeps the values)
+            continue
+        if own is None:
+            own = F.quantize(x.detach(), scale, bits, signed, full=True)
+        if kind == "layer":
+            total, unit, channel = held
+            codes = F.runtime_requantize(total, unit, scale, channel, qmin, qmax)
+        else:
+            (a, a_scale, a_zero), (b, b_scale, b_zero) = held
+            zero = 128 if signed else 0
+            codes = F.runtime_add(a, a_scale, a_zero, b, b_scale, b_zero, scale, zero)
+            codes = codes.sub_(zero).clamp_(qmin, qmax)
+        codes = codes.reshape(x.shape)
+        apart = (codes - own).abs_()
+        if float(apart.max()) <= 1 and int(apart.count_nonzero()) * 1000 <= own.numel():
+            return codes
+    return None

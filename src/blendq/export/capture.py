@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..converted import Deploy, QuantMixin, QuantSite, block_storage
 from ..functional import pack_codes, round_bias
-from ..layers import BlendMixin, bn_affine, link_holds, linked_producer
+from ..layers import BlendMixin, bias_units, deploy_fold, link_holds, linked_producer
 
 __all__ = ["ExportError", "capture", "deployable", "example_args"]
 
@@ -58,26 +58,24 @@ def _deploy_layer(layer: QuantMixin, bn: nn.Module | None, packed: bool, name: s
     bias = layer._parameters.get("bias")
     bias = None if bias is None else bias.detach().double()
     if bn is not None:
-        k, t = bn_affine(bn)  # (C_out,) each
-        bias = t if bias is None else k * bias + t
-        scale = (k if group is None else k.reshape(-1, 1)) * scale
-        sign = torch.where(k < 0, -1, 1).to(torch.int16)
+        scale, bias, negative = deploy_fold(scale if group is None else scale.T, bias, bn)
+        scale = scale if group is None else scale.T
+        sign = torch.where(negative, -1, 1).to(torch.int16)
         view = [1] * codes.dim()
         view[kind.axis] = out_ch
         codes = (codes.to(torch.int16) * sign.reshape(view)).to(torch.int8)
-        scale = scale.abs()
     unit = layer.accumulator_unit()
     a_scale = float(layer.act_scale) if layer.a_bits is not None else 1.0
     integer = unit is not None and bias is not None and (bn is not None or not layer.bias_folded)
     bias_scale = None
     if integer:
         unit = scale * a_scale  # float64, |k|·γ_w·γ_a with the fold
-        rounded = round_bias(bias, unit)
-        units = torch.round(rounded / unit)
-        if bool(torch.isfinite(units).all()) and units.abs().max() < 2**31:
+        units = bias_units(bias, unit)
+        if units is not None:
             bias, bias_scale = units.to(torch.int32), scale.float() * torch.tensor(
                 a_scale, dtype=torch.float32)
         else:  # units too small for int32 (an input scale near 0): the rounded bias in float
+            rounded = round_bias(bias, unit)
             warnings.warn(f"blendq: layer {name}: its bias needs more than int32 accumulator "
                           f"units (input scale {a_scale:.3g}); exported as a float bias, so "
                           "no int8 kernel runs this layer", stacklevel=4)
