@@ -401,10 +401,17 @@ def runtime_add(a: Tensor, a_scale: Tensor, a_zero: int, b: Tensor, b_scale: Ten
     rb = (b_scale.float() / y_scale.float()).reshape(())
     folded = (ra * a_zero).float() + (rb * b_zero).float()
     constant = (torch.tensor(float(y_zero), dtype=torch.float32, device=a.device) - folded)
-    # one rounding per fused multiply-add: the float64 products and sums are exact here
-    # (8-bit codes times 24-bit ratios), so rounding them to float32 once is the fma
-    low = (b.double() * rb.double() + constant.double()).float()
-    value = (a.double() * ra.double() + low.double()).float()
+    # float32 products and sums round more often than the fused multiply-adds, but by a
+    # few ulps (< 1e-4 below 256): only a value that close to a rounding midpoint can
+    # round otherwise, and those are computed again as the fma does, in float64 (8-bit
+    # codes times 24-bit ratios: the products and sums are exact there, so rounding them
+    # to float32 once is the fma)
+    value = torch.mul(b, rb).add_(constant).add_(torch.mul(a, ra))
+    near = torch.frac(value).abs_().sub_(0.5).abs_() < 1e-3
+    if bool(near.any()):
+        a_near, b_near = a[near].double(), b[near].double()
+        low = (b_near * rb.double() + constant.double()).float()
+        value[near] = (a_near * ra.double() + low.double()).float()
     return torch.round(value).clamp_(0, 255)
 
 

@@ -376,14 +376,19 @@ def _offer_folded(pending: tuple, bn: nn.Module | None) -> None:
     scale, bias, negative = deploy_fold(scale, bias, bn)
     view = [1] * acc.dim()
     view[channel] = -1
-    total = acc.double()
-    if negative is not None:
-        total = torch.where(negative.reshape(view), -total, total)
+    units = None
     if bias is not None:
         units = bias_units(bias, scale * x_scale.double())
         if units is None:
             return
-        total = total + units.reshape(view)
+    # acc + B as the runtime converts it to float32: exact in float32 below 2^24 (a
+    # float32 accumulator is below 2^22), else summed in float64 and rounded once
+    exact = acc.dtype == torch.float32 and (units is None or float(units.abs().max()) < 2**23)
+    total = acc if exact else acc.double()
+    if negative is not None:
+        total = total * torch.where(negative, -1.0, 1.0).to(total.dtype).reshape(view)
+    if units is not None:
+        total = total + units.to(total.dtype).reshape(view)
     offer_runtime_output(total.float(), x_scale.float() * scale.float(), channel)
 
 

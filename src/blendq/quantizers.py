@@ -1106,10 +1106,10 @@ def offer_runtime_add(a: Tensor, b: Tensor) -> None:
 
 
 def _note(value: Tensor, codes: Tensor, scale: Tensor, signed: bool) -> None:
-    """Remember a quantizer's output ``value`` as stored codes (``code + zero point``)."""
+    """Remember a quantizer's output ``value``: its codes, scale and stored zero point."""
     noted = _runtime.noted
     zero = 128 if signed else 0  # the exported uint8 zero point (blendq.converted)
-    noted[id(value)] = (weakref.ref(value), codes + zero, scale, zero)
+    noted[id(value)] = (weakref.ref(value), codes, scale, zero)
     while len(noted) > 2 * _KEPT:
         noted.popitem(last=False)
 
@@ -1142,16 +1142,18 @@ def runtime_codes(x: Tensor, scale: Tensor, bits: int, signed: bool) -> Tensor |
     :func:`offer_runtime_add`) with nothing but clamps in between (a ReLU, the grid's own
     range, a flatten or reshape); ``None`` where no kept output is ``x``.
 
-    Which kept output ``x`` is, is read from the values: one of the same shape whose
-    codes differ from ``round(x / scale)`` by at most one, in at most one element in a
-    thousand (float32 differences near rounding midpoints: those are what the runtime's
-    arithmetic settles). Anything else between the producer and this quantizer (an
-    activation function, another add, another layer's output of the same shape)
-    changes far more codes, and the codes are ``round(x / scale)`` as without this."""
+    Which kept output ``x`` is, is read from the values (of its first sample, in a batch):
+    one of as many elements whose codes differ from ``round(x / scale)`` by at most one,
+    in at most one element in a thousand (float32 differences near rounding midpoints:
+    those are what the runtime's arithmetic settles). Anything else between the producer
+    and this quantizer (an activation function, another add, another layer's output of
+    the same shape) changes far more codes, and the codes are ``round(x / scale)`` as
+    without this."""
     kept = getattr(_runtime, "kept", None)
     if not kept or x.dtype != torch.float32:
         return None
-    qmin, qmax = F.grid(bits, signed, full=True)
+    batched = x.dim() > 1 and x.shape[0] > 1
+    samples = 1 if batched else None  # the first sample tells a match, at its cost
     own = None
     for kind, *held in reversed(kept):
         first = held[0] if kind == "layer" else held[0][0]
@@ -1159,17 +1161,32 @@ def runtime_codes(x: Tensor, scale: Tensor, bits: int, signed: bool) -> Tensor |
                 first.device != x.device:  # (a flatten or reshape between keeps the values)
             continue
         if own is None:
-            own = F.quantize(x.detach(), scale, bits, signed, full=True)
-        if kind == "layer":
-            total, unit, channel = held
-            codes = F.runtime_requantize(total, unit, scale, channel, qmin, qmax)
-        else:
-            (a, a_scale, a_zero), (b, b_scale, b_zero) = held
-            zero = 128 if signed else 0
-            codes = F.runtime_add(a, a_scale, a_zero, b, b_scale, b_zero, scale, zero)
-            codes = codes.sub_(zero).clamp_(qmin, qmax)
-        codes = codes.reshape(x.shape)
-        apart = (codes - own).abs_()
-        if float(apart.max()) <= 1 and int(apart.count_nonzero()) * 1000 <= own.numel():
-            return codes
+            own = F.quantize(x.detach()[:samples], scale, bits, signed, full=True)
+        codes = _kept_codes(kind, held, scale, bits, signed, samples)
+        if _agrees(codes, own):
+            if batched:
+                codes = _kept_codes(kind, held, scale, bits, signed)
+            return codes.reshape(x.shape)
     return None
+
+
+def _kept_codes(kind: str, held: list, scale: Tensor, bits: int, signed: bool,
+                samples: int | None = None) -> Tensor:
+    """A kept output's codes with ``scale`` (its first ``samples`` along dim 0 only)."""
+    qmin, qmax = F.grid(bits, signed, full=True)
+    if kind == "layer":
+        total, unit, channel = held
+        return F.runtime_requantize(total[:samples], unit, scale, channel, qmin, qmax)
+    (a, a_scale, a_zero), (b, b_scale, b_zero) = held
+    zero = 128 if signed else 0
+    codes = F.runtime_add(a[:samples] + a_zero, a_scale, a_zero, b[:samples] + b_zero,
+                          b_scale, b_zero, scale, zero)
+    return codes.sub_(zero).clamp_(qmin, qmax)
+
+
+def _agrees(codes: Tensor, own: Tensor) -> bool:
+    """Codes within one of ``own`` everywhere, and apart in one element in a thousand at
+    most (one at least)."""
+    apart = (codes.reshape(own.shape) - own).abs_()
+    return float(apart.max()) <= 1 and \
+        int(apart.count_nonzero()) * 1000 <= max(own.numel(), 1000)
