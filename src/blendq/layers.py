@@ -603,8 +603,10 @@ class _FoldedBatchNorm:
 
     def forward(self, input: Tensor) -> Tensor:
         delta = None
-        pending = None if self.producer is None else \
-            self.producer.__dict__.pop("_pending_output", None)  # (evaluation at α = 1)
+        pending = None  # evaluation at α = 1: the producer's output, to fold and offer
+        if not self.training and self.producer is not None and \
+                not torch.compiler.is_compiling():
+            pending = self.producer.__dict__.pop("_pending_output", None)
         stats = self.running_mean if self.running_mean is not None else input
         dtype = (stats if self.bias is None else self.bias).dtype  # the parameters' (autocast)
         if self.normalises_producer(input):

@@ -1118,6 +1118,8 @@ def runtime_applies(x: Tensor) -> bool:
     """Whether quantizing ``x`` now rounds as the runtime does (:func:`runtime_value`): an
     integer layer has offered an output in this thread, ``x`` is float32 and autograd
     records nothing."""
+    if torch.compiler.is_compiling():  # a traced graph computes the float way
+        return False
     return bool(getattr(_runtime, "kept", None)) and x.dtype == torch.float32 and \
         not (x.requires_grad and torch.is_grad_enabled())
 
@@ -1154,6 +1156,8 @@ def runtime_codes(x: Tensor, scale: Tensor, bits: int, signed: bool) -> Tensor |
         return None
     batched = x.dim() > 1 and x.shape[0] > 1
     samples = 1 if batched else None  # the first sample tells a match, at its cost
+    if _quantized_before(x, samples):  # quantized again: the runtime dequantizes and
+        return None  # quantizes (a division, as here)
     own = None
     for kind, *held in reversed(kept):
         first = held[0] if kind == "layer" else held[0][0]
@@ -1168,6 +1172,17 @@ def runtime_codes(x: Tensor, scale: Tensor, bits: int, signed: bool) -> Tensor |
                 codes = _kept_codes(kind, held, scale, bits, signed)
             return codes.reshape(x.shape)
     return None
+
+
+def _quantized_before(x: Tensor, samples: int | None) -> bool:
+    """Whether ``x`` holds a noted quantizer output's values (itself, or a copy through a
+    reshape or a zero-width pad), read from its first ``samples``."""
+    head = x.detach()[:samples].reshape(-1)
+    for _, codes, scale, _ in _runtime.noted.values():
+        if codes.numel() == x.numel() and codes.shape[:1] == x.shape[:1] and \
+                torch.equal(head, (codes[:samples] * scale.to(x.dtype)).reshape(-1)):
+            return True
+    return False
 
 
 def _kept_codes(kind: str, held: list, scale: Tensor, bits: int, signed: bool,

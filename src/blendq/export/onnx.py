@@ -326,7 +326,8 @@ def _names_read(graph) -> set[str]:
 
 def _commutes(node, zp, scale: float, consts) -> str | None:
     """How ``node`` passes behind a quantizer of zero point ``zp`` and ``scale``:
-    ``"keep"`` (max pooling, zero padding: they work on the codes), ``"drop"`` (a Relu
+    ``"keep"`` (max pooling, zero padding, filled with the zero point's code: they work
+    on the codes), ``"drop"`` (a Relu
     before an unsigned grid with zero point 0, or a Clip whose bounds the quantizer's
     own range makes redundant), ``None`` (it does not commute: the move stops)."""
 
@@ -350,7 +351,8 @@ def _commutes(node, zp, scale: float, consts) -> str | None:
         value = node.input[2] if len(node.input) > 2 else ""
         fill_zero = value == "" or (value in consts and not consts[value].any())
         axes = len(node.input) < 4 or node.input[3] == "" or node.input[3] in consts
-        ok = zero and mode == b"constant" and node.input[1] in consts and fill_zero and axes
+        # (a fill of 0 is the zero point's code on any grid: signed ones pad with 128)
+        ok = mode == b"constant" and node.input[1] in consts and fill_zero and axes
         return "keep" if ok else None
     return None
 
