@@ -1144,9 +1144,9 @@ def runtime_codes(x: Tensor, scale: Tensor, bits: int, signed: bool) -> Tensor |
     :func:`offer_runtime_add`) with nothing but clamps in between (a ReLU, the grid's own
     range, a flatten or reshape); ``None`` where no kept output is ``x``.
 
-    Which kept output ``x`` is, is read from the values (of its first sample, in a batch):
-    one of as many elements whose codes differ from ``round(x / scale)`` by at most one,
-    in at most one element in a thousand (float32 differences near rounding midpoints:
+    Which kept output ``x`` is, is read from the values (its first sample first, then the
+    whole batch): one of as many elements whose codes differ from ``round(x / scale)`` by
+    at most one, in at most one element in a thousand (float32 differences near rounding midpoints:
     those are what the runtime's arithmetic settles). Anything else between the producer
     and this quantizer (an activation function, another add, another layer's output of
     the same shape) changes far more codes, and the codes are ``round(x / scale)`` as
@@ -1167,10 +1167,13 @@ def runtime_codes(x: Tensor, scale: Tensor, bits: int, signed: bool) -> Tensor |
         if own is None:
             own = F.quantize(x.detach()[:samples], scale, bits, signed, full=True)
         codes = _kept_codes(kind, held, scale, bits, signed, samples)
-        if _agrees(codes, own):
-            if batched:
-                codes = _kept_codes(kind, held, scale, bits, signed)
-            return codes.reshape(x.shape)
+        if not _agrees(codes, own):
+            continue
+        if batched:  # the whole batch must agree as well
+            codes = _kept_codes(kind, held, scale, bits, signed)
+            if not _agrees(codes, F.quantize(x.detach(), scale, bits, signed, full=True)):
+                continue
+        return codes.reshape(x.shape)
     return None
 
 
