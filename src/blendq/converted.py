@@ -256,7 +256,7 @@ def _deploy_input(x: Tensor, d: Deploy) -> Tensor:
     if F.is_sign(d.a_bits, d.a_signed):
         return torch.where(x >= 0, s, -s).to(x.dtype)
     qmin, qmax = F.grid(d.a_bits, d.a_signed, full=True)
-    zero = 128 if d.a_signed else 0
+    zero = F.stored_zero(d.a_signed)
     if qmin + zero > 0 or qmax + zero < 255:
         x = x.clamp(qmin * s, qmax * s)
     q = _qd().quantize_per_tensor(x, s, zero, 0, 255, torch.uint8)

@@ -24,8 +24,8 @@ __all__ = ["NONE_WORDS", "SCALES", "check_bits", "check_scale", "grid", "minmax"
            "integer_input", "lsq", "ppq",
            "ppq_segments", "segment_index", "segment_sum",
            "search_scale", "binarize", "quantize", "blend", "straight_through", "check_finite",
-           "round_bias", "runtime_requantize", "runtime_add", "strided_sample", "kept_sample",
-           "settle_dtype",
+           "round_bias", "stored_zero", "runtime_requantize", "runtime_add", "strided_sample",
+           "kept_sample", "settle_dtype",
            "straight_through_fake_quantize", "pack_codes",
            "unpack_codes", "fake_quantize", "fused_fake_quantize", "fake_sign",
            "blend_weight", "blend_bias", "Execution", "execution", "set_execution",
@@ -368,6 +368,13 @@ def round_bias(bias: Tensor, unit: Tensor) -> Tensor:
     return torch.where(u > 0, torch.round(b / safe) * safe, b)
 
 
+def stored_zero(signed: bool) -> int:
+    """The zero point of an activation grid stored as uint8 in an exported graph: 0 for an
+    unsigned grid, 128 for a signed one (codes ``q + 128``: x86 runtimes run their int8
+    kernels from uint8 activations)."""
+    return 128 if signed else 0
+
+
 def runtime_requantize(total: Tensor, unit: Tensor, y_scale: Tensor, channel: int,
                        qmin: int, qmax: int) -> Tensor:
     """An integer layer's output codes as ONNX Runtime's int8 kernels requantize them
@@ -381,7 +388,7 @@ def runtime_requantize(total: Tensor, unit: Tensor, y_scale: Tensor, channel: in
     exact value ``(acc + B)·γ_x·γ_w/γ_y`` and this one differ by a few float32 ulps, so an
     output within ~1e-6 of a rounding midpoint can round either way; at 4 bits one such
     code moves the next layer by a sizeable part of a step. Checked against ONNX Runtime
-    node by node in ``tests/test_export.py``."""
+    node by node in ``tests/test_runtime_rounding.py``."""
     view = [1] * total.dim()
     view[channel] = -1
     multiplier = (unit.float() / y_scale.float()).reshape(view)

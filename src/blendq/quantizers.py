@@ -758,7 +758,7 @@ class ActQuantizer(nn.Module):
         the int8 runtime computes it where ``x`` is such an output (:func:`runtime_codes`),
         else as usual, noted as an operand a residual add may read; ``None`` where that
         does not apply."""
-        if F.is_sign(self.spec.bits, signed) or not runtime_applies(x):
+        if F.is_sign(self.spec.bits, signed):  # (the caller checked runtime_applies)
             return None
         ready = self._lsq_ready if self.source.learned else bool(self.initialized)
         if not ready or not bool(alpha == 1):
@@ -1108,7 +1108,7 @@ def offer_runtime_add(a: Tensor, b: Tensor) -> None:
 def _note(value: Tensor, codes: Tensor, scale: Tensor, signed: bool) -> None:
     """Remember a quantizer's output ``value``: its codes, scale and stored zero point."""
     noted = _runtime.noted
-    zero = 128 if signed else 0  # the exported uint8 zero point (blendq.converted)
+    zero = F.stored_zero(signed)
     noted[id(value)] = (weakref.ref(value), codes, scale, zero)
     while len(noted) > 2 * _KEPT:
         noted.popitem(last=False)
@@ -1196,7 +1196,7 @@ def _kept_codes(kind: str, held: list, scale: Tensor, bits: int, signed: bool,
         total, unit, channel = held
         return F.runtime_requantize(total[:samples], unit, scale, channel, qmin, qmax)
     (a, a_scale, a_zero), (b, b_scale, b_zero) = held
-    zero = 128 if signed else 0
+    zero = F.stored_zero(signed)
     codes = F.runtime_add(a[:samples] + a_zero, a_scale, a_zero, b[:samples] + b_zero,
                           b_scale, b_zero, scale, zero)
     return codes.sub_(zero).clamp_(qmin, qmax)
