@@ -30,12 +30,21 @@ def finished_history(cfg: TrainConfig, out: Path) -> list[dict] | None:
 
 
 def commit() -> str:
-    """The short commit of this checkout (``"unknown"`` outside git)."""
+    """The short commit of this checkout, ``+dirty`` where the code (``src/``,
+    ``benchmarks/``) differs from it (``"unknown"`` outside git)."""
+    here = Path(__file__).parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=here).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--",
+                      str(here.parent / "src"), str(here))
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{head}+dirty" if changed else head
 
 
 def train_step(model: nn.Module, x, y, lr: float, bf16: bool = False,

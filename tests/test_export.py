@@ -358,10 +358,12 @@ def test_batch_norm_without_running_statistics_exports():
     (-10.0, 0.5, "int8", True),  # lower bound beyond the codes: dropped, upper on grid
     (-float("inf"), 0.15, "uint8", True),  # an infinite bound, the other on grid
     (0.0, 0.15, "uint8", True),  # a 4-bit grid's clamp in uint8
-    (0.0, 0.155, "uint8", False),  # a bound between steps stays where it is
+    (0.0, 0.155, "uint8", True),  # a bound between steps (ReLU6 below a grid past 6)
+    (0.0, 0.125, "uint8", True),  # a bound near a rounding midpoint
+    (-0.0333, 0.6, "int8", True),  # both between steps
     (-2.0, 2.0, "int8", False),  # both beyond the codes: the clamp is the quantizer's
 ])
-def test_a_clamp_moves_onto_the_codes_only_where_exact(lo, hi, dtype, moved):
+def test_a_clamp_moves_onto_the_codes_exactly(lo, hi, dtype, moved):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     import numpy as np
@@ -379,7 +381,10 @@ def test_a_clamp_moves_onto_the_codes_only_where_exact(lo, hi, dtype, moved):
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    x = np.linspace(-3, 3, 64, dtype=np.float32)
+    x = np.linspace(-3, 3, 64, dtype=np.float32)  # and the bounds, the values beside them
+    near = np.array([lo, hi], dtype=np.float32)[np.isfinite([lo, hi])]
+    x[:6 * len(near)] = np.concatenate([np.nextafter(near, np.float32(d)) if d else near
+                                        for d in (-np.inf, 0, np.inf)] * 2)
 
     def run(m):
         session = ort.InferenceSession(m.SerializeToString(),

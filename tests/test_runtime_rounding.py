@@ -155,3 +155,54 @@ def test_alpha_one_model_rounds_as_onnx_runtime_end_to_end(tmp_path, monkeypatch
         out = run_onnx(session, x)
     # the same codes in every layer: the logits differ by float32 rounding alone
     assert float((out - ref).abs().max()) <= 1e-3 * output_step(ref)
+
+
+class _Shared(torch.nn.Module):
+    """A ReLU6 output read by two layers (each with its own input quantizer), their sum
+    into a Linear: ResNet's stem and a downsampling block's two branches, MobileNet's
+    ReLU6."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 1, 1),
+                                        torch.nn.BatchNorm2d(16), torch.nn.ReLU6())
+        self.a = torch.nn.Conv2d(16, 16, 1)
+        self.b = torch.nn.Conv2d(16, 16, 3, 1, 1)
+        self.head = torch.nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(torch.relu(self.a(h) + self.b(h)).flatten(1))
+
+
+def test_a_shared_output_and_relu6_run_as_int8_kernels_as_trained(tmp_path):
+    """Two quantizers of different scales reading one layer's ReLU6 output, their grids
+    ending above 6 (a learned step): ONNX Runtime runs every convolution as
+    ``QLinearConv`` (the layer copied for each reader, the ReLU6 a clamp of the codes at
+    ``round(6 / scale)``, not a float convolution and clip), and the α = 1 model rounds
+    as those kernels do."""
+    from blendq.export import export_onnx, onnx_session, run_onnx
+    from blendq.export.verify import output_step
+
+    torch.manual_seed(0)
+    model = blendq.prepare(_Shared(), blendq.QuantPolicy(w_bits=4, a_bits=4, per_channel=True))
+    x = 3 * torch.randn(64, 3, 8, 8)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        model.a.a_quant.scale.fill_(0.4321)  # 15 steps: 6.48 and 6.85, past ReLU6's 6
+        model.b.a_quant.scale.fill_(0.4567)
+    blendq.set_alpha(model.eval(), 1.0)
+    with torch.no_grad():
+        model(x)
+        ref = model(x)
+        path = export_onnx(blendq.convert(copy.deepcopy(model)), tmp_path / "m.onnx", x)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 4 and not {"Conv", "FusedConv"} & set(ops), ops
+    out = run_onnx(onnx_session(path), x)
+    assert float((out - ref).abs().max()) <= 1e-3 * output_step(ref)

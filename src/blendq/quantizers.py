@@ -1141,8 +1141,9 @@ def runtime_value(x: Tensor, scale: Tensor, bits: int, signed: bool) -> Tensor:
 def runtime_codes(x: Tensor, scale: Tensor, bits: int, signed: bool) -> Tensor | None:
     """``x``'s codes on the grid ``(bits, signed)`` with ``scale`` as an int8 runtime
     computes them, where ``x`` is a kept output (:func:`offer_runtime_output`,
-    :func:`offer_runtime_add`) with nothing but clamps in between (a ReLU, the grid's own
-    range, a flatten or reshape); ``None`` where no kept output is ``x``.
+    :func:`offer_runtime_add`) with nothing but clamps in between (a ReLU, ReLU6, the
+    grid's own range; :func:`_clamped`), a flatten or reshape; ``None`` where no kept
+    output is ``x``.
 
     Which kept output ``x`` is, is read from the values (its first sample first, then the
     whole batch): one of as many elements whose codes differ from ``round(x / scale)`` by
@@ -1166,15 +1167,30 @@ def runtime_codes(x: Tensor, scale: Tensor, bits: int, signed: bool) -> Tensor |
             continue
         if own is None:
             own = F.quantize(x.detach()[:samples], scale, bits, signed, full=True)
-        codes = _kept_codes(kind, held, scale, bits, signed, samples)
+        codes = _clamped(_kept_codes(kind, held, scale, bits, signed, samples),
+                         x.detach()[:samples], own)
         if not _agrees(codes, own):
             continue
         if batched:  # the whole batch must agree as well
-            codes = _kept_codes(kind, held, scale, bits, signed)
-            if not _agrees(codes, F.quantize(x.detach(), scale, bits, signed, full=True)):
+            whole = F.quantize(x.detach(), scale, bits, signed, full=True)
+            codes = _clamped(_kept_codes(kind, held, scale, bits, signed), x.detach(), whole)
+            if not _agrees(codes, whole):
                 continue
         return codes.reshape(x.shape)
     return None
+
+
+def _clamped(codes: Tensor, x: Tensor, own: Tensor) -> Tensor:
+    """A kept output's ``codes`` after the clamp that may sit between it and the quantizer
+    (ReLU6, a Clip; the exported graph clamps the codes to ``round(bound / scale)``
+    there): where ``x`` takes its largest value, no more than ``own`` (its codes), where
+    its smallest, no less. (Unclamped, that changes a code only where the extreme
+    element itself lies at a rounding midpoint.)"""
+    codes = codes.reshape(own.shape)
+    if not x.numel():
+        return codes
+    codes = torch.where(x == x.max(), torch.minimum(codes, own), codes)
+    return torch.where(x == x.min(), torch.maximum(codes, own), codes)
 
 
 def _quantized_before(x: Tensor, samples: int | None) -> bool:

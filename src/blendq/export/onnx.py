@@ -11,6 +11,7 @@ it sits right after the convolution, the pattern ONNX Runtime fuses.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import numbers
@@ -70,6 +71,7 @@ def to_onnx(program: torch.export.ExportedProgram, example_input, weights: str =
     finally:
         logger.setLevel(level)
     model = exported.model_proto
+    _unshare_producers(model)
     _hoist_quantize(model)
     if accuracy_level is not None:
         _matmul_nbits(model, accuracy_level)
@@ -245,14 +247,73 @@ def _readers(graph) -> dict[str, list]:
     return readers
 
 
+_INTEGER_OPS = ("Conv", "Add", "MatMul", "Gemm")  # what ONNX Runtime runs on int8 codes
+_CLAMPS = ("Relu", "Clip")
+_ON_CODES = _CLAMPS + ("MaxPool",)  # what may sit between a layer and its quantizer
+
+
+def _unshare_producers(model) -> int:
+    """Give each quantizer reading one integer layer's output its own copy of the layer.
+    Where two quantizers of different scales read one output (a ResNet's stem, read by
+    the first block's branch and its shortcut, each layer with its own input
+    quantizer), ONNX Runtime cannot fuse the layer with either: it runs it in float32,
+    rounded as its own float kernels sum, not as the layer was trained. A copy per
+    quantizer (the layer, the clamps and max pooling after it) lets each fuse into an int8 kernel
+    (``QLinearConv``, ``QLinearAdd``) that requantizes to its reader's scale, as the
+    α = 1 model rounds it. Returns the number of copies."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    readers = _readers(graph)
+    outputs = {o.name for o in graph.output}
+    initializers = {t.name for t in graph.initializer}
+
+    def dequantized(name: str) -> bool:
+        node = producer.get(name)
+        return name in initializers or (node is not None and node.op_type in (
+            "DequantizeLinear", "Constant"))
+
+    def quantizes(node) -> bool:  # a QuantizeLinear, after clamps read by nothing else
+        while node.op_type in _CLAMPS and node.output[0] not in outputs and \
+                len(readers.get(node.output[0], [])) == 1:
+            node = readers[node.output[0]][0]
+        return node.op_type == "QuantizeLinear"
+
+    copies = 0
+    for layer in [n for n in graph.node if n.op_type in _INTEGER_OPS]:
+        if not all(dequantized(i) for i in layer.input if i):
+            continue
+        path, value = [layer], layer.output[0]
+        while value not in outputs and len(readers.get(value, [])) == 1 and \
+                readers[value][0].op_type in _ON_CODES and len(readers[value][0].output) == 1:
+            path.append(readers[value][0])
+            value = path[-1].output[0]
+        shared = readers.get(value, [])
+        if value in outputs or len(shared) < 2 or not all(quantizes(r) for r in shared):
+            continue
+        for k, reader in enumerate(shared[1:], 1):
+            source = None
+            for node in path:
+                clone = copy.deepcopy(node)
+                clone.name = f"{node.name or node.output[0]}.copy{k}"
+                if source is not None:
+                    clone.input[0] = source
+                clone.output[0] = source = f"{node.output[0]}.copy{k}"
+                graph.node.append(clone)
+            reader.input[0] = source
+            copies += 1
+    if copies:
+        _topological_sort(graph)
+    return copies
+
+
 def _hoist_quantize(model) -> int:
     """Move each QuantizeLinear back across the operations between it and the value they
     start from that commute with it, where every value on the way has one reader: max
-    pooling, zero padding and a clamp to bounds on the grid (they then work on the 8-bit
+    pooling, zero padding and a clamp to any constant bounds (they then work on the 8-bit
     codes: a 4-bit grid's clamp in uint8), and a Relu or Clip that the quantizer's own
     clamping makes redundant (a Relu before an unsigned grid with zero point 0; ReLU6
-    where the grid ends below 6). ``V -> Relu -> Pad -> Q -> DQ``
-    becomes ``V -> Q -> Pad' -> DQ``. The
+    where the grid ends below 6). ``V -> Relu -> Pad -> Q -> DQ`` becomes
+    ``V -> Q -> Pad' -> DQ``. The
     values are the same; the Q then sits right after the convolution, the pattern ONNX
     Runtime fuses into QLinearConv. Returns the number of moves."""
     from onnx import numpy_helper
@@ -340,11 +401,11 @@ def _commutes(node, zp, scale: float, consts) -> str | None:
         bounds = _clip_codes(node, zp, scale, consts)
         if bounds is None:
             return None
-        # bounds beyond the codes' range: the quantizer's own clamping; bounds on the
-        # grid (a grid narrower than the codes' type, 4 bits in uint8): the clamp moves
-        # behind the quantizer onto the codes, which leaves the convolution before it
-        # followed by its QuantizeLinear (what ONNX Runtime fuses); exact, as rounding
-        # is monotone and each bound is a whole number of steps
+        # bounds beyond the codes' range: the quantizer's own clamping; bounds within
+        # it (a grid narrower than the codes' type, 4 bits in uint8, or ReLU6 below a
+        # grid that ends above 6): the clamp moves behind the quantizer onto the
+        # codes, which leaves the convolution before it followed by its QuantizeLinear
+        # (what ONNX Runtime fuses); exact, as clamping and rounding are both monotone
         return "drop" if all(code is None for code in bounds.values()) else "keep"
     if node.op_type == "Pad":
         mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
@@ -360,8 +421,9 @@ def _commutes(node, zp, scale: float, consts) -> str | None:
 def _clip_codes(node, zp, scale: float, consts) -> dict[int, int | None] | None:
     """A Clip's bounds (input index -> code) as a quantizer of zero point ``zp`` and
     ``scale`` sees them: ``None`` for a bound its own clamping makes redundant (beyond
-    the codes' range, or infinite that way); the code of a bound on the grid; ``None``
-    for the whole where a bound is neither (or not a constant)."""
+    the codes' range, or infinite that way); else the bound's code, ``round(bound /
+    scale)`` (the clamp and the rounding commute: both are monotone); ``None`` for the
+    whole where a bound is not a constant."""
     import math
 
     import numpy as np
@@ -379,14 +441,11 @@ def _clip_codes(node, zp, scale: float, consts) -> dict[int, int | None] | None:
             continue
         if not math.isfinite(value):
             return None
-        steps = value / scale
-        code = round(steps) + int(zp)
-        if (k == 1 and code <= info.min) or (k == 2 and code >= info.max):
-            found[k] = None
-        elif abs(steps - round(steps)) < 1e-3:
-            found[k] = code
-        else:
-            return None
+        # the bound's code as the runtime quantizes it (float32 division, half to even):
+        # a value beyond the bound has a code beyond it too, rounding being monotone
+        code = int(np.round(np.float32(value) / np.float32(scale))) + int(zp)
+        found[k] = None if (k == 1 and code <= info.min) or (k == 2 and code >= info.max) \
+            else code
     return found
 
 
