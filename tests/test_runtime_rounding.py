@@ -206,3 +206,24 @@ def test_a_shared_output_and_relu6_run_as_int8_kernels_as_trained(tmp_path):
     assert ops.count("QLinearConv") == 4 and not {"Conv", "FusedConv"} & set(ops), ops
     out = run_onnx(onnx_session(path), x)
     assert float((out - ref).abs().max()) <= 1e-3 * output_step(ref)
+
+
+def test_a_noted_output_whose_id_comes_again_counts_as_the_newest():
+    """Quantizer outputs are noted by ``id`` (an add's operands are found by it). A freed
+    tensor's id comes back for a new one, which must then be the newest note, not keep
+    the dead one's place among the oldest and be dropped early: that lost a residual
+    add's operand depending on where memory was allocated, and the α = 1 model rounded
+    that add otherwise in some runs."""
+    from blendq import quantizers
+
+    quantizers._kept()
+    scale = torch.tensor(0.5)
+    value = torch.ones(4)
+    others = [torch.full((4,), float(i)) for i in range(3 * quantizers._KEPT)]
+    quantizers._note(value, value * 2, scale, False)
+    for other in others[:5]:
+        quantizers._note(other, other * 2, scale, False)
+    quantizers._note(value, value * 2, scale, False)  # as a new tensor with a reused id
+    for other in others[5:5 + 2 * quantizers._KEPT - 1]:
+        quantizers._note(other, other * 2, scale, False)
+    assert id(value) in quantizers._runtime.noted
