@@ -354,6 +354,44 @@ def test_batch_norm_without_running_statistics_exports():
     _eval_equals_export(model, torch.randn(4, 3, 8, 8))
 
 
+@pytest.mark.parametrize(("zero", "dtype", "clamped"), [
+    (0, "uint8", False),  # an unsigned grid: the quantizer's own clamp, the Relu goes
+    (128, "uint8", True),  # a signed grid stored in uint8: a clamp of the codes at 128
+    (0, "int8", True),
+])
+def test_a_relu_moves_onto_the_codes(zero, dtype, clamped):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from blendq.export.onnx import _hoist_quantize
+
+    inits = [numpy_helper.from_array(np.array(0.05, dtype=np.float32), "s"),
+             numpy_helper.from_array(np.array(zero, dtype=dtype), "zp")]
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+         helper.make_node("QuantizeLinear", ["r", "s", "zp"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    x = np.linspace(-8, 8, 64, dtype=np.float32)
+
+    def run(m):
+        session = ort.InferenceSession(m.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})[0]
+
+    before = run(model)
+    assert _hoist_quantize(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == (["QuantizeLinear", "Clip", "DequantizeLinear"] if clamped
+                   else ["QuantizeLinear", "DequantizeLinear"])
+    assert np.array_equal(run(model), before) and before.min() == 0
+
+
 @pytest.mark.parametrize(("lo", "hi", "dtype", "moved"), [
     (-10.0, 0.5, "int8", True),  # lower bound beyond the codes: dropped, upper on grid
     (-float("inf"), 0.15, "uint8", True),  # an infinite bound, the other on grid

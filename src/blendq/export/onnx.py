@@ -387,16 +387,17 @@ def _names_read(graph) -> set[str]:
 
 def _commutes(node, zp, scale: float, consts) -> str | None:
     """How ``node`` passes behind a quantizer of zero point ``zp`` and ``scale``:
-    ``"keep"`` (max pooling, zero padding, filled with the zero point's code: they work
-    on the codes), ``"drop"`` (a Relu
-    before an unsigned grid with zero point 0, or a Clip whose bounds the quantizer's
-    own range makes redundant), ``None`` (it does not commute: the move stops)."""
+    ``"keep"`` (max pooling; zero padding, filled with the zero point's code; a clamp,
+    on the codes: they work on the codes), ``"drop"`` (a Relu before a grid whose
+    lowest code is 0's, or a Clip whose bounds the quantizer's own range makes
+    redundant), ``None`` (it does not commute: the move stops)."""
+    import numpy as np
 
-    zero = not zp.any()
     if node.op_type == "MaxPool":
         return "keep" if len(node.output) == 1 else None
-    if node.op_type == "Relu":
-        return "drop" if zero and str(zp.dtype) == "uint8" else None
+    if node.op_type == "Relu":  # where 0 is the codes' lowest, the quantizer's own clamp;
+        # else (a signed grid stored in uint8, zero point 128) a clamp of the codes at it
+        return "drop" if zp.item() <= np.iinfo(zp.dtype).min else "keep"
     if node.op_type == "Clip":
         bounds = _clip_codes(node, zp, scale, consts)
         if bounds is None:
@@ -456,6 +457,12 @@ def _to_codes(graph, node, zp, scale: float = 1.0, consts: dict | None = None) -
     import numpy as np
     from onnx import numpy_helper
 
+    if node.op_type == "Relu":
+        name = f"{node.name or node.output[0]}.bound1"
+        graph.initializer.append(numpy_helper.from_array(np.array(zp, dtype=zp.dtype), name))
+        node.op_type = "Clip"
+        node.input.append(name)
+        return []
     if node.op_type == "Clip":
         replaced = []
         for k, code in _clip_codes(node, zp, scale, consts).items():
