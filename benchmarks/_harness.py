@@ -40,7 +40,7 @@ def commit() -> str:
 
     try:
         head = git("rev-parse", "--short", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no", "--",
+        changed = git("status", "--porcelain", "--",
                       str(here.parent / "src"), str(here))
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

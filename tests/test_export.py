@@ -399,6 +399,8 @@ def test_a_relu_moves_onto_the_codes(zero, dtype, clamped):
     (0.0, 0.155, "uint8", True),  # a bound between steps (ReLU6 below a grid past 6)
     (0.0, 0.125, "uint8", True),  # a bound near a rounding midpoint
     (-0.0333, 0.6, "int8", True),  # both between steps
+    (-0.125, 0.6, "int8", True),  # a negative bound near a midpoint
+    (-1.25, -0.75, "uint8", True),  # a bound past the codes' other end: all of it
     (-2.0, 2.0, "int8", False),  # both beyond the codes: the clamp is the quantizer's
 ])
 def test_a_clamp_moves_onto_the_codes_exactly(lo, hi, dtype, moved):

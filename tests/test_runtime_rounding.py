@@ -227,3 +227,23 @@ def test_a_noted_output_whose_id_comes_again_counts_as_the_newest():
     for other in others[5:5 + 2 * quantizers._KEPT - 1]:
         quantizers._note(other, other * 2, scale, False)
     assert id(value) in quantizers._runtime.noted
+
+
+def test_a_kept_output_matches_where_codes_differ_at_midpoints_only():
+    """Which kept output a quantizer's input is, is read from the values: the runtime's
+    codes may differ from ``round(x / scale)`` by one where ``x`` lies at a rounding
+    midpoint (float32 roundings decide there), and nowhere else."""
+    from blendq.quantizers import _agrees
+
+    scale = torch.tensor(0.5)
+    x = torch.arange(64, dtype=torch.float32) * 0.37  # a small output: 64 elements
+    x[10] = 5.25  # 10.5 steps, a midpoint
+    own = F.quantize(x, scale, 8, False, full=True)
+    codes = own.clone()
+    codes[10] += 1  # the runtime rounded the midpoint up
+    assert _agrees(codes, own, x, scale)
+    codes[20] += 1  # and elsewhere: another tensor's values
+    assert not _agrees(codes, own, x, scale)
+    codes = own.clone()
+    codes[10] += 2
+    assert not _agrees(codes, own, x, scale)

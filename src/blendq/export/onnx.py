@@ -247,7 +247,8 @@ def _readers(graph) -> dict[str, list]:
     return readers
 
 
-_INTEGER_OPS = ("Conv", "Add", "MatMul", "Gemm")  # what ONNX Runtime runs on int8 codes
+_INTEGER_OPS = ("Conv", "Add")  # what ONNX Runtime fuses with its quantizers (QLinearConv,
+# QLinearAdd); a matmul is left alone: its weight read twice would not become MatMulNBits
 _CLAMPS = ("Relu", "Clip")
 _ON_CODES = _CLAMPS + ("MaxPool",)  # what may sit between a layer and its quantizer
 
@@ -267,10 +268,10 @@ def _unshare_producers(model) -> int:
     outputs = {o.name for o in graph.output}
     initializers = {t.name for t in graph.initializer}
 
-    def dequantized(name: str) -> bool:
-        node = producer.get(name)
-        return name in initializers or (node is not None and node.op_type in (
-            "DequantizeLinear", "Constant"))
+    def dequantized(layer) -> bool:  # its operands dequantized codes (a bias may be float)
+        return all(k == 2 and name in initializers or (
+            name in producer and producer[name].op_type == "DequantizeLinear")
+            for k, name in enumerate(layer.input) if name)
 
     def quantizes(node) -> bool:  # a QuantizeLinear, after clamps read by nothing else
         while node.op_type in _CLAMPS and node.output[0] not in outputs and \
@@ -280,7 +281,7 @@ def _unshare_producers(model) -> int:
 
     copies = 0
     for layer in [n for n in graph.node if n.op_type in _INTEGER_OPS]:
-        if not all(dequantized(i) for i in layer.input if i):
+        if not dequantized(layer):
             continue
         path, value = [layer], layer.output[0]
         while value not in outputs and len(readers.get(value, [])) == 1 and \
@@ -446,7 +447,7 @@ def _clip_codes(node, zp, scale: float, consts) -> dict[int, int | None] | None:
         # a value beyond the bound has a code beyond it too, rounding being monotone
         code = int(np.round(np.float32(value) / np.float32(scale))) + int(zp)
         found[k] = None if (k == 1 and code <= info.min) or (k == 2 and code >= info.max) \
-            else code
+            else min(max(code, info.min), info.max)  # (a bound past the other end: all of it)
     return found
 
 
@@ -459,7 +460,7 @@ def _to_codes(graph, node, zp, scale: float = 1.0, consts: dict | None = None) -
 
     if node.op_type == "Relu":
         name = f"{node.name or node.output[0]}.bound1"
-        graph.initializer.append(numpy_helper.from_array(np.array(zp, dtype=zp.dtype), name))
+        graph.initializer.append(numpy_helper.from_array(zp.reshape(()).astype(zp.dtype), name))
         node.op_type = "Clip"
         node.input.append(name)
         return []
