@@ -354,12 +354,10 @@ def test_batch_norm_without_running_statistics_exports():
     _eval_equals_export(model, torch.randn(4, 3, 8, 8))
 
 
-@pytest.mark.parametrize(("zero", "dtype", "clamped"), [
-    (0, "uint8", False),  # an unsigned grid: the quantizer's own clamp, the Relu goes
-    (128, "uint8", True),  # a signed grid stored in uint8: a clamp of the codes at 128
-    (0, "int8", True),
-])
-def test_a_relu_moves_onto_the_codes(zero, dtype, clamped):
+def _hoisted(node, inits: dict, zp, x):
+    """``node -> QuantizeLinear -> DequantizeLinear`` (scale ``inits["s"]``, zero point
+    ``zp``) run by ONNX Runtime on ``x`` before and after ``_hoist_quantize``: the moves,
+    the model after, and both outputs."""
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     import numpy as np
@@ -367,16 +365,14 @@ def test_a_relu_moves_onto_the_codes(zero, dtype, clamped):
 
     from blendq.export.onnx import _hoist_quantize
 
-    inits = [numpy_helper.from_array(np.array(0.05, dtype=np.float32), "s"),
-             numpy_helper.from_array(np.array(zero, dtype=dtype), "zp")]
+    inputs = [numpy_helper.from_array(np.array(v, dtype=np.float32), n)
+              for n, v in inits.items()] + [numpy_helper.from_array(zp, "zp")]
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["r"], name="relu"),
-         helper.make_node("QuantizeLinear", ["r", "s", "zp"], ["q"]),
+        [node, helper.make_node("QuantizeLinear", [node.output[0], "s", "zp"], ["q"]),
          helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])], inits)
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [len(x)])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [len(x)])], inputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    x = np.linspace(-8, 8, 64, dtype=np.float32)
 
     def run(m):
         session = ort.InferenceSession(m.SerializeToString(),
@@ -384,12 +380,28 @@ def test_a_relu_moves_onto_the_codes(zero, dtype, clamped):
         return session.run(None, {"x": x})[0]
 
     before = run(model)
-    assert _hoist_quantize(model) == 1
+    moves = _hoist_quantize(model)
     onnx.checker.check_model(model, full_check=True)
+    return moves, model, before, run(model)
+
+
+@pytest.mark.parametrize(("zero", "dtype", "clamped"), [
+    (0, "uint8", False),  # an unsigned grid: the quantizer's own clamp, the Relu goes
+    (128, "uint8", True),  # a signed grid stored in uint8: a clamp of the codes at 128
+    (0, "int8", True),
+])
+def test_a_relu_moves_onto_the_codes(zero, dtype, clamped):
+    import numpy as np
+    from onnx import helper
+
+    moves, model, before, after = _hoisted(
+        helper.make_node("Relu", ["x"], ["r"], name="relu"), {"s": 0.05},
+        np.array(zero, dtype=dtype), np.linspace(-8, 8, 64, dtype=np.float32))
+    assert moves == 1
     ops = [n.op_type for n in model.graph.node]
     assert ops == (["QuantizeLinear", "Clip", "DequantizeLinear"] if clamped
                    else ["QuantizeLinear", "DequantizeLinear"])
-    assert np.array_equal(run(model), before) and before.min() == 0
+    assert np.array_equal(after, before) and before.min() == 0
 
 
 @pytest.mark.parametrize(("lo", "hi", "dtype", "moved"), [
@@ -404,38 +416,19 @@ def test_a_relu_moves_onto_the_codes(zero, dtype, clamped):
     (-2.0, 2.0, "int8", False),  # both beyond the codes: the clamp is the quantizer's
 ])
 def test_a_clamp_moves_onto_the_codes_exactly(lo, hi, dtype, moved):
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
     import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
-    from blendq.export.onnx import _hoist_quantize
-
-    inits = [numpy_helper.from_array(np.array(v, dtype=np.float32), n)
-             for n, v in (("lo", lo), ("hi", hi), ("s", 0.01))]
-    inits.append(numpy_helper.from_array(np.array(0, dtype=dtype), "zp"))
-    graph = helper.make_graph(
-        [helper.make_node("Clip", ["x", "lo", "hi"], ["c"], name="clip"),
-         helper.make_node("QuantizeLinear", ["c", "s", "zp"], ["q"]),
-         helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     x = np.linspace(-3, 3, 64, dtype=np.float32)  # and the bounds, the values beside them
     near = np.array([lo, hi], dtype=np.float32)[np.isfinite([lo, hi])]
     x[:6 * len(near)] = np.concatenate([np.nextafter(near, np.float32(d)) if d else near
                                         for d in (-np.inf, 0, np.inf)] * 2)
-
-    def run(m):
-        session = ort.InferenceSession(m.SerializeToString(),
-                                       providers=["CPUExecutionProvider"])
-        return session.run(None, {"x": x})[0]
-
-    before = run(model)
-    assert _hoist_quantize(model) == (1 if moved or (lo, hi) == (-2.0, 2.0) else 0)
-    onnx.checker.check_model(model, full_check=True)
+    moves, model, before, after = _hoisted(
+        helper.make_node("Clip", ["x", "lo", "hi"], ["c"], name="clip"),
+        {"lo": lo, "hi": hi, "s": 0.01}, np.array(0, dtype=dtype), x)
+    assert moves == (1 if moved or (lo, hi) == (-2.0, 2.0) else 0)
     ops = [n.op_type for n in model.graph.node]
     assert ops[0] == ("QuantizeLinear" if moved or "Clip" not in ops else "Clip")
-    assert np.array_equal(run(model), before)
+    assert np.array_equal(after, before)
     assert {t.name for t in model.graph.initializer} >= {"s", "zp"}
     assert not moved or not {"lo", "hi"} & {t.name for t in model.graph.initializer}
