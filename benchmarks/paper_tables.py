@@ -124,26 +124,31 @@ def deployed_as_trained(row: dict) -> bool:
         row["top1_agree"] == 100.0 or row.get("flips") == row.get("near_tie_flips"))
 
 
-def _verify(run_dir: Path, test_subset: int | None) -> dict:
+def _verify(run_dir: Path, check: dict) -> dict:
     """The run as deployed: converted, exported to ONNX, run by ONNX Runtime's int8
-    kernels on the test images; accuracy and agreement with the α = 1 model (and the
-    integer engine's, on the first ``ENGINE_IMAGES``). ``near_tie_flips``: of the images
-    whose pick differs from the α = 1 model's, those whose two top α = 1 logits lie
-    within one output step of each other (a pick that any one-step rounding moves)."""
+    kernels on the test images (``check["test_subset"]``: the first N; ``None``: all);
+    its accuracy on all of them, its agreement with the α = 1 model on the first
+    ``check["agree_images"]`` (``None``: all), the integer engine's on the first
+    ``check["engine_images"]``. ``near_tie_flips``: of the images whose pick differs
+    from the α = 1 model's, those whose two top α = 1 logits lie within one output step
+    of each other (a pick that any one-step rounding moves)."""
     import tempfile
 
     import torch
 
     from blendq.engine.trainer import load_run, make_loaders
-    from blendq.export import capture, onnx_session, run_onnx, to_onnx
-    from blendq.export.verify import compare_logits, output_step, verify_model
+    from blendq.export import IntegerEngine, capture, onnx_session, run_onnx, to_onnx
+    from blendq.export.verify import compare_logits, output_step
     from blendq.transform import convert, quantized
 
     model, cfg, data, shape = load_run(run_dir)
-    _, test = make_loaders(cfg.replace(test_subset=test_subset), data)
+    _, test = make_loaders(cfg.replace(test_subset=check["test_subset"]), data)
+    agree_images = check["agree_images"] or sys.maxsize
+    engine_images = min(check["engine_images"], agree_images)  # compared with α = 1
     example = torch.zeros(2, shape["in_channels"], shape["image_size"], shape["image_size"])
     program = capture(convert(model), example)
-    refs, outs, labels = [], [], []
+    refs, outs, labels, ints = [], [], [], []
+    integer_engine, checked, seen = IntegerEngine(program), 0, 0
     with tempfile.TemporaryDirectory() as tmp, quantized(model) as alpha_one, torch.no_grad():
         import onnx
 
@@ -151,19 +156,26 @@ def _verify(run_dir: Path, test_subset: int | None) -> dict:
         onnx.save(to_onnx(program, example), str(path))
         session = onnx_session(path)
         for x, y in test:
-            refs.append(alpha_one(x).float())
             outs.append(run_onnx(session, x))
             labels.append(y)
-        ref, out, y = torch.cat(refs), torch.cat(outs), torch.cat(labels)
-        step = output_step(ref)
-        ort = compare_logits("ORT", ref, out, step, y)
-        alpha = compare_logits("alpha=1", ref, ref, step, y)
-        flipped = ref.argmax(-1) != out.argmax(-1)
-        top2 = ref.topk(2, -1).values
-        near = int((flipped & (top2[:, 0] - top2[:, 1] <= step)).sum())
-        _, few = make_loaders(cfg.replace(test_subset=ENGINE_IMAGES), data)
-        engine = verify_model(alpha_one, program, few, onnx=False)[1]
-    found = {"acc": ort.accuracy, "acc_alpha_one": alpha.accuracy,
+            if seen < agree_images:  # the first images through the α = 1 model
+                refs.append(alpha_one(x[:agree_images - seen]).float())
+                seen += len(refs[-1])
+            if checked < engine_images:  # and the integer engine
+                ints.append(integer_engine(x[:engine_images - checked]))
+                checked += len(ints[-1])
+    ref, out, y = torch.cat(refs), torch.cat(outs), torch.cat(labels)
+    deployed = 100.0 * float((out.argmax(-1) == y).double().mean())
+    out, y = out[:seen], y[:seen]
+    step = output_step(ref)
+    ort = compare_logits("ORT", ref, out, step, y)
+    alpha = compare_logits("alpha=1", ref, ref, step, y)
+    flipped = ref.argmax(-1) != out.argmax(-1)
+    top2 = ref.topk(2, -1).values
+    near = int((flipped & (top2[:, 0] - top2[:, 1] <= step)).sum())
+    head = ref[:checked]  # compared as verify_model does: the step of these images' logits
+    engine = compare_logits("engine", head, torch.cat(ints), output_step(head), y[:checked])
+    found = {"acc": deployed, "acc_alpha_one": alpha.accuracy, "agree_images": seen,
              "top1_agree": ort.top1_agreement, "within_step": ort.within_step,
              "max_steps": ort.max_steps, "flips": int(flipped.sum()), "near_tie_flips": near,
              "engine_within_step": engine.within_step, "engine_top1": engine.top1_agreement}
@@ -199,7 +211,7 @@ def run_job(job: dict) -> dict:
         final = evaluate_run(out, test_subset=job["test_subset"], views=False)
         row.update(acc=final["test_acc"], verified=None)
         return row
-    row.update(_timed_verify(out, job["test_subset"]))
+    row.update(_timed_verify(out, job["check"]))
     if history:
         last = history[-1]
         row.update({k: last[k] for k in ("w_rel_dist", "act_clipped") if k in last},
@@ -214,7 +226,8 @@ def plan(args, done: set) -> tuple[list[dict], list[dict]]:
 
     out = Path(args.out)
     floats, runs = [], []
-    common = {"threads": args.threads, "test_subset": args.test_subset,
+    common = {"threads": args.threads, "check": checks(args),
+              "test_subset": args.test_subset,
               "calibration_batches": args.calibration_batches}
     for net in args.nets:
         spec = NETS[net]
@@ -224,8 +237,7 @@ def plan(args, done: set) -> tuple[list[dict], list[dict]]:
         fp = {**FLOAT, **base, "epochs": args.float_epochs, **args.float_protocol}
         if (net, "fp32", "fp32", 0) not in done:
             floats.append({**common, "net": net, "bits": "fp32", "column": "fp32", "seed": 0,
-                           "config": fp, "dir": str(fp_dir),
-                           "threads": args.threads * args.jobs})  # it runs alone
+                           "config": fp, "dir": str(fp_dir)})
         elif not (fp_dir / "checkpoint.pt").exists():  # its rows started from that model
             sys.exit(f"{out / 'rows.jsonl'} holds runs of {net} fine-tuned from the float "
                      f"model in {fp_dir}, which is not there: copy it back (a committed table "
@@ -247,6 +259,32 @@ def plan(args, done: set) -> tuple[list[dict], list[dict]]:
                                  "seed": seed, "config": config,
                                  "dir": str(out / slug(net) / bits / slug(column) / f"s{seed}")})
     return floats, runs
+
+
+def schedule(pool, jobs: int, threads: int, floats: list[dict], runs: list[dict]):
+    """Run ``floats`` and ``runs`` on ``pool``, ``jobs`` at a time, yielding each finished
+    row. The float runs start first, side by side (their threads shared out: one float
+    run alone takes every job's threads); a network's table runs start as soon as its
+    float model is trained, in ``runs``' order, so no job waits while another network's
+    float model trains and a run of the first network's is ready."""
+    waiting = {job["net"] for job in floats}
+    share = max(1, jobs // max(1, len(floats)))
+    queue = [{**job, "threads": threads * share} for job in floats] + list(runs)
+    pending: dict = {}
+    while queue or pending:
+        while len(pending) < jobs:
+            ready = next((job for job in queue
+                          if job["column"] == "fp32" or job["net"] not in waiting), None)
+            if ready is None:
+                break
+            queue.remove(ready)
+            pending[pool.submit(run_job, ready)] = ready
+        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for future in finished:
+            job = pending.pop(future)
+            if job["column"] == "fp32":  # its network's runs may start
+                waiting.discard(job["net"])
+            yield future.result()
 
 
 def report(rows: list[dict]) -> str:
@@ -303,10 +341,17 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _timed_verify(run_dir: Path, test_subset: int | None) -> dict:
+def checks(args) -> dict:
+    """What verification runs on: the test images, those compared with the α = 1 model,
+    those run by the integer engine."""
+    return {"test_subset": args.test_subset, "agree_images": args.agree_images,
+            "engine_images": args.engine_images}
+
+
+def _timed_verify(run_dir: Path, check: dict) -> dict:
     """:func:`_verify`, with the seconds it took (``verify_seconds``)."""
     t0 = time.perf_counter()
-    found = _verify(run_dir, test_subset)
+    found = _verify(run_dir, check)
     return {**found, "verify_seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -314,7 +359,7 @@ def _reverify_job(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(job["threads"])
-    return _timed_verify(Path(job["dir"]), job["test_subset"])
+    return _timed_verify(Path(job["dir"]), job["check"])
 
 
 def reverify(args, rows: list[dict], out: Path) -> None:
@@ -332,7 +377,7 @@ def reverify(args, rows: list[dict], out: Path) -> None:
     here = commit()
     with ProcessPoolExecutor(args.jobs) as pool, (out / "reverified.jsonl").open("a") as sink:
         futures = {pool.submit(_reverify_job, {"dir": r["dir"], "threads": args.threads,
-                                               "test_subset": args.test_subset}): r
+                                               "check": checks(args)}): r
                    for r in chosen}
         for future in futures:
             r = futures[future]
@@ -386,6 +431,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-4, help="fine-tuning learning rate")
     p.add_argument("--test-subset", type=int, default=None,
                    help="verify on the first N test images (default: all 10,000)")
+    p.add_argument("--agree-images", type=int, default=None,
+                   help="compare the deployed model with the α = 1 model on the first N "
+                        "test images (default: all; the accuracy is always on all)")
+    p.add_argument("--engine-images", type=int, default=ENGINE_IMAGES,
+                   help="run the integer engine (float64, slow) on the first N test images")
     p.add_argument("--calibration-batches", type=int, default=CALIBRATION_BATCHES)
     p.add_argument("--device", default="cpu", help="cpu, cuda (a lent GPU), ...")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side")
@@ -424,28 +474,22 @@ def main() -> None:
                 "threads": args.threads, "jobs": args.jobs, "device": args.device,
                 "protocol": {"float_epochs": args.float_epochs, "qat_epochs": args.qat_epochs,
                              "train_subset": args.train_subset, "lr": args.lr,
-                             "test_subset": args.test_subset}}
+                             "test_subset": args.test_subset,
+                             "agree_images": args.agree_images,
+                             "engine_images": args.engine_images}}
         t0 = time.perf_counter()
-        # net by net, each one's float run first (its columns start from it)
-        batches = [b for net in args.nets for b in ([j for j in floats if j["net"] == net],
-                                                    [j for j in runs if j["net"] == net])]
         with ProcessPoolExecutor(args.jobs) as pool, rows_path.open("a") as sink:
-            for batch in batches:
-                pending = {pool.submit(run_job, job) for job in batch}
-                while pending:
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        row = {**future.result(), **meta}
-                        rows.append(row)
-                        sink.write(json.dumps(row) + "\n")
-                        sink.flush()
-                        check = "" if row.get("verified") is None else \
-                            ("  verified" if row["verified"] else
-                             f"  NOT VERIFIED ({row['within_step']:.2f} % within one step)")
-                        print(f"{row['net']} {row['bits']} {row['column']:24s} seed "
-                              f"{row['seed']}: {row['acc']:6.2f} %  {row['seconds']:5.0f} s"
-                              f"{check}  ({(time.perf_counter() - t0) / 60:.1f} min in)",
-                              flush=True)
+            for row in schedule(pool, args.jobs, args.threads, floats, runs):
+                row.update(meta)
+                rows.append(row)
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                check = "" if row.get("verified") is None else \
+                    ("  verified" if row["verified"] else
+                     f"  NOT VERIFIED ({row['within_step']:.2f} % within one step)")
+                print(f"{row['net']} {row['bits']} {row['column']:24s} seed "
+                      f"{row['seed']}: {row['acc']:6.2f} %  {row['seconds']:5.0f} s"
+                      f"{check}  ({(time.perf_counter() - t0) / 60:.1f} min in)", flush=True)
     print(report(rows))
     commits = sorted({r.get("commit", "?") for r in rows})
     seconds = sum(r["seconds"] + r.get("verify_seconds", 0) for r in rows)

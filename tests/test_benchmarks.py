@@ -127,11 +127,17 @@ def test_paper_tables_script_runs_verifies_resumes_and_reports(tmp_path):
     assert "0 float runs, then 0 table runs" in again
     # verified again with this checkout: one line each in reverified.jsonl, rows untouched
     before = (tmp_path / "out" / "rows.jsonl").read_text()
-    out = _run("paper_tables.py", *args, "--reverify", "--columns", "AB per channel")
+    out = _run("paper_tables.py", *args, "--reverify", "--columns", "AB per channel",
+               "--agree-images", "16")
     assert "verifying 1 runs again" in out and "| 4-4 | 3 of 3 (" in out
     assert (tmp_path / "out" / "rows.jsonl").read_text() == before
     (line,) = (tmp_path / "out" / "reverified.jsonl").read_text().splitlines()
-    assert json.loads(line)["column"] == "AB per channel" and json.loads(line)["verified"]
+    again = json.loads(line)
+    assert again["column"] == "AB per channel" and again["verified"]
+    # compared with the α = 1 model on 16 images; the deployed accuracy still on all 32
+    trained = next(r for r in table if r["column"] == "AB per channel")
+    assert (again["agree_images"], trained["agree_images"]) == (16, 32)
+    assert again["acc"] == trained["acc"]
     # where ORT and the α = 1 model part: each optimisation level, its kernels
     out = _run("ort_levels.py", str(tmp_path / "out" / "mobilenet-v1-0-25" / "4-4" /
                                     "ab-per-channel" / "s1"), "--images", "32")

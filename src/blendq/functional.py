@@ -414,12 +414,14 @@ def runtime_add(a: Tensor, a_scale: Tensor, a_zero: int, b: Tensor, b_scale: Ten
     # codes times 24-bit ratios: the products and sums are exact there, so rounding them
     # to float32 once is the fma)
     value = torch.mul(b, rb).add_(constant).add_(torch.mul(a, ra))
-    near = torch.frac(value).abs_().sub_(0.5).abs_() < 1e-3
-    if bool(near.any()):
-        a_near, b_near = a[near].double(), b[near].double()
+    codes = torch.round(value)
+    near = (value - codes).abs_() > 0.5 - 1e-3  # within 1e-3 of a midpoint
+    if bool(near.any()):  # a few elements: found once, then read and written by index
+        at = near.reshape(-1).nonzero().squeeze(1)
+        a_near, b_near = a.reshape(-1)[at].double(), b.reshape(-1)[at].double()
         low = (b_near * rb.double() + constant.double()).float()
-        value[near] = (a_near * ra.double() + low.double()).float()
-    return torch.round(value).clamp_(0, 255)
+        codes.view(-1)[at] = torch.round((a_near * ra.double() + low.double()).float())
+    return codes.clamp_(0, 255)
 
 
 def blend(w: Tensor, wq: Tensor, alpha: Tensor | float) -> Tensor:

@@ -1192,8 +1192,14 @@ def _clamped(codes: Tensor, x: Tensor, own: Tensor) -> Tensor:
     codes = codes.reshape(own.shape)
     if not x.numel():
         return codes
-    codes = torch.where(x == x.max(), torch.minimum(codes, own), codes)
-    return torch.where(x == x.min(), torch.maximum(codes, own), codes)
+    # ``own`` is ``x`` rounded, so it takes its largest code where ``x`` its largest value:
+    # only codes past ``own``'s extremes can change, and most often none is (four
+    # reductions instead of a pass over the whole batch for each side)
+    if codes.max() > own.max():
+        codes = torch.where(x == x.max(), torch.minimum(codes, own), codes)
+    if codes.min() < own.min():
+        codes = torch.where(x == x.min(), torch.maximum(codes, own), codes)
+    return codes
 
 
 def _quantized_before(x: Tensor, samples: int | None) -> bool:
@@ -1230,7 +1236,10 @@ def _agrees(codes: Tensor, own: Tensor, x: Tensor, scale: Tensor) -> bool:
     where ``x`` lies within a hundredth of a step of a rounding midpoint (what float32
     roundings can move; another tensor's values would differ elsewhere), and there in one
     element in a hundred at most (one at least)."""
-    apart = (codes.reshape(own.shape) - own).abs_()
+    codes = codes.reshape(own.shape)
+    if torch.equal(codes, own):  # most often: one pass, nothing allocated
+        return True
+    apart = (codes - own).abs_()
     if not apart.numel() or not apart.any():
         return True
     if float(apart.max()) > 1:

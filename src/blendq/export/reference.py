@@ -95,8 +95,10 @@ class _Interpreter(torch.fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         if n.target in self.quantize:  # codes of the float64 value: round(x / s) + zp
             x, scale, zero, qmin, qmax = args[:5]
-            self._count_ties(x / scale)
-            return torch.clamp(torch.round(x / scale) + zero, qmin, qmax)
+            steps = x / scale
+            codes = torch.round(steps)
+            self._count_ties(steps, codes)
+            return torch.clamp(codes + zero, qmin, qmax)
         if n.target in self.dequantize:
             q, scale, zero = args[0].double(), args[1], args[2]
             axis = args[3] if n.target is _qd().dequantize_per_channel.default else None
@@ -114,11 +116,12 @@ class _Interpreter(torch.fx.Interpreter):
                 return out
         return n.target(*_wide(args), **{k: _wide(v) for k, v in kwargs.items()})
 
-    def _count_ties(self, codes: Tensor) -> None:
-        """Count the values within :data:`TIE_WINDOW` of a rounding midpoint, per sample
-        where the tensor's first dimension is the batch (else against every sample)."""
-        tied = ((codes - torch.floor(codes)) - 0.5).abs() <= TIE_WINDOW
-        if codes.dim() > 0 and codes.shape[0] == len(self.tied):
+    def _count_ties(self, steps: Tensor, rounded: Tensor) -> None:
+        """Count the values ``steps`` (``rounded``: each rounded to the nearest whole)
+        within :data:`TIE_WINDOW` of a rounding midpoint, per sample where the tensor's
+        first dimension is the batch (else against every sample)."""
+        tied = (steps - rounded).abs_() >= 0.5 - TIE_WINDOW
+        if steps.dim() > 0 and steps.shape[0] == len(self.tied):
             self.tied += tied.reshape(len(self.tied), -1).sum(1)
         else:
             self.tied += int(tied.sum())
