@@ -153,3 +153,40 @@ def test_lm_int4_script_trains_a_llama_in_smoke_mode(tmp_path):
     rows = json.loads((tmp_path / "lm_int4.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["PTQ", "LSQ + KD", "LoRA-QAT (STE)"]
     assert all(r["alpha_end"] == 1.0 and r["val_ppl"] > 1 for r in rows)
+
+
+def test_paper_tables_schedule_starts_a_network_once_its_float_model_exists(monkeypatch):
+    """Both float models train side by side; the network whose float model is ready
+    first runs its table while the other's still trains, and no run starts before its
+    own float model has finished."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import paper_tables
+
+    events, lock = [], threading.Lock()
+
+    def run_job(job):
+        with lock:
+            events.append(("start", job["net"], job["column"], job["threads"]))
+        time.sleep(0.3 if job["net"] == "slow" and job["column"] == "fp32" else 0.02)
+        with lock:
+            events.append(("end", job["net"], job["column"], job["threads"]))
+        return {"net": job["net"], "column": job["column"]}
+
+    monkeypatch.setattr(paper_tables, "run_job", run_job)
+    floats = [{"net": net, "column": "fp32"} for net in ("slow", "fast")]
+    runs = [{"net": net, "column": f"c{i}", "threads": 1}
+            for net in ("slow", "fast") for i in range(3)]
+    with ThreadPoolExecutor(2) as pool:
+        rows = list(paper_tables.schedule(pool, 2, 1, floats, runs))
+    assert len(rows) == 8
+    order = [(kind, net, column) for kind, net, column, _ in events]
+    assert [e[3] for e in events if e[2] == "fp32"] == [1, 1, 1, 1]  # side by side
+    for net in ("slow", "fast"):  # every run after its float model
+        float_end = order.index(("end", net, "fp32"))
+        assert all(order.index(("start", net, f"c{i}")) > float_end for i in range(3))
+    # the fast network's whole table ran while the slow float model trained
+    assert order.index(("end", "fast", "c2")) < order.index(("end", "slow", "fp32"))
