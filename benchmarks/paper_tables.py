@@ -28,9 +28,16 @@ from weight layers (residual adds, pools) stay at 8 bits (the library's ``site_b
 
 Every run is exported to ONNX and run by ONNX Runtime's int8 kernels on all 10,000 test
 images: the accuracy reported is that of the deployed model, with its agreement with
-the α = 1 model (≥ 99.9 % within one output step, top-1 100 % counting ties).
-Each finished run is one line of ``rows.jsonl``: a stopped table continues where it
-stopped.
+the α = 1 model (≥ 99.9 % within one output step, top-1 100 % counting ties) on the
+first ``--agree-images`` (default: all) and the integer engine's on the first
+``--engine-images``. Each finished run is one line of ``rows.jsonl``: a stopped table
+continues where it stopped. The float models train side by side; each network's runs
+start once its own float model exists.
+
+The 4-hour protocol (docs/results.md, "The table in four hours"):
+
+    python benchmarks/paper_tables.py --out runs/paper-tables-4h --jobs 2 --threads 1 \
+        --train-subset 8000 --agree-images 2000 --engine-images 256
 """
 
 from __future__ import annotations
