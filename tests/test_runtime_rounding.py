@@ -247,3 +247,20 @@ def test_a_kept_output_matches_where_codes_differ_at_midpoints_only():
     codes = own.clone()
     codes[10] += 2
     assert not _agrees(codes, own, x, scale)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_clamp_of_kept_codes_changes_only_the_extreme_elements(seed):
+    """``_clamped`` (which skips its passes where no code lies past ``x``'s own codes'
+    extremes) equals the rule it states: where ``x`` takes its largest value, codes no
+    more than its own; where its smallest, no less; everywhere else untouched."""
+    from blendq.quantizers import _clamped
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 50, generator=g) * 2  # elements near an extreme share its code
+    x[0, :3], x[1, :2] = x.max(), x.min()  # the extreme values held by several elements
+    own = torch.round(x / 0.5)
+    codes = own + torch.randint(-1, 2, own.shape, generator=g).float() * (seed % 3 > 0)
+    expected = torch.where(x == x.max(), torch.minimum(codes, own), codes)
+    expected = torch.where(x == x.min(), torch.maximum(expected, own), expected)
+    assert torch.equal(_clamped(codes.clone(), x, own), expected)
