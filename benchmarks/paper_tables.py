@@ -215,7 +215,7 @@ def run_job(job: dict) -> dict:
     row = {k: job[k] for k in ("net", "bits", "column", "seed")}
     row.update(seconds=round(seconds, 1), dir=str(out))
     if job["column"] == "fp32":
-        final = evaluate_run(out, test_subset=job["test_subset"], views=False)
+        final = evaluate_run(out, test_subset=job["check"]["test_subset"], views=False)
         row.update(acc=final["test_acc"], verified=None)
         return row
     row.update(_timed_verify(out, job["check"]))
@@ -234,7 +234,6 @@ def plan(args, done: set) -> tuple[list[dict], list[dict]]:
     out = Path(args.out)
     floats, runs = [], []
     common = {"threads": args.threads, "check": checks(args),
-              "test_subset": args.test_subset,
               "calibration_batches": args.calibration_batches}
     for net in args.nets:
         spec = NETS[net]

@@ -1240,8 +1240,6 @@ def _agrees(codes: Tensor, own: Tensor, x: Tensor, scale: Tensor) -> bool:
     if torch.equal(codes, own):  # most often: one pass, nothing allocated
         return True
     apart = (codes - own).abs_()
-    if not apart.numel() or not apart.any():
-        return True
     if float(apart.max()) > 1:
         return False
     moved = apart.bool()
