@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import platform
 import statistics
 import subprocess
 from pathlib import Path
@@ -27,6 +28,18 @@ def finished_history(cfg: TrainConfig, out: Path) -> list[dict] | None:
     if state["config"] != cfg.to_dict() or state["epoch"] != cfg.epochs:
         return None
     return state["history"]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else its architecture: this project's
+    machines differ in CPU maker, and a row's time is its CPU's."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def commit() -> str:

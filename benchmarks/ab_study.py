@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -215,9 +214,9 @@ def main() -> None:
         print(f"{len(floats)} float runs, then {len(runs)} study runs, {args.jobs} at a time "
               f"({args.threads} thread(s) each); rows in {rows_path}", flush=True)
         t0 = time.perf_counter()
-        from _harness import commit  # torch loads after OMP_NUM_THREADS is set
+        from _harness import commit, cpu_name  # torch loads after OMP_NUM_THREADS is set
 
-        meta = {"commit": commit(), "machine": platform.processor() or platform.machine(),
+        meta = {"commit": commit(), "machine": cpu_name(),
                 "threads": args.threads, "jobs": args.jobs}
         with ProcessPoolExecutor(args.jobs) as pool, rows_path.open("a") as sink:
             for batch in (floats, runs):  # warm starts need their float runs first

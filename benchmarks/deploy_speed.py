@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -246,7 +245,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     show(rows)
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
+        from _harness import cpu_name
+
+        a.json.write_text(json.dumps({"machine": cpu_name(),
                                       "threads": a.threads, "rows": rows}, indent=1))
     return rows
 

@@ -384,9 +384,9 @@ def table(result: dict) -> None:
 def _device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
-    import platform
+    from _harness import cpu_name
 
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"CPU {cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def _commit() -> str:

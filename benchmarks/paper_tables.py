@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -474,9 +473,9 @@ def main() -> None:
         floats, runs = plan(args, done)
         print(f"{len(floats)} float runs, then {len(runs)} table runs, {args.jobs} at a time "
               f"({args.threads} thread(s) each); rows in {rows_path}", flush=True)
-        from _harness import commit
+        from _harness import commit, cpu_name
 
-        meta = {"commit": commit(), "machine": platform.processor() or platform.machine(),
+        meta = {"commit": commit(), "machine": cpu_name(),
                 "threads": args.threads, "jobs": args.jobs, "device": args.device,
                 "protocol": {"float_epochs": args.float_epochs, "qat_epochs": args.qat_epochs,
                              "train_subset": args.train_subset, "lr": args.lr,
@@ -498,9 +497,11 @@ def main() -> None:
                       f"{check}  ({(time.perf_counter() - t0) / 60:.1f} min in)", flush=True)
     print(report(rows))
     commits = sorted({r.get("commit", "?") for r in rows})
+    machines = sorted({r.get("machine", "?") for r in rows})
     seconds = sum(r["seconds"] + r.get("verify_seconds", 0) for r in rows)
     print(f"{len(rows)} runs ({seconds / 3600:.2f} h of run time); commit(s) "
-          f"{', '.join(commits)}; seeds {sorted({r['seed'] for r in rows})}; "
+          f"{', '.join(commits)}; machine(s) {', '.join(machines)}; "
+          f"seeds {sorted({r['seed'] for r in rows})}; "
           f"mean ± sd over seeds; * = the paired difference's 95 % t-interval excludes 0")
     again = sorted({r["verify_commit"] for r in rows if "verify_commit" in r})
     if again:

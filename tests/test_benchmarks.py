@@ -123,6 +123,8 @@ def test_paper_tables_script_runs_verifies_resumes_and_reports(tmp_path):
                          "min-max-qat-per-channel" / "s1" / "config.json").read_text())
     assert minmax["scale"] == "minmax" and minmax["method"] == "ste"
     assert "| AB − min/max, per channel |" in out and "| 4-4 | 3 of 3 (" in out
+    # each row names its CPU (the machines differ in maker and speed), and the report too
+    assert table[0]["machine"] and f"machine(s) {table[0]['machine']};" in out
     again = _run("paper_tables.py", *args)  # finished runs are not run again
     assert "0 float runs, then 0 table runs" in again
     # verified again with this checkout: one line each in reverified.jsonl, rows untouched
