@@ -1,4 +1,4 @@
-"""Training-step cost of quantization on the CPU: plain, AB, STE and torch.ao QAT.
+"""Training-step cost of quantization on the CPU: plain, AB, STE, LSQ and torch.ao QAT.
 
     python benchmarks/cpu_step.py [--batch 128] [--steps 30] [--model fmnist_cnn]
     python benchmarks/cpu_step.py --model resnet50_v1 --width 0.125   # a residual CNN
@@ -8,8 +8,9 @@ Same model, data and batch for every variant, timed in one process, alternating
 rounds so that drifts in machine load hit all variants alike; prints the fastest
 round (least disturbed by other work on the machine) and the median. AB and STE use W4A8
 per-channel with codes recomputed every step (``quant_every=1``, the worst case)
-and with ``quant_every=8``; AB also with each activation statistic computed where its
-batch is quantized instead of all at the next step (``defer_statistics=False``). Also
+and with ``quant_every=8``; LSQ learns its steps (weights and activations, per channel);
+AB also with each activation statistic computed where its batch is quantized instead
+of all at the next step (``defer_statistics=False``). Also
 prints the ATen operations of one step of each variant (counted at dispatch; views and
 detach left out) and PPQ throughput on the model's weights.
 """
@@ -19,12 +20,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import platform
 import statistics
 import time
 
 import torch
-from _harness import torch_ao_qat, train_step
+from _harness import cpu_name, torch_ao_qat, train_step
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -43,6 +43,10 @@ def _variants(base: nn.Module) -> dict[str, nn.Module]:
             model = blendq.prepare(copy.deepcopy(base), policy)
             blendq.set_alpha(model, 0.5 if method == "ab" else 1.0)
             out[f"{method.upper()} W4A8 quant_every={every}"] = model
+    model = blendq.prepare(copy.deepcopy(base), blendq.QuantPolicy(  # learned steps
+        w_bits=4, a_bits=8, per_channel=True, method="lsq", act_method="lsq"))
+    blendq.set_alpha(model, 1.0)
+    out["LSQ W4A8 (weights and activations)"] = model
     # where the time goes: weights alone, and one activation PPQ iteration per batch
     for label, policy, act_iters in (
             ("AB W4 weights only", blendq.QuantPolicy(w_bits=4, a_bits=None, per_channel=True),
@@ -150,7 +154,7 @@ def main() -> None:
             times[name].append((time.perf_counter() - t0) / args.steps)
     best, med = ({k: f(t) for k, t in times.items()} for f in (min, statistics.median))
     ops = {name: _ops_per_step(fn) for name, fn in steps.items()}
-    print(f"{args.model}, batch {args.batch}, CPU {platform.processor() or platform.machine()}, "
+    print(f"{args.model}, batch {args.batch}, CPU {cpu_name()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"{args.rounds} rounds x {args.steps} steps")
     print(f"{'variant':40s} {'best ms':>9s} {'ratio':>7s} {'median ms':>10s} {'ratio':>7s} "

@@ -22,6 +22,42 @@ def test_lsq_function_value_and_gradients():
     assert step.grad.item() == pytest.approx(expected, abs=1e-6)
 
 
+def _lsq_chain(x, step, qmin, qmax, grad_scale, alpha):
+    """LSQ as separate autograd operations: the definition the one node must equal."""
+    s = step.clone()
+    s.register_hook(lambda g: g * grad_scale)
+    c = torch.clamp(x / s, qmin, qmax)
+    value = (c + (torch.round(c) - c).detach()) * s
+    return value if alpha is None else torch.lerp(x, value, alpha)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("alpha", [None, 1.0, 0.3])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_lsq_node_equals_the_chain_of_operations(native, dtype, alpha, per_channel):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 5, 4, generator=g, dtype=dtype) * 3).requires_grad_()
+    step = (torch.rand(6, 1, 1, generator=g, dtype=dtype) + 0.3 if per_channel
+            else torch.tensor(0.7, dtype=dtype)).requires_grad_()
+    with torch.no_grad():  # values exactly on the grid's ends and on rounding midpoints
+        x[0, 0, :2] = step.flatten()[0] * torch.tensor([-7.0, 7.0], dtype=dtype)
+        x[1, 0, :2] = step.flatten()[-1 if per_channel else 0] * torch.tensor([0.5, 2.5])
+    a = None if alpha is None else torch.tensor(alpha)
+    upstream = torch.randn(6, 5, 4, generator=g, dtype=dtype)
+    with blendq.functional.execution_policy(cpu_native=native):
+        out = blendq.functional.lsq(x, step, bits=4, grad_scale=0.25, alpha=a)
+    (out * upstream).sum().backward()
+    got = x.grad.clone(), step.grad.clone()
+    x.grad = step.grad = None
+    ref = _lsq_chain(x, step, -7, 7, 0.25, None if a is None else a.to(dtype))
+    (ref * upstream).sum().backward()
+    assert torch.equal(out, ref.detach())  # the value bit for bit
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
+    torch.testing.assert_close(got[0], x.grad, **tol)  # the chain multiplies by s, divides
+    torch.testing.assert_close(got[1], step.grad, **tol)
+
+
 @pytest.mark.parametrize("w_bits, a_bits", [(4, 8), (2, 4), (1, 8)])
 def test_lsq_trains_its_steps_converts_exactly_and_exports(tmp_path, w_bits, a_bits):
     torch.manual_seed(0)

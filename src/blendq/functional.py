@@ -912,42 +912,67 @@ def unpack_codes(packed: Tensor, bits: int, shape) -> Tensor:
     return flat.reshape(shape).to(torch.int8)
 
 
-class _RoundStraight(torch.autograd.Function):
-    """``round(x)`` exactly in the forward pass; the gradient passes unchanged."""
+class _LearnedStep(torch.autograd.Function):
+    """:func:`lsq` as one autograd node. Forward: divide, clamp, round and multiply in
+    one buffer (then the blend, unless α is 1). Backward: ``x / s`` computed again from
+    the kept input (no intermediate kept), the gradient to ``x`` masked where the
+    clamp passes (on the CPU one ``hardtanh_backward`` with bounds one ulp outside the
+    grid's ends), the step's from the same ``x / s``. The values are those of the
+    chain of separate operations bit for bit; the gradients equal theirs up to float
+    rounding (the chain multiplies the gradient by ``s`` and divides it again)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad
-
-
-class _ScaleGradient(torch.autograd.Function):
-    """``x`` itself in the forward pass; the gradient multiplied by ``g``."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, g: float) -> Tensor:
-        ctx.g = g
-        return x.view_as(x)
+    def forward(ctx, x: Tensor, step: Tensor, alpha: Tensor | None, qmin: int, qmax: int,
+                grad_scale: float) -> Tensor:
+        value = torch.div(x, step).clamp_(qmin, qmax).round_().mul_(step)
+        host = _EXECUTION.cpu_native and x.device.type == "cpu" and \
+            not torch.compiler.is_compiling()  # reading α or a bound here costs nothing
+        ctx.one = alpha is None or (host and alpha.device.type == "cpu" and
+                                    float(alpha) == 1.0)  # lerp's exact value at 1
+        if not ctx.one:
+            value = torch.lerp(x, value, alpha)
+        ctx.bounds = None
+        if host and x.dtype in (torch.float32, torch.float64):
+            lo, hi = torch.tensor([qmin, qmax], dtype=x.dtype)
+            ctx.bounds = (float(torch.nextafter(lo, lo.new_tensor(-math.inf))),
+                          float(torch.nextafter(hi, hi.new_tensor(math.inf))))
+        ctx.grid, ctx.grad_scale = (qmin, qmax), grad_scale
+        ctx.save_for_backward(x, step, *(() if ctx.one else (alpha,)))
+        return value
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return grad * ctx.g, None
+        x, step, *alpha = ctx.saved_tensors
+        qmin, qmax = ctx.grid
+        blended = grad if ctx.one else grad * alpha[0]  # the gradient reaching lsq's value
+        v = torch.div(x, step)
+        if ctx.bounds is not None:  # straight through where qmin <= v <= qmax
+            to_x = torch.ops.aten.hardtanh_backward(blended, v, *ctx.bounds)
+        else:
+            to_x = torch.where((v >= qmin) & (v <= qmax), blended, 0)
+        to_step = None
+        if ctx.needs_input_grad[1]:  # codes · g, less v · g inside: LSQ's d/ds
+            part = torch.clamp(v, qmin, qmax).round_().mul_(blended).sub_(v.mul_(to_x))
+            to_step = part.sum_to_size(step.shape) * ctx.grad_scale
+        if not ctx.one:
+            to_x = to_x + grad * (1 - alpha[0])
+        return to_x, to_step, None, None, None, None
 
 
 def lsq(x: Tensor, step: Tensor, bits: int, signed: bool = True,
-        grad_scale: float = 1.0, full: bool = False) -> Tensor:
+        grad_scale: float = 1.0, full: bool = False, alpha: Tensor | None = None) -> Tensor:
     """Learned step size quantization (Esser et al., ICLR 2020, eqs. 1-3):
     ``round(clamp(x / s, qmin, qmax)) · s``. The gradient to ``x`` passes straight
     through inside the grid's reach (zero outside); the gradient to ``s`` is LSQ's
     ``round(x/s) - x/s`` inside and ``qmin``/``qmax`` outside, multiplied by
     ``grad_scale`` (LSQ's ``1 / sqrt(N · qmax)``). The value is ``s · codes`` exactly,
-    as the converted layer computes it. ``full``: see :func:`grid`."""
+    as the converted layer computes it. ``full``: see :func:`grid`. ``alpha``: the value
+    is ``lerp(x, that, alpha)``, with lerp's gradient (``None``: α = 1). ``step``
+    broadcasts to ``x`` (one per tensor, channel or block). One autograd node."""
     qmin, qmax = grid(bits, signed, full)
-    s = _ScaleGradient.apply(step, grad_scale)
-    return _RoundStraight.apply(torch.clamp(x / s, qmin, qmax)) * s
+    if alpha is not None:
+        alpha = alpha.to(x.dtype)
+    return _LearnedStep.apply(x, step, alpha, qmin, qmax, grad_scale)
 
 
 def check_group_size(group_size: int | None) -> None:

@@ -272,14 +272,15 @@ class WeightQuantizer(nn.Module):
 
     def forward(self, w: Tensor, alpha: Tensor) -> Tensor:
         if self.source.learned:
-            return torch.lerp(w, self._lsq(w), alpha.to(w.dtype))
+            return self._lsq(w, alpha)
         if self.fuses(w):
             self._refresh(w)
             return F.blend_weight(w, self.codes, self.scale, alpha, self.method.kernel)
         return self.method.mix(w, self.quantized(w), alpha)
 
-    def _lsq(self, w: Tensor) -> Tensor:
-        """LSQ's value of ``w`` with the learned step (started from the PPQ scale)."""
+    def _lsq(self, w: Tensor, alpha: Tensor) -> Tensor:
+        """LSQ's value of ``w`` with the learned step (started from the PPQ scale),
+        blended with ``w`` by ``alpha``."""
         if not self._ready:  # first projection: the step starts at the PPQ scale
             codes, scale = self.project(w)
             with torch.no_grad():
@@ -291,12 +292,10 @@ class WeightQuantizer(nn.Module):
         s = self.spec
         step = self.step.abs().clamp_min(torch.finfo(w.dtype).tiny)
         if s.bits == 1:  # a learned magnitude for the sign
-            value = _sign_straight(w) * step
-        else:
-            per_scale = w.numel() // max(step.numel(), 1)
-            value = F.lsq(w, self.per_element(step, tuple(w.shape)), s.bits,
-                          grad_scale=1.0 / math.sqrt(per_scale * F.grid(s.bits)[1]))
-        return value
+            return torch.lerp(w, _sign_straight(w) * step, alpha.to(w.dtype))
+        per_scale = w.numel() // max(step.numel(), 1)
+        return F.lsq(w, self.per_element(step, tuple(w.shape)), s.bits,
+                     grad_scale=1.0 / math.sqrt(per_scale * F.grid(s.bits)[1]), alpha=alpha)
 
     def current_scale(self) -> Tensor:
         """The scale the weight is quantized with now: LSQ's ``|step|`` (its only scale;
@@ -713,7 +712,7 @@ class ActQuantizer(nn.Module):
                 return value
         if self.source.learned and not F.is_sign(self.spec.bits, signed) and \
                 (self.training or self._lsq_ready):  # untrained eval: the batch scale below
-            return torch.lerp(x, self._lsq(x, signed), alpha.to(x.dtype))
+            return self._lsq(x, signed, alpha)
         deferred = self.training and self._defers(signed)
         path = self.path(x.device, x.dtype, signed, deferred,
                          x.requires_grad and torch.is_grad_enabled(), self.training)
@@ -871,8 +870,9 @@ class ActQuantizer(nn.Module):
         self.clipped += torch.count_nonzero(_at_grid_ends(codes, self.spec.bits, signed))
         self.seen += codes.numel()
 
-    def _lsq(self, x: Tensor, signed: bool) -> Tensor:
-        """LSQ's value of ``x``; the step starts at the first training batch's PPQ scale."""
+    def _lsq(self, x: Tensor, signed: bool, alpha: Tensor) -> Tensor:
+        """LSQ's value of ``x`` blended with ``x`` by ``alpha``; the step starts at the
+        first training batch's PPQ scale."""
         if self.training and not self._lsq_ready:
             with torch.no_grad():
                 scale = _mean_over_ranks(self._batch_scale(x.detach(), signed))
@@ -885,7 +885,7 @@ class ActQuantizer(nn.Module):
         qmax = F.grid(self.spec.bits, signed, full=True)[1]
         per_sample = x[0].numel() if x.dim() > 1 else x.numel()
         value = F.lsq(x, step.to(x.dtype), self.spec.bits, signed,
-                      grad_scale=1.0 / math.sqrt(per_sample * qmax), full=True)
+                      grad_scale=1.0 / math.sqrt(per_sample * qmax), full=True, alpha=alpha)
         if self.training:
             grid = F.grid(self.spec.bits, signed, full=True)
             self._count_clipped(x.detach(), signed,
