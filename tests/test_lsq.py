@@ -58,6 +58,21 @@ def test_lsq_node_equals_the_chain_of_operations(native, dtype, alpha, per_chann
     torch.testing.assert_close(got[1], step.grad, **tol)
 
 
+def test_lsq_node_masks_in_the_dtype_it_divides_in_and_refuses_a_second_derivative():
+    # float32 inputs, a float64 step: x / s is float64 and lies just past the grid's end
+    below = torch.nextafter(torch.tensor(-7.0), torch.tensor(-8.0))
+    x = below.repeat(3).requires_grad_()
+    step = torch.full((3,), 1.00000003, dtype=torch.float64, requires_grad=True)
+    blendq.functional.lsq(x, step, bits=4).sum().backward()
+    assert x.grad.tolist() == [0.0, 0.0, 0.0]  # clamped: no straight-through gradient
+    assert step.grad.tolist() == [-7.0, -7.0, -7.0]  # d/ds = qmin outside
+    x = torch.randn(8, requires_grad=True)
+    gx, = torch.autograd.grad(blendq.functional.lsq(x, torch.tensor(0.3), bits=4).square()
+                              .sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
+
+
 @pytest.mark.parametrize("w_bits, a_bits", [(4, 8), (2, 4), (1, 8)])
 def test_lsq_trains_its_steps_converts_exactly_and_exports(tmp_path, w_bits, a_bits):
     torch.manual_seed(0)

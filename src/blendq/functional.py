@@ -912,49 +912,68 @@ def unpack_codes(packed: Tensor, bits: int, shape) -> Tensor:
     return flat.reshape(shape).to(torch.int8)
 
 
+@functools.cache
+def _open_bounds(dtype: torch.dtype, lo: int, hi: int) -> tuple[float, float]:
+    """``lo`` and ``hi`` moved one ulp of ``dtype`` outward: ``hardtanh_backward`` passes
+    strictly between them, which is ``lo <= v <= hi`` exactly."""
+    ends = torch.tensor([lo, hi], dtype=dtype)
+    outward = torch.tensor([-math.inf, math.inf], dtype=dtype)
+    return tuple(float(b) for b in torch.nextafter(ends, outward))
+
+
 class _LearnedStep(torch.autograd.Function):
     """:func:`lsq` as one autograd node. Forward: divide, clamp, round and multiply in
-    one buffer (then the blend, unless α is 1). Backward: ``x / s`` computed again from
-    the kept input (no intermediate kept), the gradient to ``x`` masked where the
-    clamp passes (on the CPU one ``hardtanh_backward`` with bounds one ulp outside the
-    grid's ends), the step's from the same ``x / s``. The values are those of the
-    chain of separate operations bit for bit; the gradients equal theirs up to float
-    rounding (the chain multiplies the gradient by ``s`` and divides it again)."""
+    one buffer (then the blend, unless α is 1). Backward: ``v = x / s`` computed again
+    from the kept input (no intermediate kept), the gradient to ``x`` masked where the
+    clamp passes (on the CPU one ``hardtanh_backward``), the step's from the same ``v``.
+    The values are those of the chain of separate operations (at α = 1 on the CPU the
+    blend is skipped, as :meth:`blendq.methods.Method.mix` skips it: a zero may keep
+    its sign, an infinite input clamps); the gradients equal theirs to float rounding
+    (the chain multiplies the gradient by ``s`` and divides it again). Not twice
+    differentiable."""
 
     @staticmethod
     def forward(ctx, x: Tensor, step: Tensor, alpha: Tensor | None, qmin: int, qmax: int,
                 grad_scale: float) -> Tensor:
         value = torch.div(x, step).clamp_(qmin, qmax).round_().mul_(step)
         host = _EXECUTION.cpu_native and x.device.type == "cpu" and \
-            not torch.compiler.is_compiling()  # reading α or a bound here costs nothing
+            not torch.compiler.is_compiling()  # reading α here costs nothing
         ctx.one = alpha is None or (host and alpha.device.type == "cpu" and
-                                    float(alpha) == 1.0)  # lerp's exact value at 1
+                                    float(alpha) == 1.0)  # lerp's value at 1
         if not ctx.one:
             value = torch.lerp(x, value, alpha)
-        ctx.bounds = None
-        if host and x.dtype in (torch.float32, torch.float64):
-            lo, hi = torch.tensor([qmin, qmax], dtype=x.dtype)
-            ctx.bounds = (float(torch.nextafter(lo, lo.new_tensor(-math.inf))),
-                          float(torch.nextafter(hi, hi.new_tensor(math.inf))))
+        # one hardtanh_backward for the mask: float32/64, x/s in x's dtype, a plain
+        # tensor (a DTensor has no rule for it)
+        ctx.bounds = _open_bounds(x.dtype, qmin, qmax) if host and x.dtype in (
+            torch.float32, torch.float64) and step.dtype == x.dtype and \
+            type(x) in (torch.Tensor, torch.nn.Parameter) else None
         ctx.grid, ctx.grad_scale = (qmin, qmax), grad_scale
         ctx.save_for_backward(x, step, *(() if ctx.one else (alpha,)))
         return value
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         x, step, *alpha = ctx.saved_tensors
         qmin, qmax = ctx.grid
         blended = grad if ctx.one else grad * alpha[0]  # the gradient reaching lsq's value
         v = torch.div(x, step)
+        to_step = None
         if ctx.bounds is not None:  # straight through where qmin <= v <= qmax
             to_x = torch.ops.aten.hardtanh_backward(blended, v, *ctx.bounds)
+            if ctx.needs_input_grad[1]:  # codes · g, less v · g inside: LSQ's d/ds
+                part = torch.clamp(v, qmin, qmax).round_().mul_(blended).sub_(v.mul_(to_x))
+                to_step = part.sum_to_size(step.shape) * ctx.grad_scale
         else:
-            to_x = torch.where((v >= qmin) & (v <= qmax), blended, 0)
-        to_step = None
-        if ctx.needs_input_grad[1]:  # codes · g, less v · g inside: LSQ's d/ds
-            part = torch.clamp(v, qmin, qmax).round_().mul_(blended).sub_(v.mul_(to_x))
-            to_step = part.sum_to_size(step.shape) * ctx.grad_scale
-        if not ctx.one:
+            inside = (v >= qmin) & (v <= qmax)
+            to_x = torch.where(inside, blended, 0)
+            if ctx.needs_input_grad[1]:  # (codes - v) inside, codes outside, per element:
+                codes = torch.clamp(v, qmin, qmax).round_()  # no cancellation in bf16
+                part = torch.where(inside, codes - v, codes).mul_(blended)
+                to_step = part.sum_to_size(step.shape) * ctx.grad_scale
+        if not ctx.needs_input_grad[0]:
+            to_x = None
+        elif not ctx.one:
             to_x = to_x + grad * (1 - alpha[0])
         return to_x, to_step, None, None, None, None
 
@@ -967,8 +986,9 @@ def lsq(x: Tensor, step: Tensor, bits: int, signed: bool = True,
     ``round(x/s) - x/s`` inside and ``qmin``/``qmax`` outside, multiplied by
     ``grad_scale`` (LSQ's ``1 / sqrt(N · qmax)``). The value is ``s · codes`` exactly,
     as the converted layer computes it. ``full``: see :func:`grid`. ``alpha``: the value
-    is ``lerp(x, that, alpha)``, with lerp's gradient (``None``: α = 1). ``step``
-    broadcasts to ``x`` (one per tensor, channel or block). One autograd node."""
+    is ``lerp(x, that, alpha)``, with lerp's gradient to ``x`` (``None``: α = 1; α gets
+    none: it is a buffer). ``step`` broadcasts to ``x`` (one per tensor, channel or
+    block). One autograd node."""
     qmin, qmax = grid(bits, signed, full)
     if alpha is not None:
         alpha = alpha.to(x.dtype)
