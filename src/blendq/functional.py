@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["NONE_WORDS", "SCALES", "check_bits", "check_scale", "grid", "minmax", "is_sign",
-           "integer_input", "lsq", "ppq",
+           "integer_input", "lsq", "alpha_is_one", "ppq",
            "ppq_segments", "segment_index", "segment_sum",
            "search_scale", "binarize", "quantize", "blend", "straight_through", "check_finite",
            "round_bias", "stored_zero", "runtime_requantize", "runtime_add", "strided_sample",
@@ -494,6 +494,34 @@ def execution_policy(**changes) -> Iterator[Execution]:
         set_execution(previous)
 
 
+def alpha_is_one(alpha: Tensor) -> bool:
+    """Whether ``alpha`` is 1, where reading it costs nothing: on the CPU under the
+    native execution policy, outside compilation (a GPU would wait for it, a compiled
+    graph would break). ``False`` where it cannot be read so, whatever its value."""
+    return _EXECUTION.cpu_native and alpha.device.type == "cpu" and \
+        not torch.compiler.is_compiling() and float(alpha) == 1.0
+
+
+def _hardtanh_masks(x: Tensor) -> bool:
+    """Whether one ``hardtanh_backward`` on ``x`` can mask its gradient: float32/64 on
+    the CPU under the native execution policy, outside compilation (its bounds are read
+    on the host), a plain tensor (a DTensor has no rule for it)."""
+    return _EXECUTION.cpu_native and x.device.type == "cpu" and x.dtype in (
+        torch.float32, torch.float64) and type(x) in (torch.Tensor, torch.nn.Parameter) \
+        and not torch.compiler.is_compiling()
+
+
+def _open_bounds(lo, hi, dtype: torch.dtype) -> tuple[float, float]:
+    """``lo`` and ``hi`` as ``dtype`` holds them, moved one ulp outward:
+    ``hardtanh_backward`` passes strictly between them, which is ``lo <= v <= hi``."""
+    lo, hi = (torch.as_tensor(b, dtype=dtype) for b in (lo, hi))
+    return (float(torch.nextafter(lo, lo.new_tensor(-math.inf))),
+            float(torch.nextafter(hi, hi.new_tensor(math.inf))))
+
+
+_grid_bounds = functools.cache(_open_bounds)  # a grid's integer ends, per dtype
+
+
 class _StraightThrough(torch.autograd.Function):
     """Forward ``value``; backward the incoming gradient to ``x``, masked to [lo, hi].
 
@@ -508,11 +536,8 @@ class _StraightThrough(torch.autograd.Function):
                 hi: Tensor | float | None) -> Tensor:
         ctx.bounds = None
         # host bounds: free on the CPU, a sync on a GPU and a graph break when compiling
-        if lo is not None and _EXECUTION.cpu_native and x.device.type == "cpu" and x.dtype in (
-                torch.float32, torch.float64) and not torch.compiler.is_compiling():
-            lo, hi = (torch.as_tensor(b, dtype=x.dtype) for b in (lo, hi))
-            ctx.bounds = (float(torch.nextafter(lo, lo.new_tensor(-float("inf")))),
-                          float(torch.nextafter(hi, hi.new_tensor(float("inf")))))
+        if lo is not None and _hardtanh_masks(x):
+            ctx.bounds = _open_bounds(lo, hi, x.dtype)
             ctx.save_for_backward(x)
         elif lo is not None:  # tensors on x's device, or host numbers (which made into
             mask = torch.ge(x, lo)  # tensors on a GPU would wait for it)
@@ -912,15 +937,6 @@ def unpack_codes(packed: Tensor, bits: int, shape) -> Tensor:
     return flat.reshape(shape).to(torch.int8)
 
 
-@functools.cache
-def _open_bounds(dtype: torch.dtype, lo: int, hi: int) -> tuple[float, float]:
-    """``lo`` and ``hi`` moved one ulp of ``dtype`` outward: ``hardtanh_backward`` passes
-    strictly between them, which is ``lo <= v <= hi`` exactly."""
-    ends = torch.tensor([lo, hi], dtype=dtype)
-    outward = torch.tensor([-math.inf, math.inf], dtype=dtype)
-    return tuple(float(b) for b in torch.nextafter(ends, outward))
-
-
 class _LearnedStep(torch.autograd.Function):
     """:func:`lsq` as one autograd node. Forward: divide, clamp, round and multiply in
     one buffer (then the blend, unless α is 1). Backward: ``v = x / s`` computed again
@@ -936,17 +952,12 @@ class _LearnedStep(torch.autograd.Function):
     def forward(ctx, x: Tensor, step: Tensor, alpha: Tensor | None, qmin: int, qmax: int,
                 grad_scale: float) -> Tensor:
         value = torch.div(x, step).clamp_(qmin, qmax).round_().mul_(step)
-        host = _EXECUTION.cpu_native and x.device.type == "cpu" and \
-            not torch.compiler.is_compiling()  # reading α here costs nothing
-        ctx.one = alpha is None or (host and alpha.device.type == "cpu" and
-                                    float(alpha) == 1.0)  # lerp's value at 1
+        ctx.one = alpha is None or alpha_is_one(alpha)  # lerp's value at 1 is the codes'
         if not ctx.one:
             value = torch.lerp(x, value, alpha)
-        # one hardtanh_backward for the mask: float32/64, x/s in x's dtype, a plain
-        # tensor (a DTensor has no rule for it)
-        ctx.bounds = _open_bounds(x.dtype, qmin, qmax) if host and x.dtype in (
-            torch.float32, torch.float64) and step.dtype == x.dtype and \
-            type(x) in (torch.Tensor, torch.nn.Parameter) else None
+        # the mask by one hardtanh_backward where x / s is in x's dtype
+        ctx.bounds = _grid_bounds(qmin, qmax, x.dtype) if _hardtanh_masks(x) and \
+            step.dtype == x.dtype else None
         ctx.grid, ctx.grad_scale = (qmin, qmax), grad_scale
         ctx.save_for_backward(x, step, *(() if ctx.one else (alpha,)))
         return value
@@ -958,19 +969,19 @@ class _LearnedStep(torch.autograd.Function):
         qmin, qmax = ctx.grid
         blended = grad if ctx.one else grad * alpha[0]  # the gradient reaching lsq's value
         v = torch.div(x, step)
-        to_step = None
-        if ctx.bounds is not None:  # straight through where qmin <= v <= qmax
+        inside = None if ctx.bounds is not None else (v >= qmin) & (v <= qmax)
+        if inside is None:  # straight through where qmin <= v <= qmax
             to_x = torch.ops.aten.hardtanh_backward(blended, v, *ctx.bounds)
-            if ctx.needs_input_grad[1]:  # codes · g, less v · g inside: LSQ's d/ds
-                part = torch.clamp(v, qmin, qmax).round_().mul_(blended).sub_(v.mul_(to_x))
-                to_step = part.sum_to_size(step.shape) * ctx.grad_scale
         else:
-            inside = (v >= qmin) & (v <= qmax)
             to_x = torch.where(inside, blended, 0)
-            if ctx.needs_input_grad[1]:  # (codes - v) inside, codes outside, per element:
-                codes = torch.clamp(v, qmin, qmax).round_()  # no cancellation in bf16
+        to_step = None
+        if ctx.needs_input_grad[1]:  # LSQ's d/ds: codes - v inside, codes outside
+            codes = torch.clamp(v, qmin, qmax).round_()
+            if inside is None:  # codes · g, less v · g where it passes
+                part = codes.mul_(blended).sub_(v.mul_(to_x))
+            else:  # per element: no cancellation in bf16
                 part = torch.where(inside, codes - v, codes).mul_(blended)
-                to_step = part.sum_to_size(step.shape) * ctx.grad_scale
+            to_step = part.sum_to_size(step.shape) * ctx.grad_scale
         if not ctx.needs_input_grad[0]:
             to_x = None
         elif not ctx.one:

@@ -42,8 +42,8 @@ class Method:
         xq, alpha = xq.to(x.dtype), alpha.to(x.dtype)
         if torch.compiler.is_compiling():  # fused by the compiler; out= would break its graph
             value = torch.lerp(x.detach(), xq, alpha)
-        elif F.execution().cpu_native and alpha.device.type == "cpu" and float(alpha) == 1.0:
-            value = xq  # lerp's exact value at 1 (reading α: free on a CPU, a GPU would wait)
+        elif F.alpha_is_one(alpha):
+            value = xq  # lerp's exact value at 1
         else:
             value = torch.lerp(x.detach(), xq, alpha, out=xq)
         return F.straight_through(x, value, lo, hi)
