@@ -73,6 +73,7 @@ class QuantMixin:
     deploy: Deploy | None = None
     group_size: int | None = None  # block scales: ``weight_scale`` is (rows, blocks)
     int8_inputs = False  # the float input rounded as the 4-bit kernel's level 4 does
+    int8_matmul = False  # block scales multiples of a channel unit, input int8 per row
     _kind: LayerKind
 
     @classmethod
@@ -94,6 +95,7 @@ class QuantMixin:
         new.per_channel = layer.w_quant.spec.per_channel
         new.group_size = layer.w_quant.spec.group_size
         new.int8_inputs = layer.w_quant.spec.int8_inputs
+        new.int8_matmul = layer.w_quant.spec.int8_matmul
         a = layer.a_quant
         new.a_bits = None if a is None else a.spec.bits
         new.a_signed = None if a is None else a.is_signed
@@ -144,11 +146,12 @@ class QuantMixin:
 
     def quantized_input(self, x: Tensor) -> Tensor:
         if self.a_bits is None:
-            if not self.int8_inputs:
+            if not (self.int8_inputs or self.int8_matmul):
                 return x
+            block = x.shape[-1] if self.int8_matmul else self.group_size
             if self.deploy is not None:  # one operator the ONNX export can hand to the kernel
-                return int8_blocks(x, self.group_size)
-            return F.int8_blocks(x, self.group_size)
+                return int8_blocks(x, block)
+            return F.int8_blocks(x, block)
         if self.deploy is not None:
             return _deploy_input(x, self.deploy)
         return _quantized(x, self.act_scale, self.a_bits, self.a_signed)

@@ -1062,6 +1062,55 @@ def block_lengths(shape: tuple[int, ...], axis: int, group_size: int) -> Tensor:
     return lengths.reshape(-1)
 
 
+def int8_multiples(bits: int) -> int:
+    """How many whole multiples of one per-channel unit a block scale may take in a layer
+    trained for an int8 matrix product (``QuantPolicy(int8_matmul=True)``): the most for
+    which every code times its multiple stays within -64..64 (``2^(7 - bits)``: 8 at 4
+    bits), so the product of a uint8 input and such a weight never saturates the 16-bit
+    pair sums of x86's u8·s8 instructions (AVX2 without VNNI)."""
+    if not 2 <= bits <= 4:
+        raise ValueError(f"int8 matmul weights take 2..4-bit codes, got {bits}")
+    return 2 ** (7 - bits)
+
+
+def snap_block_scales(scale: Tensor, multiples: int, ceil: bool = False) -> Tensor:
+    """Block scales ``(rows, blocks)`` moved onto whole multiples ``1..multiples`` of one
+    unit per row, ``unit = max(row) / multiples`` (so the row's largest block keeps its
+    scale): nearest multiple, or the next one up with ``ceil`` (min/max scales: nothing
+    that fitted clips). Then ``codes · multiple`` is an int8 weight with the per-row
+    scale ``unit`` (:func:`int8_weight_of_blocks`). A row whose scales are all 0 stays."""
+    unit = scale.amax(-1, keepdim=True) / multiples
+    ratio = scale / torch.where(unit > 0, unit, torch.ones_like(unit))
+    k = torch.ceil(ratio * (1 - 2.0 ** -20)) if ceil else torch.round(ratio)
+    return torch.where(unit > 0, unit * k.clamp(1, multiples), scale)
+
+
+def int8_weight_of_blocks(codes: Tensor, scale: Tensor, multiples: int) -> tuple[Tensor, Tensor]:
+    """``(int8 weight, unit)`` of block codes ``(rows, K)`` and scales ``(rows, blocks)``
+    snapped by :func:`snap_block_scales`: ``codes · multiple`` per block and one float
+    unit per row, so that ``unit · weight`` is ``scale · codes`` (to float rounding)."""
+    rows, k = codes.shape
+    blocks = scale.shape[1]
+    group = -(-k // blocks)
+    unit = scale.amax(-1, keepdim=True) / multiples
+    safe = torch.where(unit > 0, unit, torch.ones_like(unit))
+    mult = torch.round(scale / safe).clamp(0, multiples).to(torch.int16)
+    per_element = mult.repeat_interleave(group, dim=1)[:, :k]
+    weight = codes.to(torch.int16) * per_element
+    if weight.abs().max() > 64:
+        raise ValueError(f"block scales are not whole multiples 1..{multiples} of one unit "
+                         "per row: train with QuantPolicy(int8_matmul=True)")
+    return weight.to(torch.int8), unit.reshape(-1)
+
+
+def int8_rows(x: Tensor) -> Tensor:
+    """``x`` rounded to int8 per row (its last dimension), at run time: ``s = max|x| /
+    127``, ``round(x · (127 / max|x|)) · s`` in float32, as :func:`int8_blocks` with one
+    block a row (the input rounding of a layer trained with ``int8_matmul``; its export
+    writes it with standard operators before ``MatMulInteger``)."""
+    return int8_blocks(x, x.shape[-1])
+
+
 def int8_blocks(x: Tensor, block: int) -> Tensor:
     """``x`` rounded as ONNX Runtime's ``MatMulNBits`` rounds its input at accuracy level 4:
     along the last dimension, per block of ``block`` elements, ``s = max|x| / 127`` and

@@ -197,6 +197,8 @@ class BlendMixin:
     def blended_input(self, x: Tensor) -> Tensor:
         if self.a_quant is None:
             spec = self.w_quant.spec
+            if spec.int8_matmul:  # per row, as the int8 matmul's input is rounded
+                return methods.get("ste").mix(x, F.int8_rows(x.detach()), self.alpha)
             if not spec.int8_inputs:
                 return x
             rounded = F.int8_blocks(x.detach(), spec.group_size)  # as the 4-bit kernel

@@ -99,6 +99,14 @@ class QuantPolicy:
             (int8, one scale ``max|x|/127`` per block of ``group_size`` inputs, computed
             at run time; straight-through gradient, blended with α), so a level-4 file
             computes what was trained (docs/int4.md).
+        int8_matmul: with ``group_size``, ``a_bits=None`` and 2..4-bit weights, Linear and
+            ``Conv1D`` layers are trained for an int8 matrix product, which runs a long
+            prompt faster than a 4-bit kernel: each block scale a whole multiple
+            (1..``2^(7 - w_bits)``, 8 at 4 bits) of one scale per output channel, so that
+            codes times multiples are int8 weights, and the input rounded to int8 per row
+            (token) at run time, ``max|x|/127`` (straight-through gradient, blended with
+            α). Exported as ``MatMulInteger`` (docs/int4.md). Methods that learn their
+            scale (``lsq``) are refused.
 
     Raises:
         ValueError: bits outside 1..8, an unknown method, a malformed rule; at
@@ -124,6 +132,7 @@ class QuantPolicy:
     group_size: int | None = None
     int8_block_inputs: bool = False
     scale: str = "ppq"
+    int8_matmul: bool = False
 
     def __post_init__(self) -> None:
         check_bits("w_bits", self.w_bits)
@@ -132,10 +141,19 @@ class QuantPolicy:
         if self.int8_block_inputs and (self.group_size is None or self.a_bits is not None):
             raise ValueError("int8_block_inputs rounds the float inputs of block-quantized "
                              "layers: it needs group_size and a_bits=None")
+        if self.int8_matmul and (self.group_size is None or self.a_bits is not None or
+                                 self.int8_block_inputs or not 2 <= self.w_bits <= 4):
+            raise ValueError("int8_matmul trains block-quantized weights for an int8 matrix "
+                             "product with inputs rounded per row: it needs group_size, "
+                             "a_bits=None, w_bits 2..4 and not int8_block_inputs")
         check_bits("embedding", self.embedding, allow_none=True)
         check_bits("a_bits", self.a_bits, allow_none=True)
         for name in ("method", "act_method"):
             check_method(name, getattr(self, name))
+        if self.int8_matmul and methods.get(self.method).learns_scale:
+            raise ValueError(f"int8_matmul keeps block scales on whole multiples of a channel "
+                             f"scale; method {self.method!r} learns its scale and cannot: "
+                             "use 'ab' or 'ste'")
         for name in ("first_layer", "depthwise", "last_layer"):
             object.__setattr__(self, name, _pair(name, getattr(self, name)))
         if not isinstance(self.overrides, Mapping):
@@ -211,6 +229,8 @@ class QuantPolicy:
             group_size=group,
             int8_inputs=self.int8_block_inputs and matmul and group is not None
             and a_bits is None,
+            int8_matmul=self.int8_matmul and matmul and group is not None and a_bits is None
+            and 2 <= w_bits <= 4,
             method=self.method,
             binary_scale=self.binary_scale,
             quant_every=self.quant_every,

@@ -43,6 +43,11 @@ class WeightSpec:
     int8_inputs: the layer's (float) input is rounded as the 4-bit kernel that runs block
     weights rounds it at its fast accuracy level (:func:`~blendq.functional.int8_blocks`,
     blocks of ``group_size``); needs ``group_size``;
+    int8_matmul: the layer is trained for an int8 matrix product: block scales whole
+    multiples of one scale per output channel (:func:`~blendq.functional.snap_block_scales`,
+    ``1..2^(7 - bits)``), so codes times multiples are an int8 weight, and the input
+    rounded to int8 per row at run time (:func:`~blendq.functional.int8_rows`); needs
+    ``group_size``, 2..4 bits and a method that does not learn its scale;
     method: a registered method name (:mod:`blendq.methods`: ``ab``, ``ste``, ``lsq``);
     binary_scale: 1-bit uses the least-squares scale
     ``mean|w|`` (docs/design.md); quant_every: recompute codes every this many steps
@@ -66,6 +71,7 @@ class WeightSpec:
     group_size: int | None = None
     int8_inputs: bool = False
     scale: str = "ppq"
+    int8_matmul: bool = False
 
     def __post_init__(self) -> None:
         F.check_bits("w_bits", self.bits)
@@ -79,6 +85,15 @@ class WeightSpec:
             raise ValueError(f"quant_every must be >= 1, got {self.quant_every}")
         if self.int8_inputs and self.group_size is None:
             raise ValueError("int8_inputs rounds inputs per weight block: it needs group_size")
+        if self.int8_matmul:
+            if self.group_size is None or not 2 <= self.bits <= 4 or self.int8_inputs:
+                raise ValueError("int8_matmul makes block scales whole multiples of a channel "
+                                 "scale: it needs group_size, 2..4-bit weights and no "
+                                 "int8_inputs")
+            if methods.get(self.method).learns_scale:
+                raise ValueError(f"int8_matmul snaps block scales onto multiples of a channel "
+                                 f"scale at every projection; method {self.method!r} learns "
+                                 "its scale and cannot keep it there: use 'ab' or 'ste'")
 
 
 @dataclass(frozen=True)
@@ -210,6 +225,10 @@ class WeightQuantizer(nn.Module):
         except ValueError as err:
             raise ValueError(f"layer {self.name or '<unnamed>'}: weight {err}") from None
         if s.group_size is not None:
+            if s.int8_matmul:  # scales onto multiples of a channel unit, codes again
+                scale = F.snap_block_scales(scale.reshape(self.scale.shape),
+                                            F.int8_multiples(s.bits), self.source.name == "minmax")
+                codes = F.quantize(x.float(), scale.reshape(-1, 1).float(), s.bits)
             codes = F.from_blocks(codes, tuple(w.shape), self.axis, s.group_size)
             scale = scale.reshape(self.scale.shape)
         return codes.to(w.dtype), scale.to(w.dtype)
@@ -383,7 +402,7 @@ class WeightGroup:
         is fewer launches (so it is where the execution policy runs the GPU's code path
         on the CPU, ``fused=True``)."""
         s = q.spec
-        if s.bits < 2 or not q.method.groups or not q.source.groups:
+        if s.bits < 2 or not q.method.groups or not q.source.groups or s.int8_matmul:
             return None
         device = q.scale.device
         rows = WeightGroup.row_length(q) >= 8 if device.type == "cpu" and \

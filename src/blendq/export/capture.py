@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..converted import Deploy, QuantMixin, QuantSite, block_storage
-from ..functional import pack_codes, round_bias
+from ..functional import int8_multiples, int8_weight_of_blocks, pack_codes, round_bias
 from ..layers import BlendMixin, bias_units, deploy_fold, link_holds, linked_producer
 
 __all__ = ["ExportError", "capture", "deployable", "example_args"]
@@ -82,14 +82,21 @@ def _deploy_layer(layer: QuantMixin, bn: nn.Module | None, packed: bool, name: s
             integer, bias = False, rounded.float()
     elif bias is not None:
         bias = bias.float()
+    w_bits = layer.w_bits
+    if group is not None and layer.int8_matmul:  # int8 per channel: codes × multiples
+        moved = codes.movedim(kind.axis, 0)
+        weight, unit = int8_weight_of_blocks(moved.reshape(out_ch, -1), scale.float(),
+                                             int8_multiples(w_bits))
+        codes = weight.reshape(moved.shape).movedim(0, kind.axis)
+        scale, group, w_bits = unit.double(), None, 8
     weight_shape = tuple(codes.shape)
     block_axis = 0
     if group is not None:  # the 2-D layout the runtime's 4-bit matmul reads
         codes, scale, block_axis = block_storage(codes, scale, kind.axis)
     shape = tuple(codes.shape)
-    stored = pack_codes(codes, layer.w_bits) if packed and layer.w_bits <= 4 else codes.clone()
-    deploy = Deploy(layer.w_bits, layer.a_bits, layer.a_signed, a_scale, kind.axis, shape,
-                    integer, packed and layer.w_bits <= 4, group)
+    stored = pack_codes(codes, w_bits) if packed and w_bits <= 4 else codes.clone()
+    deploy = Deploy(w_bits, layer.a_bits, layer.a_signed, a_scale, kind.axis, shape,
+                    integer, packed and w_bits <= 4, group)
     deploy.block_axis, deploy.weight_shape = block_axis, weight_shape
     layer.set_deploy(deploy, stored, scale.float().clone(), bias, bias_scale)
 

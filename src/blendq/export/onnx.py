@@ -73,6 +73,7 @@ def to_onnx(program: torch.export.ExportedProgram, example_input, weights: str =
     model = exported.model_proto
     _unshare_producers(model)
     _hoist_quantize(model)
+    _matmul_integer(model)
     if accuracy_level is not None:
         _matmul_nbits(model, accuracy_level)
     _int8_blocks(model)
@@ -135,8 +136,10 @@ def _int8_blocks(model) -> int:
     handed = 0
     for node in [n for n in graph.node if (n.domain, n.op_type) == INT8_BLOCKS]:
         block, k = _attr(node, "block"), _attr(node, "k")
-        kernels = _kernels_reading(node.output[0], block, k, readers, consts,
-                                   {o.name for o in graph.output})
+        kernels = _kernels_reading(
+            node.output[0], k, readers, consts, {o.name for o in graph.output},
+            lambda user, _, block=block: user.op_type == "MatMulNBits" and
+            _attr(user, "block_size") == block)
         if kernels is not None:
             for user in readers[node.output[0]]:  # MatMulNBits, or a Reshape before it
                 user.input[0] = node.input[0]
@@ -156,11 +159,11 @@ def _int8_blocks(model) -> int:
     return handed
 
 
-def _kernels_reading(value: str, block: int, k: int, readers, consts,
-                     outputs: set[str]) -> list | None:
-    """The ``MatMulNBits`` nodes of block size ``block`` that read ``value`` directly or
-    through a ``Reshape`` keeping the last dimension ``k`` (rows flattened for a 2-D
-    matmul), where those are all its readers; else ``None``."""
+def _kernels_reading(value: str, k: int, readers, consts, outputs: set[str],
+                     takes) -> list | None:
+    """The nodes that read ``value`` directly or through a ``Reshape`` keeping the last
+    dimension ``k`` (rows flattened for a 2-D matmul) and that ``takes(node, value)``
+    accepts, where those are all its readers; else ``None``."""
     from onnx import numpy_helper
 
     kernels = []
@@ -171,16 +174,124 @@ def _kernels_reading(value: str, block: int, k: int, readers, consts,
             shape = numpy_helper.to_array(consts[user.input[1]])
             if shape.size == 0 or int(shape[-1]) != k:
                 return None
-            found = _kernels_reading(user.output[0], block, k, readers, consts, outputs)
+            found = _kernels_reading(user.output[0], k, readers, consts, outputs, takes)
             if found is None:
                 return None
             kernels += found
-        elif user.op_type == "MatMulNBits" and user.input[0] == value and \
-                _attr(user, "block_size") == block:
+        elif user.input[0] == value and takes(user, value):
             kernels.append(user)
         else:
             return None
     return kernels or None
+
+
+def _matmul_integer(model) -> int:
+    """Write the matmuls of layers trained with ``int8_matmul`` as integer matrix
+    products: each ``blendq.Int8Blocks`` placeholder whose block is its whole row
+    (:func:`blendq.functional.int8_rows`) goes, and each matmul reading it (directly or
+    through a ``Reshape`` keeping rows) whose weight is a constant per-channel
+    ``DequantizeLinear`` of int8 codes becomes: the row rounding in standard operators
+    (codes stored as uint8 with zero point 128, the row's scale ``max|x|/127``),
+    ``MatMulInteger`` of those codes and the int8 weight (exact int32 sums), then the
+    row's scale, the channel's scale and the bias in float32. The weights are within
+    -64..64, so x86's u8·s8 pair sums (AVX2 without VNNI) never saturate. A placeholder
+    read otherwise is left to :func:`_int8_blocks` (standard operators, float matmul).
+    Returns the number of matmuls written."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers = _readers(graph)
+    outputs = {o.name for o in graph.output}
+    written, dead = 0, []
+
+    def per_channel(user, _) -> bool:
+        if user.op_type not in ("MatMul", "Gemm"):
+            return False
+        found = _nbits_pattern(user, producer, readers, inits)
+        return found is not None and not _attr(found[0], "block_size", 0)
+
+    shared = {}  # a rounded input: (uint8 codes, row scale), for every matmul reading it
+    constants = {}
+
+    def const(name: str, value) -> str:
+        if name not in constants:
+            graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+            constants[name] = name
+        return name
+
+    for node in [n for n in graph.node if (n.domain, n.op_type) == INT8_BLOCKS]:
+        k = _attr(node, "k")
+        if _attr(node, "block") < k:
+            continue
+        matmuls = _kernels_reading(node.output[0], k, readers, inits, outputs, per_channel)
+        if matmuls is None:
+            continue
+        for user in readers[node.output[0]]:
+            for i, name in enumerate(user.input):
+                if name == node.output[0]:
+                    user.input[i] = node.input[0]
+        dead.append(node)
+        for mm in matmuls:
+            dq, chain, codes, scale, _ = _nbits_pattern(mm, producer, readers, inits)
+            x, base = mm.input[0], f"{mm.output[0]}.int"
+            new = []
+            if x not in shared:
+                r = f"{x}.rows"
+                n = lambda op, ins, out, **kw: helper.make_node(op, ins, [f"{r}.{out}"], **kw)  # noqa: E731,B023
+                new += [
+                    n("Abs", [x], "abs"),
+                    n("ReduceMax", [f"{r}.abs", const("blendq.rows.axes",
+                                                      np.array([-1], np.int64))], "peak",
+                      keepdims=1),
+                    n("Greater", [f"{r}.peak", const("blendq.rows.tiny", np.float32(127) /
+                                                     np.float32(np.finfo(np.float32).max))],
+                      "nz"),
+                    n("Div", [const("blendq.rows.q", np.float32(127)), f"{r}.peak"], "inv0"),
+                    n("Where", [f"{r}.nz", f"{r}.inv0", const("blendq.rows.zero",
+                                                              np.float32(0))], "inv"),
+                    n("Mul", [x, f"{r}.inv"], "scaled"),
+                    n("Round", [f"{r}.scaled"], "round"),
+                    n("Clip", [f"{r}.round", const("blendq.rows.lo", np.float32(-128)),
+                               const("blendq.rows.hi", np.float32(127))], "codes"),
+                    n("Add", [f"{r}.codes", const("blendq.rows.offset", np.float32(128))],
+                      "shifted"),
+                    n("Cast", [f"{r}.shifted"], "u8", to=TensorProto.UINT8),
+                    n("Div", [f"{r}.peak", "blendq.rows.q"], "step")]
+                shared[x] = (f"{r}.u8", f"{r}.step")
+            u8, step = shared[x]
+            weight, unit = f"{base}.weight", f"{base}.unit"
+            graph.initializer.extend([
+                numpy_helper.from_array(codes.astype(np.int8), weight),  # [K, N]
+                numpy_helper.from_array(scale[0].astype(np.float32), unit)])
+            bias = mm.input[2] if mm.op_type == "Gemm" and len(mm.input) > 2 else ""
+            out = mm.output[0]
+            new += [
+                helper.make_node("MatMulInteger", [u8, weight,
+                                                   const("blendq.rows.zero_point",
+                                                         np.uint8(128))], [f"{base}.acc"]),
+                helper.make_node("Cast", [f"{base}.acc"], [f"{base}.f"], to=TensorProto.FLOAT),
+                helper.make_node("Mul", [f"{base}.f", step], [f"{base}.rows"]),
+                helper.make_node("Mul", [f"{base}.rows", unit],
+                                 [f"{base}.y" if bias else out])]
+            if bias:
+                new.append(helper.make_node("Add", [f"{base}.y", bias], [out]))
+            at = list(graph.node).index(mm)
+            for i, added in enumerate(new):
+                graph.node.insert(at + i, added)
+            dead += [mm, *chain]
+            written += 1
+    if dead:
+        for node in dead:
+            graph.node.remove(node)
+        used = {i for n in graph.node for i in n.input}
+        for t in [t for t in graph.initializer if t.name not in used]:
+            graph.initializer.remove(t)
+        del graph.value_info[:]
+        _topological_sort(graph)  # a shared rounding may sit after a later reader
+    return written
 
 
 def _int8_blocks_nodes(graph, node, block: int, k: int) -> list:
