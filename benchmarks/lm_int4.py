@@ -524,12 +524,19 @@ def cmd_anchor(args) -> None:
               else GPT2Config(vocab_size=512, n_positions=256, n_embd=64, n_layer=1, n_head=2))
     vocab = config.vocab_size
     base = Logits(GPT2LMHeadModel(config)).eval()
-    converted = {}  # group size -> converted model
-    for group in args.groups:
-        rules = dataclasses.replace(policy("W4 g32", "ste"), group_size=group)
+    def ptq(**changes):
+        rules = dataclasses.replace(policy("W4 g32", "ste"), **changes)
         quant = blendq.prepare(copy.deepcopy(base), rules)
         blendq.calibrate(quant, [torch.randint(0, vocab, (1, 16))])
-        converted[group] = blendq.convert(quant)
+        return blendq.convert(quant)
+
+    converted = {group: ptq(group_size=group) for group in args.groups}  # group -> model
+    # trained for ORT's int8 matmul (QuantPolicy(int8_matmul=True)); the second with the
+    # lm_head quantized too (by default it stays float)
+    integer = {f"blendq W4 g{args.groups[0]} int8 matmul":
+               ptq(group_size=args.groups[0], int8_matmul=True),
+               f"blendq W4 g{args.groups[0]} int8 matmul, lm_head too":
+               ptq(group_size=args.groups[0], int8_matmul=True, skip=())}
     lengths = (1, CONTEXT)
     files: dict = {}
     for tokens in lengths:
@@ -553,6 +560,10 @@ def cmd_anchor(args) -> None:
                 path = out / f"anchor_w4g{group}_{level}_{tokens}.onnx"
                 export_onnx(model, path, ids, dynamic_batch=False, accuracy_level=level)
                 files[(f"blendq W4 g{group} level {level}", tokens)] = path
+        for label, model in integer.items():
+            path = out / f"anchor_int8mm{len(files)}_{tokens}.onnx"
+            export_onnx(model, path, ids, dynamic_batch=False)
+            files[(label, tokens)] = path
         if args.openvino:  # the float file, for what OpenVINO's own float path gives
             files[("fp32 in OpenVINO, its defaults", tokens)] = fp32
         if args.openvino:  # standard ONNX (INT4 DequantizeLinear in blocks) for OpenVINO
@@ -579,9 +590,12 @@ def cmd_anchor(args) -> None:
         refs = {"float": torch.cat([base(x[None]) for x in prompts])}
         for group, model in converted.items():
             refs[group] = torch.cat([model(x[None]) for x in prompts])
+        for label, model in integer.items():
+            refs[label] = torch.cat([model(x[None]) for x in prompts])
     rows = []
     for label in labels:
-        ref = refs[int(label.split()[2][1:]) if label.startswith("blendq") else "float"]
+        ref = refs[label] if label in refs else \
+            refs[int(label.split()[2][1:]) if label.startswith("blendq") else "float"]
         run = sessions[(label, CONTEXT)]
         got = torch.cat([torch.from_numpy(run(x[None].numpy())) for x in prompts])
         top1 = float((got[:, -1].argmax(-1) == ref[:, -1].argmax(-1)).float().mean()) * 100
@@ -598,10 +612,10 @@ def cmd_anchor(args) -> None:
             row[f"speedup_vs_anchor_{tokens}"] = anchor[f"ms_{tokens}"] / row[f"ms_{tokens}"]
     profile = {label: _profile(files[(label, CONTEXT)], feeds[CONTEXT], args.inner)
                for label in labels if not label.endswith(tuple(OPENVINO_MODES))}
-    print(f"\n{'file':40s} {'MB':>7s} {'1 token ms':>11s} {'x anchor':>9s} "
+    print(f"\n{'file':48s} {'MB':>7s} {'1 token ms':>11s} {'x anchor':>9s} "
           f"{'128 tok ms':>11s} {'x anchor':>9s} {'top-1 %':>8s} {'steps':>7s}")
     for r in rows:
-        print(f"{r['file']:40s} {r['bytes'] / 1e6:7.1f} {r['ms_1']:11.2f} "
+        print(f"{r['file']:48s} {r['bytes'] / 1e6:7.1f} {r['ms_1']:11.2f} "
               f"{r['speedup_vs_anchor_1']:9.2f} {r[f'ms_{CONTEXT}']:11.2f} "
               f"{r[f'speedup_vs_anchor_{CONTEXT}']:9.2f} {r['next_token_top1_pct']:8.2f} "
               f"{r['max_output_steps']:7.3f}")

@@ -408,3 +408,115 @@ def test_evaluation_reprojects_a_weight_refilled_in_place_after_training():
     codes, scale = q.project(w)  # the projection of the weight as it is now
     again = q.quantized(w)
     assert torch.equal(again, scale * codes) and not torch.allclose(again, first)
+
+
+# --- int8_matmul: block weights trained for an integer matrix product -------------------
+
+
+def test_int8_matmul_is_refused_where_it_cannot_hold_with_the_reason():
+    for bad in (dict(group_size=None), dict(a_bits=8), dict(w_bits=8),
+                dict(int8_block_inputs=True)):
+        with pytest.raises(ValueError, match="int8_matmul"):
+            blendq.QuantPolicy(**{"w_bits": 4, "a_bits": None, "group_size": 32, **bad},
+                               int8_matmul=True)
+    with pytest.raises(ValueError, match="learns its scale"):
+        blendq.QuantPolicy(w_bits=4, a_bits=None, group_size=32, method="lsq",
+                           int8_matmul=True)
+    with pytest.raises(ValueError, match="int8_matmul"):
+        blendq.quantizers.WeightSpec(bits=4, int8_matmul=True)  # no group_size
+
+
+@pytest.mark.parametrize("ceil", [False, True])
+def test_snapped_block_scales_are_whole_multiples_of_one_unit_per_row(ceil):
+    torch.manual_seed(0)
+    scale = torch.rand(64, 12) * torch.logspace(-3, 2, 64)[:, None] + 1e-6
+    scale[5] = 0.0  # a row of zero weights keeps its scales
+    snapped = F.snap_block_scales(scale, 8, ceil=ceil)
+    unit = scale.amax(1, keepdim=True) / 8
+    k = snapped / unit.clamp(min=1e-30)
+    live = torch.arange(64) != 5
+    assert torch.equal(snapped[5], scale[5])
+    torch.testing.assert_close(k[live], k[live].round(), rtol=0, atol=1e-4)
+    assert k[live].round().min() >= 1 and k[live].round().max() == 8
+    assert torch.equal(snapped.amax(1), scale.amax(1))  # the largest block keeps its scale
+    if ceil:  # nothing that fitted clips
+        assert (snapped[live] >= scale[live] * (1 - 1e-6)).all()
+    else:
+        above = live[:, None] & (scale >= unit)  # (below one unit: the first multiple)
+        assert ((snapped - scale).abs() <= unit * 0.5 * (1 + 1e-5))[above].all()
+
+
+def test_an_int8_matmul_weight_is_its_blocks_codes_times_their_multiples():
+    torch.manual_seed(0)
+    codes = torch.randint(-8, 8, (6, 40)).float()
+    scale = F.snap_block_scales(torch.rand(6, 3) + 0.1, 8)  # blocks of 16, 16 and 8
+    weight, unit = F.int8_weight_of_blocks(codes, scale, 8, 16)
+    assert weight.dtype == torch.int8 and weight.abs().max() <= 64
+    expected = F.expand_blocks(scale, (6, 40), 0, 16) * codes
+    torch.testing.assert_close(unit[:, None] * weight.float(), expected, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="whole multiples"):
+        F.int8_weight_of_blocks(codes, torch.rand(6, 3) * 0.37 + 0.1, 8, 16)
+
+
+def test_int8_matmul_trains_its_weights_onto_multiples_and_rounds_inputs_per_row():
+    torch.manual_seed(0)
+    model = blendq.prepare(nn.Sequential(nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 8)),
+                           blendq.QuantPolicy(w_bits=4, a_bits=None, group_size=16,
+                                              int8_matmul=True, method="ste"))
+    x = torch.randn(3, 5, 40)
+    model.train()(x).sum().backward()
+    assert model[0].float_weight.grad is not None
+    for layer in (model[0], model[2]):
+        q = layer.w_quant
+        assert q.spec.int8_matmul
+        k = q.scale / (q.scale.amax(1, keepdim=True) / 8)
+        torch.testing.assert_close(k, k.round(), rtol=0, atol=1e-4)
+        assert k.round().min() >= 1 and k.round().max() <= 8
+    rows = [r for r in blendq.summary(model) if r.w_bits == 4]
+    assert len(rows) == 2 and all("int8 matmul" in r.granularity for r in rows)
+    # each row of an input is rounded alone: a row's output does not depend on the others
+    model.eval()
+    with torch.no_grad():
+        whole, first = model(x), model(x[:1, :2])
+    torch.testing.assert_close(first, whole[:1, :2], rtol=0, atol=1e-6)
+    assert torch.equal(F.int8_rows(x), F.int8_blocks(x, 40))
+
+
+@pytest.mark.parametrize("method", ["ste", "ab"])
+def test_int8_matmul_exports_as_matmulinteger_and_computes_what_was_trained(method, tmp_path):
+    """GPT-2 trained with ``int8_matmul``: the file writes every adapted matmul as
+    ``MatMulInteger`` (standard ONNX, no 4-bit kernel), and ONNX Runtime's logits agree
+    with the α = 1 model's, at any sequence length (the rounding is per token): within
+    float rounding, or a fraction of an output step where an input that the runtime
+    computes a few ulps apart (its fused normalisation and attention) sits at a tie of
+    the int8 rounding and one code moves."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from blendq.export import export_onnx
+    from blendq.export.verify import compare_logits, output_step
+
+    model, ids = _trained_tiny_gpt2(method, int8_matmul=True)
+    layers = [m for m in model.modules() if isinstance(m, blendq.layers.BlendMixin)]
+    assert len(layers) == 8 and all(m.w_quant.spec.int8_matmul for m in layers)
+    with torch.no_grad():
+        expected = model(ids)
+    converted = blendq.convert(model)
+    with torch.no_grad():
+        assert torch.equal(converted(ids), expected)
+    path = export_onnx(converted, tmp_path / "int8mm.onnx", ids)
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulInteger") == 8 and "MatMulNBits" not in ops
+    weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(weights) == 8
+    assert max(abs(int(v)) for t in weights for v in onnx.numpy_helper.to_array(t).flat) <= 64
+    for length in (ids.shape[1], 5):
+        if length != ids.shape[1]:  # (the sequence length is fixed in a file)
+            path = export_onnx(converted, tmp_path / f"int8mm{length}.onnx", ids[:, :length])
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        got = torch.from_numpy(session.run(None, {name: ids[:, :length].numpy()})[0])
+        want = expected[:, :length]
+        agreement = compare_logits("ort", want, got, output_step(want))
+        assert agreement.strict_top1 == 100.0
+        assert agreement.max_steps <= 0.5 and agreement.mean_abs_diff <= 1e-4, agreement

@@ -1085,21 +1085,21 @@ def snap_block_scales(scale: Tensor, multiples: int, ceil: bool = False) -> Tens
     return torch.where(unit > 0, unit * k.clamp(1, multiples), scale)
 
 
-def int8_weight_of_blocks(codes: Tensor, scale: Tensor, multiples: int) -> tuple[Tensor, Tensor]:
+def int8_weight_of_blocks(codes: Tensor, scale: Tensor, multiples: int,
+                          group_size: int) -> tuple[Tensor, Tensor]:
     """``(int8 weight, unit)`` of block codes ``(rows, K)`` and scales ``(rows, blocks)``
-    snapped by :func:`snap_block_scales`: ``codes · multiple`` per block and one float
-    unit per row, so that ``unit · weight`` is ``scale · codes`` (to float rounding)."""
-    rows, k = codes.shape
-    blocks = scale.shape[1]
-    group = -(-k // blocks)
+    (blocks of ``group_size``, the last holding the remainder) snapped by
+    :func:`snap_block_scales`: ``codes · multiple`` per block and one float unit per row,
+    so that ``unit · weight`` is ``scale · codes`` (to float rounding)."""
+    k = codes.shape[1]
     unit = scale.amax(-1, keepdim=True) / multiples
     safe = torch.where(unit > 0, unit, torch.ones_like(unit))
-    mult = torch.round(scale / safe).clamp(0, multiples).to(torch.int16)
-    per_element = mult.repeat_interleave(group, dim=1)[:, :k]
-    weight = codes.to(torch.int16) * per_element
-    if weight.abs().max() > 64:
+    mult = torch.round(scale / safe).clamp(0, multiples)
+    if ((mult * unit - scale).abs() > 1e-5 * scale.abs()).any():
         raise ValueError(f"block scales are not whole multiples 1..{multiples} of one unit "
                          "per row: train with QuantPolicy(int8_matmul=True)")
+    per_element = mult.to(torch.int16).repeat_interleave(group_size, dim=1)[:, :k]
+    weight = codes.to(torch.int16) * per_element
     return weight.to(torch.int8), unit.reshape(-1)
 
 

@@ -705,7 +705,8 @@ def summary(model: nn.Module) -> list[LayerRow]:
         own = list(m.parameters(recurse=False))
         if isinstance(m, BlendMixin):
             w, a = m.w_quant.spec, m.a_quant
-            gran = _granularity(w.per_channel, w.group_size, m.w_quant.scale)
+            gran = _granularity(w.per_channel, w.group_size, m.w_quant.scale) + \
+                (", int8 matmul" if w.int8_matmul else "")
             method = w.method + ("" if a is None else f"/{a.spec.method}")
             fate = "quantized: the merged weight W + s·B·A (LoRA)" if name in merged \
                 else "quantized"
@@ -720,7 +721,8 @@ def summary(model: nn.Module) -> list[LayerRow]:
             rows.append(LayerRow(name, type(m).__name__, None, None, "-", "float", None,
                                  sum(p.numel() for p in own), fate))
         elif isinstance(m, QuantMixin):
-            gran = _granularity(m.per_channel, m.group_size, m.weight_scale)
+            gran = _granularity(m.per_channel, m.group_size, m.weight_scale) + \
+                (", int8 matmul" if m.int8_matmul else "")
             params = m.weight_codes.numel() + sum(p.numel() for p in own)
             rows.append(
                 LayerRow(name, type(m).__name__, m.w_bits, m.a_bits, gran, "int", 1.0, params)

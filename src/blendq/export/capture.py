@@ -86,7 +86,7 @@ def _deploy_layer(layer: QuantMixin, bn: nn.Module | None, packed: bool, name: s
     if group is not None and layer.int8_matmul:  # int8 per channel: codes × multiples
         moved = codes.movedim(kind.axis, 0)
         weight, unit = int8_weight_of_blocks(moved.reshape(out_ch, -1), scale.float(),
-                                             int8_multiples(w_bits))
+                                             int8_multiples(w_bits), group)
         codes = weight.reshape(moved.shape).movedim(0, kind.axis)
         scale, group, w_bits = unit.double(), None, 8
     weight_shape = tuple(codes.shape)
