@@ -17,7 +17,9 @@ keys and values).
 ``train``: the float model first (AdamW, cosine schedule), then, from it, weight-only
 quantization of every block (``a_bits=None``; the tied embedding / ``lm_head`` and the
 norms stay float) at each ``--settings`` (W4 group 32, W4 group 128, W4 per-channel,
-W3 group 32, W2 group 32), each by every ``--variants``: PTQ (``blendq.calibrate``, no
+W3 group 32, W2 group 32; "W4 g32 int8 matmul": W4 group 32 trained for an int8
+matmul, ``QuantPolicy(int8_matmul=True)``, where LSQ is refused and skipped), each by
+every ``--variants``: PTQ (``blendq.calibrate``, no
 training: the baseline), AB, STE and LSQ with and without distillation from the float
 model (``+ KD``: ``(1 - 0.5)·CE + 0.5·KD`` at temperature 2, :mod:`blendq.distill`), and
 LoRA-QAT (peft LoRA, rank 16, on every block's matmuls, the base frozen, STE on the
@@ -63,7 +65,7 @@ from torch import nn
 CONTEXT = 128
 SETTINGS = {  # name -> (w_bits, group_size or None for per-channel)
     "W4 g32": (4, 32), "W4 g128": (4, 128), "W4 per-channel": (4, None), "W3 g32": (3, 32),
-    "W2 g32": (2, 32)}
+    "W2 g32": (2, 32), "W4 g32 int8 matmul": (4, 32)}  # the last: QuantPolicy(int8_matmul)
 METHODS = ("ab", "ste", "lsq")
 VARIANTS = {  # name -> (method, distillation, LoRA); "ptq": calibrate only; "float": no
     # quantization, the same fine-tuning steps (what the steps alone buy)
@@ -195,7 +197,8 @@ def policy(setting: str, method: str):
 
     bits, group = SETTINGS[setting]
     return blendq.QuantPolicy(w_bits=bits, a_bits=None, per_channel=group is None,
-                              group_size=group, method=method, skip=("*lm_head",))
+                              group_size=group, method=method, skip=("*lm_head",),
+                              int8_matmul=setting.endswith("int8 matmul"))
 
 
 def qat_job(job: dict) -> dict:
@@ -294,7 +297,8 @@ def cmd_train(args) -> None:
                  save=str(out / "gpt2_w4g32_ab_s0.pt")
                  if (s, v, seed, args.arch) == ("W4 g32", "AB", 0, "gpt2") else None)
             for seed in args.seeds for s in args.settings for v in args.variants
-            if VARIANTS[v][0] != "float" or s == args.settings[0]]  # float: once a seed
+            if (VARIANTS[v][0] != "float" or s == args.settings[0])  # float: once a seed
+            and not (VARIANTS[v][0] == "lsq" and s.endswith("int8 matmul"))]  # (refused)
     jobs = [j for j in jobs if tuple(j[k] for k in RUN_KEYS) not in have]
     print(f"{len(jobs)} runs to do ({len(have)} done), {args.workers} at a time; rows in "
           f"{rows_path}", flush=True)
@@ -531,7 +535,8 @@ def cmd_anchor(args) -> None:
         return blendq.convert(quant)
 
     converted = {group: ptq(group_size=group) for group in args.groups}  # group -> model
-    # trained for ORT's int8 matmul (QuantPolicy(int8_matmul=True)); the second with the
+    # trained for ORT's int8 matmul (QuantPolicy(int8_matmul=True)), stored as INT4 codes
+    # and multiples (ORT folds them into int8 weights at load); the second with the
     # lm_head quantized too (by default it stays float)
     integer = {f"blendq W4 g{args.groups[0]} int8 matmul":
                ptq(group_size=args.groups[0], int8_matmul=True),
@@ -562,7 +567,7 @@ def cmd_anchor(args) -> None:
                 files[(f"blendq W4 g{group} level {level}", tokens)] = path
         for label, model in integer.items():
             path = out / f"anchor_int8mm{len(files)}_{tokens}.onnx"
-            export_onnx(model, path, ids, dynamic_batch=False)
+            export_onnx(model, path, ids, dynamic_batch=False, weights="int4")
             files[(label, tokens)] = path
         if args.openvino:  # the float file, for what OpenVINO's own float path gives
             files[("fp32 in OpenVINO, its defaults", tokens)] = fp32

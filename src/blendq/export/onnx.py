@@ -73,7 +73,7 @@ def to_onnx(program: torch.export.ExportedProgram, example_input, weights: str =
     model = exported.model_proto
     _unshare_producers(model)
     _hoist_quantize(model)
-    _matmul_integer(model)
+    _matmul_integer(model, int4=weights == "int4")
     if accuracy_level is not None:
         _matmul_nbits(model, accuracy_level)
     _int8_blocks(model)
@@ -185,7 +185,7 @@ def _kernels_reading(value: str, k: int, readers, consts, outputs: set[str],
     return kernels or None
 
 
-def _matmul_integer(model) -> int:
+def _matmul_integer(model, int4: bool = False) -> int:
     """Write the matmuls of layers trained with ``int8_matmul`` as integer matrix
     products: each ``blendq.Int8Blocks`` placeholder whose block is its whole row
     (:func:`blendq.functional.int8_rows`) goes, and each matmul reading it (directly or
@@ -196,7 +196,9 @@ def _matmul_integer(model) -> int:
     row's scale, the channel's scale and the bias in float32. The weights are within
     -64..64, so x86's u8·s8 pair sums (AVX2 without VNNI) never saturate. A placeholder
     read otherwise is left to :func:`_int8_blocks` (standard operators, float matmul).
-    Returns the number of matmuls written."""
+    ``int4``: each weight is stored as INT4 codes and an int8 multiple per 16 inputs
+    (:func:`_int4_multiples`), multiplied out by constant operators that a runtime folds
+    into the int8 weight when it loads the file. Returns the number of matmuls written."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
@@ -263,9 +265,13 @@ def _matmul_integer(model) -> int:
                 shared[x] = (f"{r}.u8", f"{r}.step")
             u8, step = shared[x]
             weight, unit = f"{base}.weight", f"{base}.unit"
-            graph.initializer.extend([
-                numpy_helper.from_array(codes.astype(np.int8), weight),  # [K, N]
-                numpy_helper.from_array(scale[0].astype(np.float32), unit)])
+            graph.initializer.append(numpy_helper.from_array(scale[0].astype(np.float32), unit))
+            folded = _int4_multiples(graph, codes.astype(np.int8), weight, const) if int4 \
+                else None
+            if folded is None:
+                graph.initializer.append(numpy_helper.from_array(codes.astype(np.int8), weight))
+            else:
+                new += folded
             bias = mm.input[2] if mm.op_type == "Gemm" and len(mm.input) > 2 else ""
             out = mm.output[0]
             new += [
@@ -291,7 +297,50 @@ def _matmul_integer(model) -> int:
             graph.initializer.remove(t)
         del graph.value_info[:]
         _topological_sort(graph)  # a shared rounding may sit after a later reader
+        if int4:  # (INT4 tensors need opset 21)
+            for opset in model.opset_import:
+                if opset.domain in ("", "ai.onnx") and opset.version < 21:
+                    opset.version = 21
     return written
+
+
+INT4_RUN = 16  # inputs that share a multiple in INT4 storage: divides every block size
+
+
+def _int4_multiples(graph, weight, name: str, const) -> list | None:
+    """Nodes computing the int8 weight ``name`` ``[K, N]`` of an ``int8_matmul`` layer from
+    INT4 codes and one int8 multiple per run of 16 inputs of a column (each block of the
+    trained weight is whole runs: its multiple divides them all, and the largest divisor
+    in 1..8 leaves codes in -8..7), all constant: a runtime folds them into the weight at
+    load (ONNX Runtime does, at its default optimisation level). ``None`` where ``K`` is no
+    whole number of runs or a run has no such divisor (then the weight is stored int8)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = weight.shape
+    if k % INT4_RUN:
+        return None
+    runs = weight.reshape(k // INT4_RUN, INT4_RUN, n).astype(np.int16)
+    multiple = np.ones((k // INT4_RUN, 1, n), np.int16)
+    for m in range(2, 9):  # the largest divisor of a run whose quotients fit 4 bits
+        fits = ((runs % m == 0) & (runs // m >= -8) & (runs // m <= 7)).all(1, keepdims=True)
+        multiple = np.where(fits, m, multiple)
+    codes = runs // multiple
+    if codes.min() < -8 or codes.max() > 7 or not (codes * multiple == runs).all():
+        return None
+    graph.initializer.extend([
+        _int4_tensor(f"{name}.codes", codes.reshape(k, n).astype(np.int8)),
+        numpy_helper.from_array(multiple.astype(np.int8), f"{name}.multiple")])
+    n_ = lambda op, ins, out, **kw: helper.make_node(op, ins, [out], **kw)  # noqa: E731
+    nodes = [n_("Cast", [f"{name}.codes"], f"{name}.c32", to=TensorProto.INT32),
+             n_("Reshape", [f"{name}.c32", const(f"{name}.runs", np.array(
+                 [k // INT4_RUN, INT4_RUN, n], np.int64))], f"{name}.c3"),
+             n_("Cast", [f"{name}.multiple"], f"{name}.m32", to=TensorProto.INT32),
+             n_("Mul", [f"{name}.c3", f"{name}.m32"], f"{name}.w3"),
+             n_("Reshape", [f"{name}.w3", const(f"{name}.shape", np.array([k, n], np.int64))],
+                f"{name}.w32"),
+             n_("Cast", [f"{name}.w32"], name, to=TensorProto.INT8)]
+    return nodes
 
 
 def _int8_blocks_nodes(graph, node, block: int, k: int) -> list:
@@ -665,6 +714,26 @@ def _attr(node, name: str, default=None):
 NBITS_BLOCK = 32  # the block a per-channel weight is written in (ORT's own default)
 
 
+def _constant(value: str, producer, inits):
+    """The array of ``value`` where it is an initializer, a ``Constant`` node's tensor, or
+    a ``Cast`` of either (the exporter leaves a large zero point cast, unfolded); else
+    ``None``."""
+    from onnx import helper, numpy_helper
+
+    if value in inits:
+        return numpy_helper.to_array(inits[value])
+    node = producer.get(value)
+    if node is None:
+        return None
+    if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+        return numpy_helper.to_array(node.attribute[0].t)
+    if node.op_type == "Cast":
+        inner = _constant(node.input[0], producer, inits)
+        return None if inner is None else \
+            inner.astype(helper.tensor_dtype_to_np_dtype(_attr(node, "to")))
+    return None
+
+
 def _nbits_pattern(node, producer, readers, inits):
     """``(DequantizeLinear, nodes to drop with it, codes [K, N], scales [blocks, N],
     block)`` where ``node`` is a matmul that ``MatMulNBits`` can replace, else ``None``."""
@@ -691,9 +760,10 @@ def _nbits_pattern(node, producer, readers, inits):
     if dq is None or dq.op_type != "DequantizeLinear" or len(readers[value]) != 1 or \
             dq.input[0] not in inits or dq.input[1] not in inits:
         return None
-    if len(dq.input) > 2 and dq.input[2] and (
-            dq.input[2] not in inits or numpy_helper.to_array(inits[dq.input[2]]).any()):
-        return None
+    if len(dq.input) > 2 and dq.input[2]:
+        zero = _constant(dq.input[2], producer, inits)
+        if zero is None or zero.any():
+            return None
     codes = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int16)
     scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
     if codes.ndim != 2 or codes.min() < -128 or codes.max() > 127:
