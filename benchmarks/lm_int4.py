@@ -597,17 +597,24 @@ def cmd_anchor(args) -> None:
             refs[group] = torch.cat([model(x[None]) for x in prompts])
         for label, model in integer.items():
             refs[label] = torch.cat([model(x[None]) for x in prompts])
+        # each reference's own sensitivity: its logits when the position table moves by
+        # one ulp (what any runtime's other float rounding can do to it)
+        models = {"float": base, **converted, **integer}
+        jitter = {key: _one_ulp_apart(model, prompts, refs[key]) for key, model in models.items()}
     rows = []
     for label in labels:
-        ref = refs[label] if label in refs else \
-            refs[int(label.split()[2][1:]) if label.startswith("blendq") else "float"]
+        key = label if label in refs else \
+            int(label.split()[2][1:]) if label.startswith("blendq") else "float"
+        ref = refs[key]
         run = sessions[(label, CONTEXT)]
         got = torch.cat([torch.from_numpy(run(x[None].numpy())) for x in prompts])
         top1 = float((got[:, -1].argmax(-1) == ref[:, -1].argmax(-1)).float().mean()) * 100
         row = {"file": label, "bytes": files[(label, CONTEXT)].stat().st_size,
                "reference": "alpha=1 model" if label.startswith("blendq") else "float model",
                "next_token_top1_pct": top1,
-               "max_output_steps": float((got - ref).abs().max()) / output_step(ref)}
+               "max_output_steps": float((got - ref).abs().max()) / output_step(ref),
+               "reference_one_ulp_steps": jitter[key][0],
+               "reference_one_ulp_top1_pct": jitter[key][1]}
         for tokens in lengths:
             row[f"ms_{tokens}"] = statistics.median(times[(label, tokens)])
         rows.append(row)
@@ -618,12 +625,13 @@ def cmd_anchor(args) -> None:
     profile = {label: _profile(files[(label, CONTEXT)], feeds[CONTEXT], args.inner)
                for label in labels if not label.endswith(tuple(OPENVINO_MODES))}
     print(f"\n{'file':48s} {'MB':>7s} {'1 token ms':>11s} {'x anchor':>9s} "
-          f"{'128 tok ms':>11s} {'x anchor':>9s} {'top-1 %':>8s} {'steps':>7s}")
+          f"{'128 tok ms':>11s} {'x anchor':>9s} {'top-1 %':>8s} {'steps':>7s} "
+          f"{'ref 1-ulp steps':>16s}")
     for r in rows:
         print(f"{r['file']:48s} {r['bytes'] / 1e6:7.1f} {r['ms_1']:11.2f} "
               f"{r['speedup_vs_anchor_1']:9.2f} {r[f'ms_{CONTEXT}']:11.2f} "
               f"{r[f'speedup_vs_anchor_{CONTEXT}']:9.2f} {r['next_token_top1_pct']:8.2f} "
-              f"{r['max_output_steps']:7.3f}")
+              f"{r['max_output_steps']:7.3f} {r['reference_one_ulp_steps']:16.3f}")
     print(f"\nORT profile at {CONTEXT} tokens, ms per call by operator type:")
     for label, ops in profile.items():
         print(f"  {label}: " + ", ".join(f"{op} {ms:.1f}" for op, ms in list(ops.items())[:6]))
@@ -631,6 +639,25 @@ def cmd_anchor(args) -> None:
               "config": {k: getattr(config, k) for k in ("vocab_size", "n_embd", "n_layer")},
               "rows": rows, "profile_ms": profile, "args": vars(args)}
     (out / "lm_anchor.json").write_text(json.dumps(result, indent=1))
+
+
+def _one_ulp_apart(model: nn.Module, prompts: torch.Tensor, ref: torch.Tensor
+                   ) -> tuple[float, float]:
+    """``(max output steps, next-token top-1 %)`` of ``model`` against its own logits
+    ``ref`` when its position table is multiplied by ``1 ± 2^-23`` (one ulp, signs at
+    random, seed 0): how far the float rounding of another runtime alone can move it. A
+    model that rounds its activations at run time moves where a value crosses a rounding
+    tie; one computing in float moves by float rounding."""
+    model = copy.deepcopy(model)
+    table = next(m.weight for name, m in model.named_modules() if name.endswith("wpe"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        table.mul_(1 + 2.0 ** -23 * torch.randn(table.shape, generator=g).sign())
+        got = torch.cat([model(x[None]) for x in prompts])
+    from blendq.export.verify import output_step
+
+    top1 = float((got[:, -1].argmax(-1) == ref[:, -1].argmax(-1)).float().mean()) * 100
+    return float((got - ref).abs().max()) / output_step(ref), top1
 
 
 OPENVINO_MODES = {  # label -> OpenVINO CPU properties
