@@ -290,18 +290,24 @@ def _matmul_integer(model, int4: bool = False) -> int:
             dead += [mm, *chain]
             written += 1
     if dead:
-        for node in dead:
-            graph.node.remove(node)
-        used = {i for n in graph.node for i in n.input}
-        for t in [t for t in graph.initializer if t.name not in used]:
-            graph.initializer.remove(t)
-        del graph.value_info[:]
+        _drop(graph, dead)
         _topological_sort(graph)  # a shared rounding may sit after a later reader
         if int4:  # (INT4 tensors need opset 21)
             for opset in model.opset_import:
                 if opset.domain in ("", "ai.onnx") and opset.version < 21:
                     opset.version = 21
     return written
+
+
+def _drop(graph, dead: list) -> None:
+    """Remove ``dead`` nodes and the initializers no node reads any more; shapes inferred
+    before are stale (``value_info`` cleared)."""
+    for node in dead:
+        graph.node.remove(node)
+    used = {i for n in graph.node for i in n.input}
+    for t in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(t)
+    del graph.value_info[:]
 
 
 INT4_RUN = 16  # inputs that share a multiple in INT4 storage: divides every block size
@@ -693,14 +699,9 @@ def _matmul_nbits(model, accuracy_level: int) -> int:
         dead += [node, *chain]
         written += 1
     if written:
-        for node in dead:
-            graph.node.remove(node)
-        used = {i for n in graph.node for i in n.input}
-        for t in [t for t in graph.initializer if t.name not in used]:
-            graph.initializer.remove(t)
+        _drop(graph, dead)
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-        del graph.value_info[:]
     return written
 
 
