@@ -1073,16 +1073,26 @@ def int8_multiples(bits: int) -> int:
     return 2 ** (7 - bits)
 
 
-def snap_block_scales(scale: Tensor, multiples: int, ceil: bool = False) -> Tensor:
+def snap_block_scales(scale: Tensor, multiples: int, ceil: bool = False,
+                      dtype: torch.dtype | None = None) -> Tensor:
     """Block scales ``(rows, blocks)`` moved onto whole multiples ``1..multiples`` of one
-    unit per row, ``unit = max(row) / multiples`` (so the row's largest block keeps its
-    scale): nearest multiple, or the next one up with ``ceil`` (min/max scales: nothing
-    that fitted clips). Then ``codes · multiple`` is an int8 weight with the per-row
-    scale ``unit`` (:func:`int8_weight_of_blocks`). A row whose scales are all 0 stays."""
-    unit = scale.amax(-1, keepdim=True) / multiples
-    ratio = scale / torch.where(unit > 0, unit, torch.ones_like(unit))
+    unit per row, ``unit ≈ max(row) / multiples`` (so the row's largest block keeps its
+    scale to the unit's rounding): nearest multiple, or the next one up with ``ceil``
+    (min/max scales: nothing that fitted clips). The unit keeps as many significant bits
+    as ``dtype`` (the weight's; default ``scale``'s) holds less those of ``multiples``, so
+    every ``multiple · unit`` is exact in it, in bfloat16 too. Then ``codes · multiple`` is
+    an int8 weight with the per-row scale ``unit`` (:func:`int8_weight_of_blocks`). A row
+    whose scales are all 0 stays."""
+    significant = round(-math.log2(torch.finfo(dtype or scale.dtype).eps)) + 1  # 24 in float32
+    digits = significant - multiples.bit_length()
+    peak = scale.float().amax(-1, keepdim=True)
+    mantissa, exponent = torch.frexp(peak / multiples)  # mantissa in [0.5, 1)
+    kept = mantissa * 2.0 ** digits
+    kept = torch.ceil(kept) if ceil else torch.round(kept)
+    unit = torch.ldexp(kept / 2.0 ** digits, exponent)
+    ratio = scale.float() / torch.where(unit > 0, unit, torch.ones_like(unit))
     k = torch.ceil(ratio * (1 - 2.0 ** -20)) if ceil else torch.round(ratio)
-    return torch.where(unit > 0, unit * k.clamp(1, multiples), scale)
+    return torch.where(unit > 0, unit * k.clamp(1, multiples), scale.float()).to(scale.dtype)
 
 
 def int8_weight_of_blocks(codes: Tensor, scale: Tensor, multiples: int,
@@ -1092,7 +1102,8 @@ def int8_weight_of_blocks(codes: Tensor, scale: Tensor, multiples: int,
     :func:`snap_block_scales`: ``codes · multiple`` per block and one float unit per row,
     so that ``unit · weight`` is ``scale · codes`` (to float rounding)."""
     k = codes.shape[1]
-    unit = scale.amax(-1, keepdim=True) / multiples
+    scale = scale.float()
+    unit = scale.amax(-1, keepdim=True) / multiples  # exact: the largest multiple's block
     safe = torch.where(unit > 0, unit, torch.ones_like(unit))
     mult = torch.round(scale / safe).clamp(0, multiples)
     if ((mult * unit - scale).abs() > 1e-5 * scale.abs()).any():

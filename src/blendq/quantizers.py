@@ -227,7 +227,8 @@ class WeightQuantizer(nn.Module):
         if s.group_size is not None:
             if s.int8_matmul:  # scales onto multiples of a channel unit, codes again
                 scale = F.snap_block_scales(scale.reshape(self.scale.shape),
-                                            F.int8_multiples(s.bits), self.source.name == "minmax")
+                                            F.int8_multiples(s.bits),
+                                            self.source.name == "minmax", w.dtype)
                 codes = F.quantize(x.float(), scale.reshape(-1, 1).float(), s.bits)
             codes = F.from_blocks(codes, tuple(w.shape), self.axis, s.group_size)
             scale = scale.reshape(self.scale.shape)

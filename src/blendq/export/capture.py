@@ -85,8 +85,11 @@ def _deploy_layer(layer: QuantMixin, bn: nn.Module | None, packed: bool, name: s
     w_bits = layer.w_bits
     if group is not None and layer.int8_matmul:  # int8 per channel: codes × multiples
         moved = codes.movedim(kind.axis, 0)
-        weight, unit = int8_weight_of_blocks(moved.reshape(out_ch, -1), scale.float(),
-                                             int8_multiples(w_bits), group)
+        try:
+            weight, unit = int8_weight_of_blocks(moved.reshape(out_ch, -1), scale.float(),
+                                                 int8_multiples(w_bits), group)
+        except ValueError as err:
+            raise ExportError(f"layer {name}: {err}") from None
         codes = weight.reshape(moved.shape).movedim(0, kind.axis)
         scale, group, w_bits = unit.double(), None, 8
     weight_shape = tuple(codes.shape)

@@ -215,6 +215,8 @@ def _matmul_integer(model, int4: bool = False) -> int:
         found = _nbits_pattern(user, producer, readers, inits)
         return found is not None and not _attr(found[0], "block_size", 0)
 
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*graph.value_info, *graph.input, *graph.output]}
     shared = {}  # a rounded input: (uint8 codes, row scale), for every matmul reading it
     constants = {}
 
@@ -243,18 +245,24 @@ def _matmul_integer(model, int4: bool = False) -> int:
             if x not in shared:
                 r = f"{x}.rows"
                 n = lambda op, ins, out, **kw: helper.make_node(op, ins, [f"{r}.{out}"], **kw)  # noqa: E731,B023
+                xf = x
+                if types.get(x, TensorProto.FLOAT) != TensorProto.FLOAT:  # rounded in float32
+                    new.append(n("Cast", [x], "f", to=TensorProto.FLOAT))
+                    xf = f"{r}.f"
+                axes = const("blendq.rows.axes", np.array([-1], np.int64))
                 new += [
-                    n("Abs", [x], "abs"),
-                    n("ReduceMax", [f"{r}.abs", const("blendq.rows.axes",
-                                                      np.array([-1], np.int64))], "peak",
-                      keepdims=1),
+                    n("Abs", [xf], "abs"),
+                    n("ReduceMax", [f"{r}.abs", axes], "peak0", keepdims=1),
+                    # ReduceMax passes NaN by: a row holding NaN or inf is NaN, as in PyTorch
+                    n("Mul", [xf, const("blendq.rows.zero", np.float32(0))], "zeros"),
+                    n("ReduceSum", [f"{r}.zeros", axes], "nan", keepdims=1),
+                    n("Add", [f"{r}.peak0", f"{r}.nan"], "peak"),
                     n("Greater", [f"{r}.peak", const("blendq.rows.tiny", np.float32(127) /
                                                      np.float32(np.finfo(np.float32).max))],
                       "nz"),
                     n("Div", [const("blendq.rows.q", np.float32(127)), f"{r}.peak"], "inv0"),
-                    n("Where", [f"{r}.nz", f"{r}.inv0", const("blendq.rows.zero",
-                                                              np.float32(0))], "inv"),
-                    n("Mul", [x, f"{r}.inv"], "scaled"),
+                    n("Where", [f"{r}.nz", f"{r}.inv0", "blendq.rows.zero"], "inv"),
+                    n("Mul", [xf, f"{r}.inv"], "scaled"),
                     n("Round", [f"{r}.scaled"], "round"),
                     n("Clip", [f"{r}.round", const("blendq.rows.lo", np.float32(-128)),
                                const("blendq.rows.hi", np.float32(127))], "codes"),
@@ -274,16 +282,21 @@ def _matmul_integer(model, int4: bool = False) -> int:
                 new += folded
             bias = mm.input[2] if mm.op_type == "Gemm" and len(mm.input) > 2 else ""
             out = mm.output[0]
+            cast_back = types.get(x, TensorProto.FLOAT) != TensorProto.FLOAT
+            last = f"{base}.y" if bias or cast_back else out
             new += [
                 helper.make_node("MatMulInteger", [u8, weight,
                                                    const("blendq.rows.zero_point",
                                                          np.uint8(128))], [f"{base}.acc"]),
                 helper.make_node("Cast", [f"{base}.acc"], [f"{base}.f"], to=TensorProto.FLOAT),
                 helper.make_node("Mul", [f"{base}.f", step], [f"{base}.rows"]),
-                helper.make_node("Mul", [f"{base}.rows", unit],
-                                 [f"{base}.y" if bias else out])]
+                helper.make_node("Mul", [f"{base}.rows", unit], [last])]
+            if cast_back:  # the matmul's own type (a bias is in it)
+                cast = f"{base}.typed" if bias else out
+                new.append(helper.make_node("CastLike", [last, x], [cast]))
+                last = cast
             if bias:
-                new.append(helper.make_node("Add", [f"{base}.y", bias], [out]))
+                new.append(helper.make_node("Add", [last, bias], [out]))
             at = list(graph.node).index(mm)
             for i, added in enumerate(new):
                 graph.node.insert(at + i, added)
@@ -300,10 +313,19 @@ def _matmul_integer(model, int4: bool = False) -> int:
 
 
 def _drop(graph, dead: list) -> None:
-    """Remove ``dead`` nodes and the initializers no node reads any more; shapes inferred
-    before are stale (``value_info`` cleared)."""
+    """Remove ``dead`` nodes, the nodes whose outputs nothing reads any more, and the
+    initializers no node reads; shapes inferred before are stale (``value_info``
+    cleared)."""
     for node in dead:
         graph.node.remove(node)
+    outputs = {o.name for o in graph.output}
+    while True:  # and what only they read (a zero point left as a Cast)
+        read = {i for n in graph.node for i in n.input} | outputs
+        unread = [n for n in graph.node if not any(o in read for o in n.output)]
+        if not unread:
+            break
+        for node in unread:
+            graph.node.remove(node)
     used = {i for n in graph.node for i in n.input}
     for t in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(t)
@@ -316,8 +338,8 @@ INT4_RUN = 16  # inputs that share a multiple in INT4 storage: divides every blo
 def _int4_multiples(graph, weight, name: str, const) -> list | None:
     """Nodes computing the int8 weight ``name`` ``[K, N]`` of an ``int8_matmul`` layer from
     INT4 codes and one int8 multiple per run of 16 inputs of a column (each block of the
-    trained weight is whole runs: its multiple divides them all, and the largest divisor
-    in 1..8 leaves codes in -8..7), all constant: a runtime folds them into the weight at
+    trained weight is whole runs: its multiple divides them all, so their greatest common
+    divisor leaves codes in -8..7), all constant: a runtime folds them into the weight at
     load (ONNX Runtime does, at its default optimisation level). ``None`` where ``K`` is no
     whole number of runs or a run has no such divisor (then the weight is stored int8)."""
     import numpy as np
@@ -327,10 +349,10 @@ def _int4_multiples(graph, weight, name: str, const) -> list | None:
     if k % INT4_RUN:
         return None
     runs = weight.reshape(k // INT4_RUN, INT4_RUN, n).astype(np.int16)
-    multiple = np.ones((k // INT4_RUN, 1, n), np.int16)
-    for m in range(2, 9):  # the largest divisor of a run whose quotients fit 4 bits
-        fits = ((runs % m == 0) & (runs // m >= -8) & (runs // m <= 7)).all(1, keepdims=True)
-        multiple = np.where(fits, m, multiple)
+    # a run's greatest common divisor: its block's multiple divides it, so the quotients
+    # are no larger than the block's codes (an all-zero run: multiple 1)
+    multiple = np.gcd.reduce(runs, axis=1, keepdims=True)
+    multiple[multiple == 0] = 1
     codes = runs // multiple
     if codes.min() < -8 or codes.max() > 7 or not (codes * multiple == runs).all():
         return None
