@@ -254,8 +254,9 @@ def _matmul_integer(model, int4: bool = False) -> int:
                     n("Abs", [xf], "abs"),
                     n("ReduceMax", [f"{r}.abs", axes], "peak0", keepdims=1),
                     # ReduceMax passes NaN by: a row holding NaN or inf is NaN, as in PyTorch
-                    n("Mul", [xf, const("blendq.rows.zero", np.float32(0))], "zeros"),
-                    n("ReduceSum", [f"{r}.zeros", axes], "nan", keepdims=1),
+                    # (its sum times 0; a row whose sum overflows, |x| ~ 1e35, too)
+                    n("ReduceSum", [xf, axes], "sum", keepdims=1),
+                    n("Mul", [f"{r}.sum", const("blendq.rows.zero", np.float32(0))], "nan"),
                     n("Add", [f"{r}.peak0", f"{r}.nan"], "peak"),
                     n("Greater", [f"{r}.peak", const("blendq.rows.tiny", np.float32(127) /
                                                      np.float32(np.finfo(np.float32).max))],
