@@ -264,12 +264,10 @@ def _matmul_integer(model, int4: bool = False) -> int:
                     n("Div", [const("blendq.rows.q", np.float32(127)), f"{r}.peak"], "inv0"),
                     n("Where", [f"{r}.nz", f"{r}.inv0", "blendq.rows.zero"], "inv"),
                     n("Mul", [xf, f"{r}.inv"], "scaled"),
-                    n("Round", [f"{r}.scaled"], "round"),
-                    n("Clip", [f"{r}.round", const("blendq.rows.lo", np.float32(-128)),
-                               const("blendq.rows.hi", np.float32(127))], "codes"),
-                    n("Add", [f"{r}.codes", const("blendq.rows.offset", np.float32(128))],
-                      "shifted"),
-                    n("Cast", [f"{r}.shifted"], "u8", to=TensorProto.UINT8),
+                    # round half to even, clamp to -128..127, + 128 as uint8: one operator
+                    n("QuantizeLinear", [f"{r}.scaled", const("blendq.rows.one", np.float32(1)),
+                                         const("blendq.rows.zero_point", np.uint8(128))],
+                      "u8"),
                     n("Div", [f"{r}.peak", "blendq.rows.q"], "step")]
                 shared[x] = (f"{r}.u8", f"{r}.step")
             u8, step = shared[x]
@@ -286,9 +284,8 @@ def _matmul_integer(model, int4: bool = False) -> int:
             cast_back = types.get(x, TensorProto.FLOAT) != TensorProto.FLOAT
             last = f"{base}.y" if bias or cast_back else out
             new += [
-                helper.make_node("MatMulInteger", [u8, weight,
-                                                   const("blendq.rows.zero_point",
-                                                         np.uint8(128))], [f"{base}.acc"]),
+                helper.make_node("MatMulInteger", [u8, weight, "blendq.rows.zero_point"],
+                                 [f"{base}.acc"]),
                 helper.make_node("Cast", [f"{base}.acc"], [f"{base}.f"], to=TensorProto.FLOAT),
                 helper.make_node("Mul", [f"{base}.f", step], [f"{base}.rows"]),
                 helper.make_node("Mul", [f"{base}.rows", unit], [last])]
