@@ -570,3 +570,43 @@ def test_int8_matmul_files_pass_nan_rows_on_and_store_narrow_weights_as_int4(tmp
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
     assert got[0].isnan().all()
     torch.testing.assert_close(got[1:], expected[1:], rtol=1e-5, atol=1e-5)
+
+
+def test_int8_matmul_llama_rounds_a_shared_input_once(tmp_path):
+    """Llama's q/k/v and gate/up projections read one tensor each: one row rounding
+    serves them (an ``Abs`` per distinct input), and a row that the block size does not
+    divide (intermediate 176: blocks of 32, then 16) still computes what was trained."""
+    transformers = pytest.importorskip("transformers")
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from blendq.export import export_onnx
+    from blendq.export.verify import compare_logits, output_step
+
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=176,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, max_position_embeddings=32)
+    model = blendq.prepare(_Logits(transformers.LlamaForCausalLM(cfg)), blendq.QuantPolicy(
+        w_bits=4, a_bits=None, group_size=32, method="ste", int8_matmul=True,
+        skip=("m.lm_head",)))
+    ids = torch.randint(0, 64, (2, 12))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(model(ids[:, :-1]).reshape(-1, 64),
+                                           ids[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    ids = ids[:, :-1]
+    with torch.no_grad():
+        expected = model(ids)
+    path = export_onnx(blendq.convert(model), tmp_path / "llama.onnx", ids, weights="int4")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("MatMulInteger") == 14 and ops.count("Abs") == 8
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0])
+    agreement = compare_logits("ort", expected, got, output_step(expected))
+    assert agreement.strict_top1 == 100.0 and agreement.max_steps <= 0.5, agreement
