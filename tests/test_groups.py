@@ -533,6 +533,8 @@ def test_int8_matmul_exports_as_matmulinteger_and_computes_what_was_trained(meth
         agreement = compare_logits("ort", want, got, output_step(want))
         assert agreement.strict_top1 == 100.0
         assert agreement.max_steps <= 0.5 and agreement.mean_abs_diff <= 1e-4, agreement
+    if method != "ste":
+        return
     # stored as INT4 codes and int8 multiples, folded into the same int8 weights at load
     small = export_onnx(converted, tmp_path / "int8mm_int4.onnx", ids[:, :5], weights="int4")
     graph = onnx.load(str(small)).graph
