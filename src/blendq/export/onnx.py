@@ -209,10 +209,13 @@ def _matmul_integer(model, int4: bool = False) -> int:
     outputs = {o.name for o in graph.output}
     written, dead = 0, []
 
+    patterns = {}  # matmul output -> its weight pattern, read once (codes can be large)
+
     def per_channel(user, _) -> bool:
         if user.op_type not in ("MatMul", "Gemm"):
             return False
         found = _nbits_pattern(user, producer, readers, inits)
+        patterns[user.output[0]] = found
         return found is not None and not _attr(found[0], "block_size", 0)
 
     types = {v.name: v.type.tensor_type.elem_type
@@ -239,7 +242,7 @@ def _matmul_integer(model, int4: bool = False) -> int:
                     user.input[i] = node.input[0]
         dead.append(node)
         for mm in matmuls:
-            dq, chain, codes, scale, _ = _nbits_pattern(mm, producer, readers, inits)
+            dq, chain, codes, scale, _ = patterns[mm.output[0]]
             x, base = mm.input[0], f"{mm.output[0]}.int"
             new = []
             if x not in shared:
@@ -303,11 +306,16 @@ def _matmul_integer(model, int4: bool = False) -> int:
     if dead:
         _drop(graph, dead)
         _topological_sort(graph)  # a shared rounding may sit after a later reader
-        if int4:  # (INT4 tensors need opset 21)
-            for opset in model.opset_import:
-                if opset.domain in ("", "ai.onnx") and opset.version < 21:
-                    opset.version = 21
+        if int4:
+            _opset_21(model)
     return written
+
+
+def _opset_21(model) -> None:
+    """Raise the default domain's opset to 21, where INT4 tensors are read."""
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < 21:
+            opset.version = 21
 
 
 def _drop(graph, dead: list) -> None:
@@ -839,9 +847,7 @@ def _int4_weights(model) -> int:
             inits[zero_name].CopyFrom(_int4_tensor(zero_name, zero))
         done += 1
     if done:
-        for opset in model.opset_import:
-            if opset.domain in ("", "ai.onnx") and opset.version < 21:
-                opset.version = 21
+        _opset_21(model)
         del graph.value_info[:]
     return done
 
