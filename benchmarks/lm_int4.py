@@ -507,7 +507,10 @@ def cmd_anchor(args) -> None:
     for transformers) of the float ONNX file; blendq's is W4 group 32 (PTQ: speed does not
     depend on training) at ``MatMulNBits`` level 0 and 4, ``lm_head`` float (``--groups``:
     other block sizes beside 32; ``--openvino``: the first group's standard-ONNX file in
-    OpenVINO, with its CPU defaults and in exact float32). Times:
+    OpenVINO, with its CPU defaults and in exact float32); for the first group also with
+    the ``lm_head`` quantized at level 4 (as converted, and under
+    ``int8_block_inputs``, rounding its inputs as the kernel does) and the two
+    ``int8_matmul`` files (``lm_head`` float / quantized, ``MatMulInteger``). Times:
     medians of ``--repeats`` alternating blocks of ``--inner`` calls (spinning off), then
     ORT's profile per operator type at 128 tokens; agreement of each file with its own
     reference (the float model for fp32 and the anchor, the α = 1 model for blendq's)."""
@@ -535,13 +538,18 @@ def cmd_anchor(args) -> None:
         return blendq.convert(quant)
 
     converted = {group: ptq(group_size=group) for group in args.groups}  # group -> model
+    # the lm_head quantized too (by default it stays float): at level 4 from the same
+    # weights, and trained to round its inputs as the level-4 kernel does
+    # (QuantPolicy(int8_block_inputs=True): the file computes the alpha = 1 model)
+    g = args.groups[0]
+    quantized_head = {f"blendq W4 g{g} level 4, lm_head too": ptq(group_size=g, skip=()),
+                      f"blendq W4 g{g} int8 block inputs, lm_head too":
+                      ptq(group_size=g, skip=(), int8_block_inputs=True)}
     # trained for ORT's int8 matmul (QuantPolicy(int8_matmul=True)), stored as INT4 codes
-    # and multiples (ORT folds them into int8 weights at load); the second with the
-    # lm_head quantized too (by default it stays float)
-    integer = {f"blendq W4 g{args.groups[0]} int8 matmul":
-               ptq(group_size=args.groups[0], int8_matmul=True),
-               f"blendq W4 g{args.groups[0]} int8 matmul, lm_head too":
-               ptq(group_size=args.groups[0], int8_matmul=True, skip=())}
+    # and multiples (ORT folds them into int8 weights at load)
+    integer = {f"blendq W4 g{g} int8 matmul": ptq(group_size=g, int8_matmul=True),
+               f"blendq W4 g{g} int8 matmul, lm_head too":
+               ptq(group_size=g, int8_matmul=True, skip=())}
     lengths = (1, CONTEXT)
     files: dict = {}
     for tokens in lengths:
@@ -565,6 +573,10 @@ def cmd_anchor(args) -> None:
                 path = out / f"anchor_w4g{group}_{level}_{tokens}.onnx"
                 export_onnx(model, path, ids, dynamic_batch=False, accuracy_level=level)
                 files[(f"blendq W4 g{group} level {level}", tokens)] = path
+        for label, model in quantized_head.items():
+            path = out / f"anchor_head{len(files)}_{tokens}.onnx"
+            export_onnx(model, path, ids, dynamic_batch=False, accuracy_level=4)
+            files[(label, tokens)] = path
         for label, model in integer.items():
             path = out / f"anchor_int8mm{len(files)}_{tokens}.onnx"
             export_onnx(model, path, ids, dynamic_batch=False, weights="int4")
@@ -595,11 +607,11 @@ def cmd_anchor(args) -> None:
         refs = {"float": torch.cat([base(x[None]) for x in prompts])}
         for group, model in converted.items():
             refs[group] = torch.cat([model(x[None]) for x in prompts])
-        for label, model in integer.items():
+        for label, model in {**quantized_head, **integer}.items():
             refs[label] = torch.cat([model(x[None]) for x in prompts])
         # each reference's own sensitivity: its logits when the position table moves by
         # one ulp (what any runtime's other float rounding can do to it)
-        models = {"float": base, **converted, **integer}
+        models = {"float": base, **converted, **quantized_head, **integer}
         jitter = {key: _one_ulp_apart(model, prompts, refs[key]) for key, model in models.items()}
     rows = []
     for label in labels:
