@@ -552,11 +552,15 @@ def cmd_anchor(args) -> None:
                ptq(group_size=g, int8_matmul=True, skip=())}
     lengths = (1, CONTEXT)
     files: dict = {}
-    for tokens in lengths:
+    # --dynamic: one file per row, its sequence length dynamic (batch 1), exported once
+    # and timed at both lengths, as a server would run it
+    seq = {1: torch.export.Dim("seq", min=1, max=config.n_positions)}
+    shape = {"dynamic_shapes": (seq,)} if args.dynamic else {}
+    for tokens in lengths[-1:] if args.dynamic else lengths:
         ids = torch.randint(0, vocab, (1, tokens))
         fp32 = out / f"anchor_fp32_{tokens}.onnx"
         torch.onnx.export(base, (ids,), str(fp32), dynamo=True, external_data=False,
-                          optimize=True, verbose=False)
+                          optimize=True, verbose=False, **shape)
         files[("fp32", tokens)] = fp32
         files[("ORT quantize_dynamic int8", tokens)] = out / f"anchor_dyn_{tokens}.onnx"
         quantize_dynamic(str(fp32), str(files[("ORT quantize_dynamic int8", tokens)]),
@@ -571,24 +575,28 @@ def cmd_anchor(args) -> None:
         for group, model in converted.items():
             for level in (0, 4):
                 path = out / f"anchor_w4g{group}_{level}_{tokens}.onnx"
-                export_onnx(model, path, ids, dynamic_batch=False, accuracy_level=level)
+                export_onnx(model, path, ids, dynamic_batch=False, accuracy_level=level,
+                            **shape)
                 files[(f"blendq W4 g{group} level {level}", tokens)] = path
         for label, model in quantized_head.items():
             path = out / f"anchor_head{len(files)}_{tokens}.onnx"
-            export_onnx(model, path, ids, dynamic_batch=False, accuracy_level=4)
+            export_onnx(model, path, ids, dynamic_batch=False, accuracy_level=4, **shape)
             files[(label, tokens)] = path
         for label, model in integer.items():
             path = out / f"anchor_int8mm{len(files)}_{tokens}.onnx"
-            export_onnx(model, path, ids, dynamic_batch=False, weights="int4")
+            export_onnx(model, path, ids, dynamic_batch=False, weights="int4", **shape)
             files[(label, tokens)] = path
         if args.openvino:  # the float file, for what OpenVINO's own float path gives
             files[("fp32 in OpenVINO, its defaults", tokens)] = fp32
         if args.openvino:  # standard ONNX (INT4 DequantizeLinear in blocks) for OpenVINO
             path = out / f"anchor_w4g{args.groups[0]}_std_{tokens}.onnx"
             export_onnx(converted[args.groups[0]], path, ids, dynamic_batch=False,
-                        accuracy_level=None, weights="int4")
+                        accuracy_level=None, weights="int4", **shape)
             for label in OPENVINO_MODES:
                 files[(f"blendq W4 g{args.groups[0]} {label}", tokens)] = path
+    if args.dynamic:  # the same file at every length
+        files.update({(label, t): path for (label, _), path in list(files.items())
+                      for t in lengths})
     labels = list(dict.fromkeys(label for label, _ in files))
     rng = torch.Generator().manual_seed(1)
     feeds = {t: torch.randint(0, vocab, (1, t), generator=rng) for t in lengths}
@@ -759,6 +767,9 @@ def main() -> None:
                    help="anchor: blendq's block sizes")
     p.add_argument("--openvino", action="store_true",
                    help="anchor: blendq's W4 file in OpenVINO as well")
+    p.add_argument("--dynamic", action="store_true",
+                   help="anchor: one file per row with a dynamic sequence length, timed at "
+                        "both lengths (default: a file per length)")
     args = p.parse_args()
     if args.smoke:
         for key, value in dict(width=32, layers=1, batch=4, float_steps=4, qat_steps=3,

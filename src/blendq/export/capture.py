@@ -178,10 +178,24 @@ def example_args(example_input) -> tuple:
     return args
 
 
+def _doubled(arg: torch.Tensor, spec) -> torch.Tensor:
+    """``arg`` repeated twice along each dimension of size 1 that ``spec`` (one input's
+    entry of ``dynamic_shapes``: ``{dim: Dim}``) names dynamic."""
+    if isinstance(spec, dict) and isinstance(arg, torch.Tensor):
+        for dim, size in spec.items():
+            if size is not None and isinstance(dim, int) and arg.shape[dim] == 1:
+                arg = torch.cat([arg, arg], dim)
+    return arg
+
+
 def capture(converted_model: nn.Module, example_input, packed: bool = False,
-            dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+            dynamic_batch: bool = True, dynamic_shapes=None) -> torch.export.ExportedProgram:
     """``torch.export`` of :func:`deployable` (``converted_model``) on ``example_input``,
-    the batch dimension dynamic where the model allows it.
+    the batch dimension dynamic where the model allows it; ``dynamic_shapes``, in
+    ``torch.export``'s own form (one entry per positional input: ``{dim: Dim}`` or
+    ``None``), names the dynamic dimensions instead (a language model's sequence
+    length: ``({0: Dim("batch"), 1: Dim("seq", max=1024)},)``; a dimension of size 1 in
+    ``example_input`` is traced doubled, since torch.export would fix it).
 
     Raises:
         ExportError: the model is not converted, or torch.export cannot capture it
@@ -196,6 +210,18 @@ def capture(converted_model: nn.Module, example_input, packed: bool = False,
     except Exception as err:
         raise ExportError(f"the model does not run on example_input: {type(err).__name__}: "
                           f"{err}") from err
+    if dynamic_shapes is not None:
+        traced = args
+        if isinstance(dynamic_shapes, (tuple, list)) and len(dynamic_shapes) == len(args):
+            # torch.export specialises a dimension of size 1: trace it doubled
+            traced = tuple(_doubled(a, spec) for a, spec in zip(args, dynamic_shapes, strict=True))
+        try:
+            return torch.export.export(model, traced, dynamic_shapes=dynamic_shapes,
+                                       strict=False)
+        except Exception as err:
+            raise ExportError(f"torch.export cannot capture the model with dynamic_shapes="
+                              f"{dynamic_shapes!r}: {type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[0]}") from err
     errors = []
     for dynamic in ((True, False) if dynamic_batch else (False,)):
         shapes = None

@@ -378,7 +378,8 @@ def _int4_multiples(graph, weight, name: str, const) -> list | None:
 
 
 def _int8_blocks_nodes(graph, node, block: int, k: int) -> list:
-    """:func:`blendq.functional.int8_blocks` in standard ONNX operators (float32)."""
+    """:func:`blendq.functional.int8_blocks` in standard ONNX operators (float32); a block
+    holding NaN or inf comes out NaN, as in PyTorch."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
@@ -399,11 +400,16 @@ def _int8_blocks_nodes(graph, node, block: int, k: int) -> list:
              n("Reshape", [f"{name}.padded", const("blocks", np.array([-1, blocks, block],
                                                                       np.int64))], "b"),
              n("Abs", [f"{name}.b"], "abs"),
-             n("ReduceMax", [f"{name}.abs", const("axes", np.array([-1], np.int64))], "peak",
+             n("ReduceMax", [f"{name}.abs", const("axes", np.array([-1], np.int64))], "peak0",
                keepdims=1),
+             # ReduceMax passes NaN by: a block holding NaN or inf is NaN, as in PyTorch (its
+             # sum times 0; a block whose sum overflows, |x| ~ 1e37, too)
+             n("ReduceSum", [f"{name}.b", f"{name}.c_axes"], "sum", keepdims=1),
+             n("Mul", [f"{name}.sum", const("zero", np.float32(0))], "nan"),
+             n("Add", [f"{name}.peak0", f"{name}.nan"], "peak"),
              n("Greater", [f"{name}.peak", const("tiny", np.float32(127) / np.float32(
                  np.finfo(np.float32).max))], "nz"),
-             n("Mul", [f"{name}.peak", const("zero", np.float32(0))], "zeros"),
+             n("Mul", [f"{name}.peak", f"{name}.c_zero"], "zeros"),
              n("Div", [const("q", np.float32(127)), f"{name}.peak"], "inv0"),
              n("Where", [f"{name}.nz", f"{name}.inv0", f"{name}.zeros"], "inv"),
              n("Mul", [f"{name}.b", f"{name}.inv"], "scaled"),
@@ -902,28 +908,29 @@ def _topological_sort(graph) -> None:
 def export_onnx(converted_model: nn.Module, path: str | os.PathLike, example_input,
                 program: torch.export.ExportedProgram | None = None,
                 dynamic_batch: bool = True, weights: str = "int8",
-                accuracy_level: int | None = 0) -> Path:
+                accuracy_level: int | None = 0, dynamic_shapes=None) -> Path:
     """Export a converted model (``blendq.convert``) to an ONNX file at ``path``.
 
-    ``example_input`` is a tensor (or a tuple of the forward's positional tensors) the
-    model runs on; its batch size stays dynamic where the model allows it, unless
-    ``dynamic_batch=False`` fixes it to ``example_input``'s (ONNX Runtime plans memory
-    ahead for fixed shapes: measured 3-10 ms faster per call on ResNet-50 at batch 1,
-    docs/performance.md). ``weights="int4"`` stores the codes of layers of 4 bits or
-    fewer as ONNX INT4 (opset 21; a W4A8 ResNet-50 file is 0.52x the W8A8 one), but
-    ONNX Runtime 1.32 and OpenVINO 2026.4 run no int8 kernel from INT4 weights
-    (ResNet-50: 6x and 1.9x slower); :func:`onnx_session` expands them to int8 in
-    memory, lossless, so the int8 kernels run from the small file. Block-quantized
-    (``QuantPolicy(group_size=...)``) matmul weights of 4 bits or fewer (Linear,
-    ``Conv1D``, attention projections) are written as ONNX Runtime's ``MatMulNBits``
-    (4-bit codes, one scale a block) with ``accuracy_level`` (0, the default: float32
-    activations, what training computed; 4: int8 activations inside the kernel, faster,
-    not what was trained, unless the model was trained with
-    ``QuantPolicy(int8_block_inputs=True)``: such layers are written at level 4 whatever
-    ``accuracy_level`` says, their input rounding being the kernel's own; docs/int4.md;
-    ``None``: standard ONNX only, for other runtimes); other block-quantized weights as
-    ``DequantizeLinear`` with ``block_size`` (opset 21). Any model
-    that ``torch.export`` can capture exports. The file passes ``onnx.checker`` with
+    ``example_input`` is a tensor (or a tuple of the forward's positional tensors) the model
+    runs on; its batch size stays dynamic where the model allows it, unless
+    ``dynamic_batch=False`` fixes it to ``example_input``'s (ONNX Runtime plans memory ahead
+    for fixed shapes: measured 3-10 ms faster per call on ResNet-50 at batch 1,
+    docs/performance.md). ``dynamic_shapes`` (``torch.export``'s form) names the dynamic
+    dimensions instead: a language model's sequence length, so that one file serves one
+    token and a prompt (:func:`blendq.export.capture.capture`). ``weights="int4"`` stores
+    the codes of layers of 4 bits or fewer as ONNX INT4 (opset 21; a W4A8 ResNet-50 file is
+    0.52x the W8A8 one), but ONNX Runtime 1.32 and OpenVINO 2026.4 run no int8 kernel from
+    INT4 weights (ResNet-50: 6x and 1.9x slower); :func:`onnx_session` expands them to int8
+    in memory, lossless, so the int8 kernels run from the small file. Block-quantized
+    (``QuantPolicy(group_size=...)``) matmul weights of 4 bits or fewer (Linear, ``Conv1D``,
+    attention projections) are written as ONNX Runtime's ``MatMulNBits`` (4-bit codes, one
+    scale a block) with ``accuracy_level`` (0, the default: float32 activations, what
+    training computed; 4: int8 activations inside the kernel, faster, not what was trained,
+    unless the model was trained with ``QuantPolicy(int8_block_inputs=True)``: such layers
+    are written at level 4 whatever ``accuracy_level`` says, their input rounding being the
+    kernel's own; docs/int4.md; ``None``: standard ONNX only, for other runtimes); other
+    block-quantized weights as ``DequantizeLinear`` with ``block_size`` (opset 21). Any
+    model that ``torch.export`` can capture exports. The file passes ``onnx.checker`` with
     ``full_check`` and runs in ONNX Runtime.
 
     Raises:
@@ -932,7 +939,8 @@ def export_onnx(converted_model: nn.Module, path: str | os.PathLike, example_inp
     """
     onnx = _require("onnx")
     if program is None:
-        program = capture(converted_model, example_input, dynamic_batch=dynamic_batch)
+        program = capture(converted_model, example_input, dynamic_batch=dynamic_batch,
+                          dynamic_shapes=dynamic_shapes)
     model = to_onnx(program, example_input, weights, accuracy_level)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
