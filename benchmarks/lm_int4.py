@@ -512,7 +512,7 @@ def cmd_anchor(args) -> None:
     ``int8_block_inputs``, rounding its inputs as the kernel does) and the two
     ``int8_matmul`` files (``lm_head`` float / quantized, ``MatMulInteger``). Times:
     medians of ``--repeats`` alternating blocks of ``--inner`` calls (spinning off), then
-    ORT's profile per operator type at 128 tokens; agreement of each file with its own
+    ORT's profile per operator type at 128 tokens and at one; agreement of each file with its own
     reference (the float model for fp32 and the anchor, the α = 1 model for blendq's)."""
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -644,6 +644,8 @@ def cmd_anchor(args) -> None:
             row[f"speedup_vs_anchor_{tokens}"] = anchor[f"ms_{tokens}"] / row[f"ms_{tokens}"]
     profile = {label: _profile(files[(label, CONTEXT)], feeds[CONTEXT], args.inner)
                for label in labels if not label.endswith(tuple(OPENVINO_MODES))}
+    profile_1 = {label: _profile(files[(label, 1)], feeds[1], 10 * args.inner)
+                 for label in profile}
     print(f"\n{'file':48s} {'MB':>7s} {'1 token ms':>11s} {'x anchor':>9s} "
           f"{'128 tok ms':>11s} {'x anchor':>9s} {'top-1 %':>8s} {'steps':>7s} "
           f"{'ref 1-ulp steps':>16s}")
@@ -652,12 +654,15 @@ def cmd_anchor(args) -> None:
               f"{r['speedup_vs_anchor_1']:9.2f} {r[f'ms_{CONTEXT}']:11.2f} "
               f"{r[f'speedup_vs_anchor_{CONTEXT}']:9.2f} {r['next_token_top1_pct']:8.2f} "
               f"{r['max_output_steps']:7.3f} {r['reference_one_ulp_steps']:16.3f}")
-    print(f"\nORT profile at {CONTEXT} tokens, ms per call by operator type:")
-    for label, ops in profile.items():
-        print(f"  {label}: " + ", ".join(f"{op} {ms:.1f}" for op, ms in list(ops.items())[:6]))
+    for tokens, table in ((CONTEXT, profile), (1, profile_1)):
+        print(f"\nORT profile at {tokens} tokens, ms per call by operator type (profiling "
+              f"slows small operators):")
+        for label, ops in table.items():
+            print(f"  {label}: " + ", ".join(f"{op} {ms:.2f}" for op, ms in list(ops.items())[:6])
+                  + f"; all {sum(ops.values()):.2f}")
     result = {"machine": _device_name("cpu"), "commit": _commit(), "onnxruntime": ort.__version__,
               "config": {k: getattr(config, k) for k in ("vocab_size", "n_embd", "n_layer")},
-              "rows": rows, "profile_ms": profile, "args": vars(args)}
+              "rows": rows, "profile_ms": profile, "profile_ms_1": profile_1, "args": vars(args)}
     (out / "lm_anchor.json").write_text(json.dumps(result, indent=1))
 
 

@@ -221,6 +221,8 @@ def test_bad_input_gives_one_clear_error(tmp_path):
         capture(converted, [x])
     with pytest.raises(ExportError, match="does not run on example_input"):
         capture(converted, torch.randn(2, 5, 8, 8))
+    with pytest.raises(ExportError, match="cannot capture the model with dynamic_shapes"):
+        capture(converted, x, dynamic_shapes=({1: torch.export.Dim("channels")},))
 
     class Dynamic(nn.Module):
         def __init__(self):

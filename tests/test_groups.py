@@ -520,32 +520,33 @@ def test_int8_matmul_exports_as_matmulinteger_and_computes_what_was_trained(meth
     converted = blendq.convert(model)
     with torch.no_grad():
         assert torch.equal(converted(ids), expected)
-    path = export_onnx(converted, tmp_path / "int8mm.onnx", ids)
+    # one file for any batch and sequence length (a prompt, then one token at a time)
+    dims = ({0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("seq", max=32)},)
+    path = export_onnx(converted, tmp_path / "int8mm.onnx", ids, dynamic_shapes=dims)
     graph = onnx.load(str(path)).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("MatMulInteger") == 8 and "MatMulNBits" not in ops
     weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert len(weights) == 8
     assert max(abs(int(v)) for t in weights for v in onnx.numpy_helper.to_array(t).flat) <= 64
-    for length in (ids.shape[1], 5):
-        if length != ids.shape[1]:  # (the sequence length is fixed in a file)
-            path = export_onnx(converted, tmp_path / f"int8mm{length}.onnx", ids[:, :length])
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        got = torch.from_numpy(session.run(None, {name: ids[:, :length].numpy()})[0])
-        want = expected[:, :length]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for batch, length in ((4, ids.shape[1]), (4, 5), (1, 1)):
+        got = torch.from_numpy(session.run(None, {name: ids[:batch, :length].numpy()})[0])
+        want = expected[:batch, :length]
         agreement = compare_logits("ort", want, got, output_step(want))
         assert agreement.strict_top1 == 100.0
         assert agreement.max_steps <= 0.5 and agreement.mean_abs_diff <= 1e-4, agreement
     if method != "ste":
         return
     # stored as INT4 codes and int8 multiples, folded into the same int8 weights at load
-    small = export_onnx(converted, tmp_path / "int8mm_int4.onnx", ids[:, :5], weights="int4")
+    small = export_onnx(converted, tmp_path / "int8mm_int4.onnx", ids[:1, :1],
+                        weights="int4", dynamic_shapes=dims)  # size-1 dims: traced doubled
     graph = onnx.load(str(small)).graph
     assert sum(t.data_type == onnx.TensorProto.INT4 for t in graph.initializer) == 8
     assert small.stat().st_size < path.stat().st_size
     session = ort.InferenceSession(str(small), providers=["CPUExecutionProvider"])
-    assert torch.equal(torch.from_numpy(session.run(None, {name: ids[:, :5].numpy()})[0]), got)
+    assert torch.equal(torch.from_numpy(session.run(None, {name: ids[:1, :1].numpy()})[0]), got)
 
 
 def test_int8_matmul_files_pass_nan_rows_on_and_store_narrow_weights_as_int4(tmp_path):

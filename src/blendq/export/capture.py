@@ -211,17 +211,20 @@ def capture(converted_model: nn.Module, example_input, packed: bool = False,
         raise ExportError(f"the model does not run on example_input: {type(err).__name__}: "
                           f"{err}") from err
     if dynamic_shapes is not None:
-        traced = args
+        # contiguous: a sliced example's strides would tie a dynamic size to a constant
+        traced = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
         if isinstance(dynamic_shapes, (tuple, list)) and len(dynamic_shapes) == len(args):
             # torch.export specialises a dimension of size 1: trace it doubled
-            traced = tuple(_doubled(a, spec) for a, spec in zip(args, dynamic_shapes, strict=True))
+            traced = tuple(_doubled(a, spec) for a, spec in zip(traced, dynamic_shapes,
+                                                                strict=True))
         try:
             return torch.export.export(model, traced, dynamic_shapes=dynamic_shapes,
                                        strict=False)
-        except Exception as err:
+        except Exception as err:  # torch's first line, and its explanation ("- ...")
+            lines = [line.strip() for line in str(err).strip().splitlines()]
+            why = " ".join([lines[0]] + [line for line in lines[1:] if line.startswith("- ")])
             raise ExportError(f"torch.export cannot capture the model with dynamic_shapes="
-                              f"{dynamic_shapes!r}: {type(err).__name__}: "
-                              f"{str(err).strip().splitlines()[0]}") from err
+                              f"{dynamic_shapes!r}: {type(err).__name__}: {why}") from err
     errors = []
     for dynamic in ((True, False) if dynamic_batch else (False,)):
         shapes = None
