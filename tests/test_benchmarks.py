@@ -196,3 +196,14 @@ def test_paper_tables_schedule_starts_a_network_once_its_float_model_exists(monk
         assert all(order.index(("start", net, f"c{i}")) > float_end for i in range(3))
     # the fast network's whole table ran while the slow float model trained
     assert order.index(("end", "fast", "c2")) < order.index(("end", "slow", "fp32"))
+
+
+def test_ort_kernels_script_times_each_kernel_in_smoke_mode(tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = _run("ort_kernels.py", "--smoke", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "ort_kernels.json").read_text())["rows"]
+    assert {(r["kernel"], r["rows"]) for r in rows} == {
+        (k, m) for m in (1, 4) for k in ("MatMulNBits g32 level 0", "MatMulNBits g32 level 4",
+                                         "MatMulInteger (uint8 x int8)",
+                                         "DynamicQuantizeMatMul")}
+    assert all(r["ms_per_matmul"] > 0 for r in rows) and "x MatMulInteger" in out
