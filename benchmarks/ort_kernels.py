@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _harness import cpu_name  # this folder is on the path when the script runs
+from _harness import commit, cpu_name  # this folder is on the path when the script runs
 
 
 def _model(nodes, inits, k: int, outputs: list[str], contrib: bool):
@@ -149,7 +149,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ort_kernels.json").write_text(json.dumps(
-        {"machine": f"CPU {cpu_name()}, {args.threads} threads", "onnxruntime": ort.__version__,
+        {"machine": f"CPU {cpu_name()}, {args.threads} threads", "commit": commit(),
+         "onnxruntime": ort.__version__,
          "rows": rows, "args": vars(args)}, indent=1))
 
 
