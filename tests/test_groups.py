@@ -463,6 +463,37 @@ def test_snapped_block_scales_stay_whole_multiples_in_half_precision(dtype):
     assert torch.equal(k, k.round())  # exact: k · unit holds in the half type
 
 
+@pytest.mark.parametrize("policy", [{"group_size": 32}, {"group_size": 32, "int8_matmul": True},
+                                    {"a_bits": 8}])
+def test_a_bfloat16_model_converts_as_trained_and_exports_in_float32(policy, tmp_path):
+    """A model trained in bfloat16 converts to one that computes in bfloat16 what the
+    α = 1 model computed (its dequantized weight in the model's dtype, following
+    ``.float()``); export asks for float32 in one error, and ``.float()`` exports."""
+    pytest.importorskip("onnxruntime")
+    from blendq.export import ExportError, export_onnx
+    from blendq.export.onnx import onnx_session, run_onnx
+
+    torch.manual_seed(0)
+    rules = {"w_bits": 4, "a_bits": None, "method": "ste", **policy}
+    model = blendq.prepare(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)),
+                           blendq.QuantPolicy(**rules)).to(torch.bfloat16)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    model.train()(x)
+    blendq.set_alpha(model, 1.0)
+    with torch.no_grad():
+        blended = model.eval()(x)
+        converted = blendq.convert(model)
+        assert torch.equal(converted(x), blended)
+    with pytest.raises(ExportError, match=r"call \.float\(\) on the converted model"):
+        export_onnx(converted, tmp_path / "half.onnx", x)
+    full = converted.float()
+    path = export_onnx(full, tmp_path / "full.onnx", x.float())
+    with torch.no_grad():
+        want = full(x.float())
+    torch.testing.assert_close(run_onnx(onnx_session(path), x.float()), want, rtol=0,
+                               atol=1e-5)
+
+
 def test_an_int8_matmul_weight_is_its_blocks_codes_times_their_multiples():
     torch.manual_seed(0)
     codes = torch.randint(-8, 8, (6, 40)).float()

@@ -74,6 +74,9 @@ class QuantMixin:
     group_size: int | None = None  # block scales: ``weight_scale`` is (rows, blocks)
     int8_inputs = False  # the float input rounded as the 4-bit kernel's level 4 does
     int8_matmul = False  # block scales multiples of a channel unit, input int8 per row
+    # the dtype of the dequantized weight: the blended layer's (a bfloat16 model computes
+    # in bfloat16); follows ``.to(dtype)``/``.float()`` of the model (``_apply``)
+    compute_dtype = torch.float32
     _kind: LayerKind
 
     @classmethod
@@ -84,7 +87,9 @@ class QuantMixin:
         for name in ("w_quant", "a_quant"):
             new._modules.pop(name, None)
         new.training = False
-        codes, scale = layer.w_quant.eval_projection(layer.latent_weight())
+        latent = layer.latent_weight()
+        codes, scale = layer.w_quant.eval_projection(latent)
+        new.compute_dtype = latent.dtype
         bias = layer._parameters.get("bias")
         if "bias" in layer._parameters:  # set directly: ``bias`` is already a property
             new._parameters["bias"] = None if bias is None else \
@@ -111,7 +116,7 @@ class QuantMixin:
             if self.group_size is not None:
                 scale = F.expand_blocks(scale, tuple(self.weight_codes.shape), self._kind.axis,
                                         self.group_size)
-            return scale * self.weight_codes.to(scale.dtype)
+            return (scale * self.weight_codes.to(scale.dtype)).to(self.compute_dtype)
         codes = F.unpack_codes(self.deploy_codes, d.w_bits, d.shape) if d.packed else \
             self.deploy_codes
         if d.group_size is not None:  # stored as block_storage lays it out
@@ -155,6 +160,12 @@ class QuantMixin:
         if self.deploy is not None:
             return _deploy_input(x, self.deploy)
         return _quantized(x, self.act_scale, self.a_bits, self.a_signed)
+
+    def _apply(self, fn, recurse: bool = True):
+        module = super()._apply(fn, recurse)
+        # a dtype conversion of the model converts the dequantized weight with it
+        self.compute_dtype = fn(torch.empty((), dtype=self.compute_dtype)).dtype
+        return module
 
     def set_deploy(self, deploy: Deploy, codes: Tensor, scale: Tensor, bias: Tensor | None,
                    bias_scale: Tensor | None) -> None:

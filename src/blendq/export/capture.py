@@ -203,6 +203,13 @@ def capture(converted_model: nn.Module, example_input, packed: bool = False,
     """
     args = example_args(example_input)
     _check_converted(converted_model)
+    half = {t.dtype for t in (*converted_model.parameters(), *converted_model.buffers(), *args)
+            if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16)}
+    if half:
+        raise ExportError(f"the model or example_input is in {', '.join(map(str, half))}: "
+                          f"export computes in float32 (the deploy form's weights and scales "
+                          f"are float32); call .float() on the converted model and pass a "
+                          f"float32 example_input (its codes and scales convert exactly)")
     model = deployable(converted_model, packed, proven_links(converted_model, args))
     try:
         with torch.no_grad():
