@@ -243,6 +243,27 @@ def test_bad_input_gives_one_clear_error(tmp_path):
         load_artifact(tmp_path / "missing.pt2")
 
 
+def test_dynamic_shapes_in_each_of_torch_exports_forms_trace_a_size_one_example():
+    """A sequence length named dynamic stays dynamic from a one-token example, whichever
+    form ``dynamic_shapes`` takes; a dimension named static keeps the example's size;
+    an example sliced from a longer batch (strides of another shape) traces too."""
+    Dim = torch.export.Dim
+    model = blendq.prepare(nn.Sequential(nn.Linear(8, 4)), blendq.QuantPolicy(a_bits=None))
+    blendq.set_alpha(model, 1.0)
+    converted = blendq.convert(model)
+    seq = Dim("seq", max=16)
+    x = torch.randn(1, 1, 8)
+    for spec in (({0: Dim.STATIC, 1: seq},), ([1, seq, None],), {"input": {1: seq}},
+                 ({1: Dim.AUTO},)):
+        program = capture(converted, x, dynamic_shapes=spec)
+        name = program.graph_signature.user_inputs[0]
+        shape = next(n for n in program.graph.nodes if n.name == name).meta["val"].shape
+        assert shape[0] == 1 and not isinstance(shape[1], int) and shape[2] == 8, spec
+    sliced = torch.randn(3, 6, 8)[:, :-1]
+    program = capture(converted, sliced, dynamic_shapes=({0: Dim("b"), 1: seq},))
+    assert program.module()(sliced[:1, :2]).shape == (1, 2, 4)
+
+
 @pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").exists(),
                     reason="needs Debian's dataset-fashion-mnist (installed by .ci/run)")
 def test_onnxruntime_agrees_with_alpha_one_on_fashion_mnist_w8a8(tmp_path):

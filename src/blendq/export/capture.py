@@ -178,24 +178,51 @@ def example_args(example_input) -> tuple:
     return args
 
 
+def _dynamic(size) -> bool:
+    """Whether one dimension's entry of ``dynamic_shapes`` lets it vary: a ``Dim``,
+    ``Dim.AUTO`` or ``Dim.DYNAMIC``; not ``None``, an int or ``Dim.STATIC``."""
+    if size is None or isinstance(size, int):
+        return False
+    return getattr(getattr(size, "type", None), "name", None) != "STATIC"
+
+
 def _doubled(arg: torch.Tensor, spec) -> torch.Tensor:
     """``arg`` repeated twice along each dimension of size 1 that ``spec`` (one input's
-    entry of ``dynamic_shapes``: ``{dim: Dim}``) names dynamic."""
+    entry of ``dynamic_shapes``: ``{dim: Dim}`` or a list with an entry a dimension)
+    names dynamic."""
+    if isinstance(spec, (list, tuple)):
+        spec = dict(enumerate(spec))
     if isinstance(spec, dict) and isinstance(arg, torch.Tensor):
         for dim, size in spec.items():
-            if size is not None and isinstance(dim, int) and arg.shape[dim] == 1:
+            if isinstance(dim, int) and _dynamic(size) and arg.shape[dim] == 1:
                 arg = torch.cat([arg, arg], dim)
     return arg
+
+
+def _positional(model: nn.Module, dynamic_shapes, count: int):
+    """``dynamic_shapes`` as one entry per positional input: as given when it is a
+    tuple or list of them, looked up by the forward's parameter names when it is a dict
+    keyed by name; ``None`` where neither."""
+    if isinstance(dynamic_shapes, (tuple, list)) and len(dynamic_shapes) == count:
+        return tuple(dynamic_shapes)
+    if isinstance(dynamic_shapes, dict):
+        import inspect
+
+        names = list(inspect.signature(model.forward).parameters)[:count]
+        return tuple(dynamic_shapes.get(name) for name in names)
+    return None
 
 
 def capture(converted_model: nn.Module, example_input, packed: bool = False,
             dynamic_batch: bool = True, dynamic_shapes=None) -> torch.export.ExportedProgram:
     """``torch.export`` of :func:`deployable` (``converted_model``) on ``example_input``,
     the batch dimension dynamic where the model allows it; ``dynamic_shapes``, in
-    ``torch.export``'s own form (one entry per positional input: ``{dim: Dim}`` or
-    ``None``), names the dynamic dimensions instead (a language model's sequence
-    length: ``({0: Dim("batch"), 1: Dim("seq", max=1024)},)``; a dimension of size 1 in
-    ``example_input`` is traced doubled, since torch.export would fix it).
+    ``torch.export``'s own form (a tuple with one entry per positional input, ``{dim:
+    Dim}``, a list with an entry a dimension, or ``None``; or a dict keyed by the
+    forward's argument names), names the dynamic dimensions instead (a language model's
+    sequence length: ``({0: Dim("batch"), 1: Dim("seq", max=1024)},)``; a dimension of
+    size 1 in ``example_input`` that it names dynamic is traced doubled, since
+    torch.export would fix it).
 
     Raises:
         ExportError: the model is not converted, or torch.export cannot capture it
@@ -220,15 +247,14 @@ def capture(converted_model: nn.Module, example_input, packed: bool = False,
     if dynamic_shapes is not None:
         # contiguous: a sliced example's strides would tie a dynamic size to a constant
         traced = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
-        if isinstance(dynamic_shapes, (tuple, list)) and len(dynamic_shapes) == len(args):
-            # torch.export specialises a dimension of size 1: trace it doubled
-            traced = tuple(_doubled(a, spec) for a, spec in zip(traced, dynamic_shapes,
-                                                                strict=True))
+        specs = _positional(model, dynamic_shapes, len(args))
+        if specs is not None:  # torch.export specialises a dimension of size 1: doubled
+            traced = tuple(_doubled(a, spec) for a, spec in zip(traced, specs, strict=True))
         try:
             return torch.export.export(model, traced, dynamic_shapes=dynamic_shapes,
                                        strict=False)
         except Exception as err:  # torch's first line, and its explanation ("- ...")
-            lines = [line.strip() for line in str(err).strip().splitlines()]
+            lines = [line.strip() for line in str(err).strip().splitlines()] or [""]
             why = " ".join([lines[0]] + [line for line in lines[1:] if line.startswith("- ")])
             raise ExportError(f"torch.export cannot capture the model with dynamic_shapes="
                               f"{dynamic_shapes!r}: {type(err).__name__}: {why}") from err
@@ -245,5 +271,5 @@ def capture(converted_model: nn.Module, example_input, packed: bool = False,
         try:
             return torch.export.export(model, traced, dynamic_shapes=shapes, strict=False)
         except Exception as err:  # the reason goes into the one ExportError below
-            errors.append(f"{type(err).__name__}: {str(err).strip().splitlines()[0]}")
+            errors.append(f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}")
     raise ExportError("torch.export cannot capture the model: " + "; ".join(errors))
