@@ -18,7 +18,8 @@ keys and values).
 quantization of every block (``a_bits=None``; the tied embedding / ``lm_head`` and the
 norms stay float) at each ``--settings`` (W4 group 32, W4 group 128, W4 per-channel,
 W3 group 32, W2 group 32; "W4 g32 int8 matmul": W4 group 32 trained for an int8
-matmul, ``QuantPolicy(int8_matmul=True)``, where LSQ is refused and skipped), each by
+matmul, ``QuantPolicy(int8_matmul=True)``, where LSQ is refused and skipped; "W4 g32,
+lm_head too": the tied ``lm_head`` quantized as well), each by
 every ``--variants``: PTQ (``blendq.calibrate``, no
 training: the baseline), AB, STE and LSQ with and without distillation from the float
 model (``+ KD``: ``(1 - 0.5)·CE + 0.5·KD`` at temperature 2, :mod:`blendq.distill`), and
@@ -65,7 +66,8 @@ from torch import nn
 CONTEXT = 128
 SETTINGS = {  # name -> (w_bits, group_size or None for per-channel)
     "W4 g32": (4, 32), "W4 g128": (4, 128), "W4 per-channel": (4, None), "W3 g32": (3, 32),
-    "W2 g32": (2, 32), "W4 g32 int8 matmul": (4, 32)}  # the last: QuantPolicy(int8_matmul)
+    "W2 g32": (2, 32), "W4 g32 int8 matmul": (4, 32),  # QuantPolicy(int8_matmul)
+    "W4 g32, lm_head too": (4, 32)}  # the tied lm_head quantized as well (skip=())
 METHODS = ("ab", "ste", "lsq")
 VARIANTS = {  # name -> (method, distillation, LoRA); "ptq": calibrate only; "float": no
     # quantization, the same fine-tuning steps (what the steps alone buy)
@@ -197,7 +199,8 @@ def policy(setting: str, method: str):
 
     bits, group = SETTINGS[setting]
     return blendq.QuantPolicy(w_bits=bits, a_bits=None, per_channel=group is None,
-                              group_size=group, method=method, skip=("*lm_head",),
+                              group_size=group, method=method,
+                              skip=() if setting.endswith("lm_head too") else ("*lm_head",),
                               int8_matmul=setting.endswith("int8 matmul"))
 
 
