@@ -266,8 +266,7 @@ def capture(converted_model: nn.Module, example_input, packed: bool = False,
             batch = torch.export.Dim("batch", min=1, max=4096)
             shapes = tuple({0: batch} if a.dim() > 0 else None for a in args)
             # torch.export specialises a dimension of size 1: trace a batch of two
-            traced = tuple(torch.cat([a, a]) if a.dim() > 0 and len(a) == 1 else a
-                           for a in args)
+            traced = tuple(_doubled(a, spec) for a, spec in zip(args, shapes, strict=True))
         try:
             return torch.export.export(model, traced, dynamic_shapes=shapes, strict=False)
         except Exception as err:  # the reason goes into the one ExportError below
