@@ -254,13 +254,8 @@ def _matmul_integer(model, int4: bool = False) -> int:
                     xf = f"{r}.f"
                 axes = const("blendq.rows.axes", np.array([-1], np.int64))
                 new += [
-                    n("Abs", [xf], "abs"),
-                    n("ReduceMax", [f"{r}.abs", axes], "peak0", keepdims=1),
-                    # ReduceMax passes NaN by: a row holding NaN or inf is NaN, as in PyTorch
-                    # (its sum times 0; a row whose sum overflows, |x| ~ 1e35, too)
-                    n("ReduceSum", [xf, axes], "sum", keepdims=1),
-                    n("Mul", [f"{r}.sum", const("blendq.rows.zero", np.float32(0))], "nan"),
-                    n("Add", [f"{r}.peak0", f"{r}.nan"], "peak"),
+                    # a row holding NaN or inf is NaN, as in PyTorch
+                    *_guarded_peak(n, xf, r, axes, const("blendq.rows.zero", np.float32(0))),
                     n("Greater", [f"{r}.peak", const("blendq.rows.tiny", np.float32(127) /
                                                      np.float32(np.finfo(np.float32).max))],
                       "nz"),
@@ -377,6 +372,18 @@ def _int4_multiples(graph, weight, name: str, const) -> list | None:
     return nodes
 
 
+def _guarded_peak(n, x: str, prefix: str, axes: str, zero: str) -> list:
+    """Nodes for ``max|x|`` along ``axes`` (kept) as ``{prefix}.peak``, NaN where the slice
+    holds NaN or inf, as in PyTorch: ONNX Runtime's ``ReduceMax`` passes NaN by, so the
+    slice's sum times 0 is added (a slice whose sum overflows float32 is NaN too).
+    ``n(op, inputs, out)`` names its output ``{prefix}.{out}``."""
+    return [n("Abs", [x], "abs"),
+            n("ReduceMax", [f"{prefix}.abs", axes], "peak0", keepdims=1),
+            n("ReduceSum", [x, axes], "sum", keepdims=1),
+            n("Mul", [f"{prefix}.sum", zero], "nan"),
+            n("Add", [f"{prefix}.peak0", f"{prefix}.nan"], "peak")]
+
+
 def _int8_blocks_nodes(graph, node, block: int, k: int) -> list:
     """:func:`blendq.functional.int8_blocks` in standard ONNX operators (float32); a block
     holding NaN or inf comes out NaN, as in PyTorch."""
@@ -399,14 +406,8 @@ def _int8_blocks_nodes(graph, node, block: int, k: int) -> list:
                                                                 np.int64))], "padded"),
              n("Reshape", [f"{name}.padded", const("blocks", np.array([-1, blocks, block],
                                                                       np.int64))], "b"),
-             n("Abs", [f"{name}.b"], "abs"),
-             n("ReduceMax", [f"{name}.abs", const("axes", np.array([-1], np.int64))], "peak0",
-               keepdims=1),
-             # ReduceMax passes NaN by: a block holding NaN or inf is NaN, as in PyTorch (its
-             # sum times 0; a block whose sum overflows, |x| ~ 1e37, too)
-             n("ReduceSum", [f"{name}.b", f"{name}.c_axes"], "sum", keepdims=1),
-             n("Mul", [f"{name}.sum", const("zero", np.float32(0))], "nan"),
-             n("Add", [f"{name}.peak0", f"{name}.nan"], "peak"),
+             *_guarded_peak(n, f"{name}.b", name, const("axes", np.array([-1], np.int64)),
+                            const("zero", np.float32(0))),
              n("Greater", [f"{name}.peak", const("tiny", np.float32(127) / np.float32(
                  np.finfo(np.float32).max))], "nz"),
              n("Mul", [f"{name}.peak", f"{name}.c_zero"], "zeros"),
